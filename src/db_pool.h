@@ -1,0 +1,60 @@
+/* db_pool (dbp_): a pool of nonblocking libpq connections driven by the loop.
+ *
+ * Each connection is a state machine (connecting -> idle -> busy -> idle | broken ->
+ * backoff -> connecting) whose socket is watched with uv_poll_t; no libpq call that can
+ * block is made (PQconnectStart/PQconnectPoll, PQsendQueryParams, PQconsumeInput,
+ * PQisBusy, PQflush). Broken connections reconnect by themselves with capped backoff.
+ * A pool of size 1 is a dedicated session (advisory locks, LISTEN). */
+#ifndef TICKETD_DB_POOL_H
+#define TICKETD_DB_POOL_H
+
+#include <libpq-fe.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <uv.h>
+
+struct dbp;
+
+/* Called once per query. res is the result of the (last) statement: check
+ * PQresultStatus() (a query error arrives as PGRES_FATAL_ERROR with error set too).
+ * res is NULL when the query could not run or its outcome is unknown (connection lost,
+ * pool closing); error then says why. res is owned by the pool and cleared after the
+ * callback returns. */
+typedef void (*dbp_result_fn)(void *ud, const PGresult *res, const char *error);
+
+struct dbp_opts {
+    const char *conninfo;
+    int size;                        /* connections */
+    const char *name;                /* for logs: "api", "relay", ... */
+    int queue_max;                   /* queued queries beyond busy connections; 0 = 4096 */
+    uint64_t reconnect_min_ms;       /* 0 = 100 */
+    uint64_t reconnect_max_ms;       /* 0 = 5000 */
+    /* optional hooks, called on the loop */
+    void (*on_connect)(void *ud, struct dbp *pool);     /* a connection became ready */
+    void (*on_disconnect)(void *ud, struct dbp *pool);  /* a ready connection broke */
+    void (*on_notify)(void *ud, const char *channel, const char *payload);
+    void *ud;
+};
+
+/* Creates the pool and starts connecting (asynchronously). Returns 0 or -errno. */
+int dbp_create(struct dbp **out, uv_loop_t *loop, const struct dbp_opts *opts);
+
+/* Sends sql with text parameters (copied; NULL entries are SQL NULL). cb runs later on the
+ * loop, never from inside dbp_query. Returns 0 when queued; -ENOTCONN when no connection is
+ * up (the DB is unreachable: callers answer 503), -EAGAIN when the queue is full; the
+ * callback is then never called. */
+int dbp_query(struct dbp *pool, const char *sql, int nparams, const char *const *params,
+              dbp_result_fn cb, void *ud) __attribute__((warn_unused_result));
+
+/* Connections ready to run a query (idle or busy). */
+int dbp_connected(const struct dbp *pool);
+/* Connections idle right now (group commit sends a batch only when one is). */
+int dbp_idle(const struct dbp *pool);
+/* Queries queued and not yet sent. */
+int dbp_queued(const struct dbp *pool);
+
+/* Closes every connection (queued and running queries get res NULL, "closing"), then calls
+ * done(ud) on a later turn and frees the pool. */
+void dbp_close(struct dbp *pool, void (*done)(void *ud), void *ud);
+
+#endif

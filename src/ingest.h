@@ -1,0 +1,61 @@
+/* ingest: group commit of applications.
+ *
+ * Applications submitted during one loop iteration are written, after the poll phase (a
+ * uv_check handle), by one statement in one transaction: unnest() arrays feed a CTE that
+ * inserts the applications (skipping existing (event_id, phone)), inserts one outbox row
+ * per new application, and returns one row per input. At most BATCH_MAX applications per
+ * statement; a batch is sent only when a pool connection is idle, so under load batches
+ * grow instead of queries queuing. Each submitter still gets its own result. */
+#ifndef TICKETD_INGEST_H
+#define TICKETD_INGEST_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "db_pool.h"
+#include "validate.h"
+
+enum ingest_status {
+    INGEST_CREATED = 0,   /* committed with its outbox row: 201 */
+    INGEST_REPLAYED,      /* same (event_id, phone) and same Idempotency-Key: the original 201 */
+    INGEST_DUPLICATE,     /* (event_id, phone) exists: 409 with the existing id */
+    INGEST_UNAVAILABLE,   /* DB down or the commit's outcome unknown: 503 */
+    INGEST_OVERLOADED,    /* pending queue full: 503 at once */
+};
+
+struct ingest_result {
+    enum ingest_status status;
+    int64_t id;              /* application id (CREATED, REPLAYED, DUPLICATE) */
+    char created_at[40];     /* RFC 3339 UTC, CREATED and REPLAYED */
+    const char *error;       /* UNAVAILABLE: why, for logs */
+};
+
+typedef void (*ingest_done_fn)(void *ud, const struct ingest_result *res);
+
+struct ingest_opts {
+    int batch_max;           /* >= 1 */
+    int queue_max;           /* pending applications (queued + in flight) */
+};
+
+struct ingest;
+
+int ingest_create(struct ingest **out, uv_loop_t *loop, struct dbp *db,
+                  const struct ingest_opts *opts);
+
+/* Queues one application (copied). done runs exactly once, on a later loop turn for
+ * CREATED/REPLAYED/DUPLICATE/UNAVAILABLE; OVERLOADED and UNAVAILABLE-because-down may be
+ * reported before ingest_submit returns. idempotency_key may be NULL. */
+void ingest_submit(struct ingest *ing, const struct application_in *app,
+                   const char *idempotency_key, ingest_done_fn done, void *ud);
+
+size_t ingest_pending(const struct ingest *ing);
+
+/* Stops the check handle; pending submissions get UNAVAILABLE. Frees on a later turn. */
+void ingest_close(struct ingest *ing);
+
+/* The SQL of the schema lives in migrate.c; this is the statement group commit uses
+ * (exposed for tests). */
+extern const char *const ingest_batch_sql;
+
+#endif
