@@ -367,6 +367,82 @@ def raw_exchange(port, data, timeout=5.0, host="127.0.0.1"):
     return b"".join(chunks)
 
 
+def parse_responses(data):
+    """Splits raw bytes read from one connection into [Response] (Content-Length or chunked
+    bodies; a response without either ends at the end of data). Raises ValueError on bytes
+    that are not a well-formed HTTP/1.1 response, so a test sees garbage as a failure."""
+    out = []
+    pos = 0
+    while pos < len(data):
+        end = data.find(b"\r\n\r\n", pos)
+        if end < 0:
+            raise ValueError(f"incomplete response head at byte {pos}: {data[pos:pos + 200]!r}")
+        lines = data[pos:end].decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+            raise ValueError(f"bad status line {lines[0]!r}")
+        headers = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if not sep:
+                raise ValueError(f"bad header line {line!r}")
+            headers[name.strip().lower()] = value.strip()
+        pos = end + 4
+        if "content-length" in headers:
+            n = int(headers["content-length"])
+            if pos + n > len(data):
+                raise ValueError(f"body shorter than Content-Length {n}")
+            body, pos = data[pos:pos + n], pos + n
+        elif headers.get("transfer-encoding", "").lower() == "chunked":
+            body = b""
+            while True:
+                eol = data.find(b"\r\n", pos)
+                if eol < 0:
+                    raise ValueError("incomplete chunk size line")
+                size = int(data[pos:eol].split(b";")[0], 16)
+                pos = eol + 2
+                if size == 0:
+                    trailer_end = data.find(b"\r\n", pos)
+                    if trailer_end < 0:
+                        raise ValueError("incomplete chunked trailer")
+                    pos = trailer_end + 2
+                    break
+                body += data[pos:pos + size]
+                pos += size + 2
+        else:
+            body, pos = data[pos:], len(data)
+        out.append(Response(int(parts[1]), headers, body))
+    return out
+
+
+def read_response(sock, timeout=15.0):
+    """Reads exactly one HTTP response (Content-Length body) from a connected socket;
+    returns Response, or None if the server closed the connection before sending one."""
+    sock.settimeout(timeout)
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        b = sock.recv(65536)
+        if not b:
+            if buf:
+                raise ValueError(f"connection closed inside a response head: {buf[:200]!r}")
+            return None
+        buf += b
+    head_len = buf.index(b"\r\n\r\n") + 4
+    length = 0
+    for line in buf[:head_len].decode("latin-1").split("\r\n")[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "content-length":
+            length = int(value.strip())
+    while len(buf) < head_len + length:
+        b = sock.recv(65536)
+        if not b:
+            raise ValueError("connection closed inside a response body")
+        buf += b
+    if len(buf) > head_len + length:
+        raise ValueError(f"unexpected bytes after the response: {buf[head_len + length:][:200]!r}")
+    return parse_responses(buf)[0]
+
+
 def parallel(fn, items, workers=32):
     """[fn(x) for x in items] on a thread pool, results in order."""
     with ThreadPoolExecutor(max_workers=workers) as ex:

@@ -1,0 +1,638 @@
+/* api: the route table, the handlers of the public API, and the one place that maps
+ * outcomes to HTTP status codes and JSON bodies.
+ *
+ * Status mapping (ingest outcome -> reply):
+ *   CREATED, REPLAYED -> 201 (REPLAYED adds "Idempotent-Replayed: true")
+ *   DUPLICATE         -> 409 {"error":"already_applied","id":N}
+ *   UNAVAILABLE       -> 503 {"error":"unavailable"}, Retry-After: 1
+ *   OVERLOADED        -> 503 {"error":"overloaded"}, Retry-After: 1
+ * Overload is answered with 503 rather than 429: it is the server shedding load, not a
+ * client exceeding a quota, and load balancers and clients treat 503 + Retry-After as
+ * "try again shortly, maybe elsewhere".
+ *
+ * Every response the handlers send goes through api_send(), which counts it in
+ * ticketd_http_requests_total{route,code} and ticketd_http_request_duration_seconds{route}. */
+#include "api.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <llhttp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "audit.h"
+#include "consumer.h"
+#include "dlq.h"
+#include "db_pool.h"
+#include "ingest.h"
+#include "limits.h"
+#include "log.h"
+#include "metrics.h"
+#include "outbox_relay.h"
+#include "trace.h"
+#include "validate.h"
+
+#define JSON_TYPE "application/json"
+#define RETRY_AFTER_1 "Retry-After: 1\r\n"
+
+typedef void (*api_route_fn)(struct app *app, struct http_request *req);
+
+struct api_route {
+    int method;          /* llhttp_method_t */
+    const char *path;    /* exact path, or a prefix when prefix is true */
+    bool prefix;
+    bool admin;          /* needs Authorization: Bearer <ADMIN_TOKEN> */
+    const char *label;   /* route label in metrics */
+    api_route_fn handler;
+};
+
+static void handle_apply(struct app *app, struct http_request *req);
+static void handle_get_application(struct app *app, struct http_request *req);
+static void handle_lookup(struct app *app, struct http_request *req);
+static void handle_healthz(struct app *app, struct http_request *req);
+static void handle_readyz(struct app *app, struct http_request *req);
+static void handle_metrics(struct app *app, struct http_request *req);
+
+/* First match wins: exact paths before prefixes that could cover them. */
+static const struct api_route routes[] = {
+    {HTTP_POST, "/v1/applications", false, false, "apply", handle_apply},
+    {HTTP_GET, "/v1/applications", false, false, "lookup", handle_lookup},
+    {HTTP_GET, "/v1/applications/", true, false, "application", handle_get_application},
+    {HTTP_GET, "/healthz", false, false, "healthz", handle_healthz},
+    {HTTP_GET, "/readyz", false, false, "readyz", handle_readyz},
+    {HTTP_GET, "/metrics", false, false, "metrics", handle_metrics},
+    /* wiring: audit */
+    {HTTP_GET, "/admin/audit", false, true, "admin_audit", audit_handle_http},
+    /* wiring: trace */
+    {HTTP_GET, "/admin/trace", false, true, "admin_trace", trace_handle_http},
+    /* wiring: dlq */
+    {HTTP_GET, "/admin/dlq", false, true, "admin_dlq", dlq_handle_list},
+    {HTTP_POST, "/admin/dlq/replay", false, true, "admin_dlq_replay", dlq_handle_replay},
+};
+
+#define NROUTES (sizeof routes / sizeof routes[0])
+
+static bool route_matches_path(const struct api_route *r, const char *path)
+{
+    if (r->prefix) {
+        size_t n = strlen(r->path);
+        return strncmp(path, r->path, n) == 0 && path[n] != '\0';
+    }
+    return strcmp(path, r->path) == 0;
+}
+
+static const struct api_route *find_route(int method, const char *path)
+{
+    for (size_t i = 0; i < NROUTES; i++)
+        if (routes[i].method == method && route_matches_path(&routes[i], path)) return &routes[i];
+    return NULL;
+}
+
+/* The label a response is counted under: the matched route, or a fixed bucket so that
+ * arbitrary paths cannot grow the metric's cardinality. */
+static const char *route_label(const struct http_request *req)
+{
+    const struct api_route *r = find_route(req->method, req->path);
+    if (r) return r->label;
+    for (size_t i = 0; i < NROUTES; i++)
+        if (route_matches_path(&routes[i], req->path)) return "method_not_allowed";
+    return "not_found";
+}
+
+static void count_response(const struct http_request *req, int status)
+{
+    static bool described;
+    if (!described) {
+        metrics_describe("ticketd_http_requests_total", "counter",
+                         "HTTP requests answered by the API, by route and status code");
+        metrics_describe("ticketd_http_request_duration_seconds", "histogram",
+                         "Time from a complete request head to the response, by route");
+        described = true;
+    }
+    const char *label = route_label(req);
+    char labels[96];
+    snprintf(labels, sizeof labels, "route=\"%s\",code=\"%d\"", label, status);
+    metrics_counter_add("ticketd_http_requests_total", labels, 1);
+    snprintf(labels, sizeof labels, "route=\"%s\"", label);
+    double seconds = (double)(uv_hrtime() - req->start_ns) / 1e9;
+    metrics_observe("ticketd_http_request_duration_seconds", labels, seconds);
+}
+
+/* The one exit of every API response. req must not be touched afterwards. */
+static void api_send(struct http_request *req, int status, const char *content_type,
+                     const char *body, size_t len, const char *extra_headers)
+{
+    count_response(req, status);
+    http_respond(req, status, content_type, body, len, extra_headers);
+}
+
+void api_respond_json(struct http_request *req, int status, json_object *obj,
+                      const char *extra_headers)
+{
+    size_t len = 0;
+    const char *text = json_object_to_json_string_length(
+        obj, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE, &len);
+    if (!text) {
+        text = "{\"error\":\"internal\"}";
+        len = strlen(text);
+        status = 500;
+    }
+    api_send(req, status, JSON_TYPE, text, len, extra_headers);
+    json_object_put(obj);
+}
+
+void api_respond_error(struct http_request *req, int status, const char *code,
+                       const char *message, const char *extra_headers)
+{
+    json_object *obj = json_object_new_object();
+    json_object_object_add(obj, "error", json_object_new_string(code));
+    if (message) json_object_object_add(obj, "message", json_object_new_string(message));
+    api_respond_json(req, status, obj, extra_headers);
+}
+
+/* ---- routing ---- */
+
+static const char *method_name(int method)
+{
+    return llhttp_method_name((llhttp_method_t)method);
+}
+
+static void respond_method_not_allowed(struct http_request *req)
+{
+    char allow[128] = "Allow: ";
+    size_t used = strlen(allow);
+    bool first = true;
+    for (size_t i = 0; i < NROUTES; i++) {
+        if (!route_matches_path(&routes[i], req->path)) continue;
+        const char *m = method_name(routes[i].method);
+        if (strstr(allow, m)) continue; /* listed already (several routes, one method) */
+        int n = snprintf(allow + used, sizeof allow - used, "%s%s", first ? "" : ", ", m);
+        if (n < 0 || (size_t)n >= sizeof allow - used) break;
+        used += (size_t)n;
+        first = false;
+    }
+    snprintf(allow + used, sizeof allow - used, "\r\n");
+    api_respond_error(req, 405, "method_not_allowed", NULL, allow);
+}
+
+static void respond_canned(struct http_request *req)
+{
+    /* Bench-only ceiling: no parsing, no DB, no metrics. */
+    static const char canned[] = "{\"id\":1,\"event_id\":\"canned\",\"status\":\"applied\","
+                                 "\"created_at\":\"2026-01-01T00:00:00.000000Z\"}";
+    http_respond(req, 201, JSON_TYPE, canned, sizeof canned - 1, NULL);
+}
+
+void api_handle(struct http_request *req, void *ud)
+{
+    struct app *app = ud;
+
+    if (app->cfg->canned && req->method == HTTP_POST && strcmp(req->path, "/v1/applications") == 0) {
+        respond_canned(req);
+        return;
+    }
+    const struct api_route *r = find_route(req->method, req->path);
+    if (!r) {
+        for (size_t i = 0; i < NROUTES; i++) {
+            if (route_matches_path(&routes[i], req->path)) {
+                respond_method_not_allowed(req);
+                return;
+            }
+        }
+        api_respond_error(req, 404, "not_found", NULL, NULL);
+        return;
+    }
+    if (r->admin && !api_admin_authorized(app, req)) return;
+    r->handler(app, req);
+}
+
+/* ---- admin authorisation ---- */
+
+/* Compares in time that depends only on the lengths, never on where the bytes differ. */
+static bool constant_time_equal(const char *a, size_t alen, const char *b, size_t blen)
+{
+    unsigned char diff = (unsigned char)(alen != blen);
+    size_t n = alen > blen ? alen : blen;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char x = i < alen ? (unsigned char)a[i] : 0;
+        unsigned char y = i < blen ? (unsigned char)b[i] : 0;
+        diff |= x ^ y;
+    }
+    return diff == 0;
+}
+
+bool api_admin_authorized(struct app *app, struct http_request *req)
+{
+    const char *token = app->cfg->admin_token;
+    if (!token || !*token) {
+        api_respond_error(req, 403, "admin_disabled",
+                          "admin endpoints are disabled: ADMIN_TOKEN is not set", NULL);
+        return false;
+    }
+    const char *auth = req->authorization;
+    if (auth && strncasecmp(auth, "Bearer ", 7) == 0) {
+        const char *given = auth + 7;
+        while (*given == ' ') given++;
+        size_t glen = strlen(given);
+        while (glen > 0 && given[glen - 1] == ' ') glen--;
+        if (constant_time_equal(given, glen, token, strlen(token))) return true;
+    }
+    api_respond_error(req, 401, "unauthorized", "a valid admin bearer token is required",
+                      "WWW-Authenticate: Bearer realm=\"ticketd\"\r\n");
+    return false;
+}
+
+/* ---- blocking work on the thread pool ---- */
+
+struct blocking_job {
+    uv_work_t work;
+    struct http_request *req;
+    api_blocking_fn fn;
+    void *arg;
+    void (*free_arg)(void *);
+    int status;
+    char *body;
+};
+
+static void blocking_run(uv_work_t *w)
+{
+    struct blocking_job *job = w->data;
+    job->status = job->fn(job->arg, &job->body);
+}
+
+static void blocking_after(uv_work_t *w, int status)
+{
+    struct blocking_job *job = w->data;
+    if (status == UV_ECANCELED) {
+        api_respond_error(job->req, 503, "unavailable", "shutting down", RETRY_AFTER_1);
+    } else if (job->status < 100 || job->status > 599 || !job->body) {
+        log_error("api", "event=blocking_failed req=%" PRIu64 " status=%d", job->req->id,
+                  job->status);
+        api_respond_error(job->req, 500, "internal", NULL, NULL);
+    } else {
+        api_send(job->req, job->status, JSON_TYPE, job->body, strlen(job->body), NULL);
+    }
+    free(job->body);
+    if (job->free_arg) job->free_arg(job->arg);
+    free(job);
+}
+
+void api_run_blocking(struct app *app, struct http_request *req, api_blocking_fn work,
+                      void *arg, void (*free_arg)(void *))
+{
+    struct blocking_job *job = calloc(1, sizeof *job);
+    if (!job) {
+        if (free_arg) free_arg(arg);
+        api_respond_error(req, 503, "unavailable", NULL, RETRY_AFTER_1);
+        return;
+    }
+    job->work.data = job;
+    job->req = req;
+    job->fn = work;
+    job->arg = arg;
+    job->free_arg = free_arg;
+    int rc = uv_queue_work(app->loop, &job->work, blocking_run, blocking_after);
+    if (rc < 0) {
+        log_error("api", "event=queue_work_failed err=%s", uv_strerror(rc));
+        if (free_arg) free_arg(arg);
+        free(job);
+        api_respond_error(req, 503, "unavailable", NULL, RETRY_AFTER_1);
+    }
+}
+
+/* ---- query strings ---- */
+
+static int hex_value(char c)
+{
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+}
+
+/* Decodes s[0..len) ('+' is a space, %XX a byte) into out; -1 on a bad escape, a decoded
+ * NUL or when it does not fit. */
+static int url_decode(const char *s, size_t len, char *out, size_t outlen)
+{
+    size_t o = 0;
+    if (outlen == 0) return -1;
+    for (size_t i = 0; i < len; i++) {
+        char c = s[i];
+        if (c == '+') {
+            c = ' ';
+        } else if (c == '%') {
+            if (i + 2 >= len) return -1;
+            int hi = hex_value(s[i + 1]), lo = hex_value(s[i + 2]);
+            if (hi < 0 || lo < 0) return -1;
+            c = (char)(hi * 16 + lo);
+            if (c == '\0') return -1;
+            i += 2;
+        }
+        if (o + 1 >= outlen) return -1;
+        out[o++] = c;
+    }
+    out[o] = '\0';
+    return (int)o;
+}
+
+int api_query_param(const char *query, const char *key, char *out, size_t outlen)
+{
+    if (!query || !key || !out) return -1;
+    const char *p = query;
+    while (*p) {
+        const char *amp = strchr(p, '&');
+        const char *end = amp ? amp : p + strlen(p);
+        const char *eq = memchr(p, '=', (size_t)(end - p));
+        const char *kend = eq ? eq : end;
+        char name[64];
+        if (url_decode(p, (size_t)(kend - p), name, sizeof name) >= 0 && strcmp(name, key) == 0) {
+            if (!eq) {
+                if (outlen == 0) return -1;
+                out[0] = '\0';
+                return 0;
+            }
+            return url_decode(eq + 1, (size_t)(end - eq - 1), out, outlen);
+        }
+        if (!amp) break;
+        p = amp + 1;
+    }
+    return -1;
+}
+
+/* ---- POST /v1/applications ---- */
+
+/* "application/json", any case, optionally followed by parameters (charset=utf-8). */
+static bool is_json_content_type(const char *ct)
+{
+    if (!ct) return false;
+    while (*ct == ' ' || *ct == '\t') ct++;
+    static const char json[] = "application/json";
+    if (strncasecmp(ct, json, sizeof json - 1) != 0) return false;
+    const char *rest = ct + sizeof json - 1;
+    while (*rest == ' ' || *rest == '\t') rest++;
+    return *rest == '\0' || *rest == ';';
+}
+
+static bool idempotency_key_ok(const char *key)
+{
+    size_t n = strlen(key);
+    if (n < 1 || n > IDEMPOTENCY_KEY_MAX_BYTES) return false;
+    for (size_t i = 0; i < n; i++)
+        if ((unsigned char)key[i] < 0x20 || (unsigned char)key[i] > 0x7E) return false;
+    return true;
+}
+
+static void respond_invalid(struct http_request *req, const char *field, const char *message)
+{
+    json_object *obj = json_object_new_object();
+    json_object_object_add(obj, "error", json_object_new_string("invalid"));
+    json_object_object_add(obj, "field", json_object_new_string(field));
+    json_object_object_add(obj, "message", json_object_new_string(message));
+    api_respond_json(req, 400, obj, NULL);
+}
+
+struct apply_ctx {
+    struct http_request *req;
+    char event_id[EVENT_ID_MAX_CHARS + 1];
+};
+
+static void on_applied(void *ud, const struct ingest_result *res)
+{
+    struct apply_ctx *ctx = ud;
+    struct http_request *req = ctx->req;
+    char body[256];
+    int n;
+
+    switch (res->status) {
+    case INGEST_CREATED:
+    case INGEST_REPLAYED:
+        /* event_id is [A-Za-z0-9._-] and created_at comes from the DB: no escaping needed. */
+        n = snprintf(body, sizeof body,
+                     "{\"id\":%" PRId64 ",\"event_id\":\"%s\",\"status\":\"applied\","
+                     "\"created_at\":\"%s\"}",
+                     res->id, ctx->event_id, res->created_at);
+        api_send(req, 201, JSON_TYPE, body, (size_t)n,
+                 res->status == INGEST_REPLAYED ? "Idempotent-Replayed: true\r\n" : NULL);
+        return;
+    case INGEST_DUPLICATE:
+        n = snprintf(body, sizeof body, "{\"error\":\"already_applied\",\"id\":%" PRId64 "}",
+                     res->id);
+        api_send(req, 409, JSON_TYPE, body, (size_t)n, NULL);
+        return;
+    case INGEST_OVERLOADED:
+        api_respond_error(req, 503, "overloaded", "too many pending applications, retry shortly",
+                          RETRY_AFTER_1);
+        return;
+    case INGEST_UNAVAILABLE:
+        break;
+    }
+    log_debug("api", "event=apply_unavailable req=%" PRIu64 " err=%s", req->id,
+              res->error ? res->error : "-");
+    api_respond_error(req, 503, "unavailable", "the database is unavailable, retry shortly",
+                      RETRY_AFTER_1);
+}
+
+static void handle_apply(struct app *app, struct http_request *req)
+{
+    if (!is_json_content_type(req->content_type)) {
+        api_respond_error(req, 415, "unsupported_media_type",
+                          "Content-Type must be application/json", NULL);
+        return;
+    }
+    if (req->idempotency_key && !idempotency_key_ok(req->idempotency_key)) {
+        respond_invalid(req, "Idempotency-Key", "must be 1-128 printable ASCII characters");
+        return;
+    }
+    struct application_in in;
+    struct field_error err;
+    if (validate_application(req->body, req->body_len, &in, &err) != 0) {
+        respond_invalid(req, err.field, err.message);
+        return;
+    }
+    struct apply_ctx *ctx = http_request_alloc(req, sizeof *ctx);
+    ctx->req = req;
+    memcpy(ctx->event_id, in.event_id, sizeof ctx->event_id);
+    ingest_submit(app->ingest, &in, req->idempotency_key, on_applied, ctx);
+}
+
+/* ---- GET /v1/applications/{id} and ?event_id=&phone= ---- */
+
+/* One application as JSON, built by PostgreSQL: the row, its newest outbox row, its
+ * processed_events row, effects and newest dead letter, with the status rules of
+ * ARCHITECTURE.md: dead_lettered (a dead letter not replayed) > processed (processed_events
+ * row and no effect left undone) > published > applied. Expects aliases a (applications),
+ * o (outbox, lateral) and p (processed_events). */
+#define APPLICATION_JSON_SQL                                                                   \
+    "json_build_object("                                                                       \
+    "'id', a.id, 'event_id', a.event_id, "                                                     \
+    "'phone', CASE length(a.phone) "                                                           \
+    "  WHEN 11 THEN substr(a.phone,1,3)||'-'||substr(a.phone,4,4)||'-'||substr(a.phone,8,4) "  \
+    "  WHEN 10 THEN substr(a.phone,1,3)||'-'||substr(a.phone,4,3)||'-'||substr(a.phone,7,4) "  \
+    "  ELSE a.phone END, "                                                                     \
+    "'name', a.name, 'email', a.email, 'seats', a.seats, "                                     \
+    "'created_at', to_char(a.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), " \
+    "'status', CASE "                                                                          \
+    "  WHEN EXISTS (SELECT 1 FROM dead_letters d WHERE d.event_id = o.event_id "               \
+    "               AND d.replayed_at IS NULL) THEN 'dead_lettered' "                          \
+    "  WHEN p.event_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM event_effects e "             \
+    "       WHERE e.event_id = o.event_id AND NOT e.done) THEN 'processed' "                   \
+    "  WHEN o.published_at IS NOT NULL THEN 'published' "                                      \
+    "  ELSE 'applied' END, "                                                                   \
+    "'outbox', CASE WHEN o.id IS NULL THEN NULL ELSE json_build_object("                       \
+    "  'event_id', o.event_id, "                                                               \
+    "  'created_at', to_char(o.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), " \
+    "  'published_at', to_char(o.published_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), " \
+    "  'partition', o.kafka_partition, 'offset', o.kafka_offset, "                             \
+    "  'attempts', o.attempts, 'last_error', o.last_error) END, "                              \
+    "'processed', CASE WHEN p.event_id IS NULL THEN NULL ELSE json_build_object("              \
+    "  'consumer_group', p.consumer_group, 'topic', p.topic, 'partition', p.partition, "       \
+    "  'offset', p.\"offset\", "                                                               \
+    "  'processed_at', to_char(p.processed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')) END, " \
+    "'effects', COALESCE((SELECT json_agg(json_build_object('effect', e.effect, 'done', e.done, " \
+    "  'attempts', e.attempts, 'last_error', e.last_error) ORDER BY e.effect) "                \
+    "  FROM event_effects e WHERE e.event_id = o.event_id), '[]'::json), "                     \
+    "'dead_letter', (SELECT json_build_object('id', d.id, 'src_topic', d.src_topic, "          \
+    "  'src_partition', d.src_partition, 'src_offset', d.src_offset, "                         \
+    "  'dlq_partition', d.dlq_partition, 'dlq_offset', d.dlq_offset, 'attempts', d.attempts, " \
+    "  'error_class', d.error_class, 'error_message', d.error_message, "                       \
+    "  'dead_lettered_at', to_char(d.dead_lettered_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), " \
+    "  'replayed_at', to_char(d.replayed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')) " \
+    "  FROM dead_letters d WHERE d.event_id = o.event_id ORDER BY d.id DESC LIMIT 1))"
+
+#define APPLICATION_FROM_SQL                                                                   \
+    " FROM applications a "                                                                    \
+    "LEFT JOIN LATERAL (SELECT * FROM outbox ob WHERE ob.aggregate_id = a.id "                 \
+    "                   ORDER BY ob.id DESC LIMIT 1) o ON true "                               \
+    "LEFT JOIN processed_events p ON p.event_id = o.event_id "
+
+static const char get_application_sql[] =
+    "SELECT " APPLICATION_JSON_SQL "::text" APPLICATION_FROM_SQL "WHERE a.id = $1::bigint";
+
+static const char lookup_sql[] =
+    "SELECT json_build_object('applications', COALESCE(json_agg(x.j ORDER BY x.id), '[]'::json))::text "
+    "FROM (SELECT a.id, " APPLICATION_JSON_SQL " AS j" APPLICATION_FROM_SQL
+    "WHERE a.event_id = $1 AND a.phone = $2) x";
+
+struct query_ctx {
+    struct http_request *req;
+    bool not_found_when_empty;
+};
+
+static void on_query_result(void *ud, const PGresult *res, const char *error)
+{
+    struct query_ctx *ctx = ud;
+    struct http_request *req = ctx->req;
+
+    if (!res) {
+        log_warn("api", "event=query_failed req=%" PRIu64 " err=\"%s\"", req->id,
+                 error ? error : "unknown");
+        api_respond_error(req, 503, "unavailable", "the database is unavailable, retry shortly",
+                          RETRY_AFTER_1);
+        return;
+    }
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        char quoted[256];
+        log_quote(PQresultErrorMessage(res), quoted, sizeof quoted);
+        log_error("api", "event=query_error req=%" PRIu64 " err=%s", req->id, quoted);
+        api_respond_error(req, 500, "internal", NULL, NULL);
+        return;
+    }
+    if (PQntuples(res) == 0 || PQgetisnull(res, 0, 0)) {
+        api_respond_error(req, 404, "not_found", NULL, NULL);
+        return;
+    }
+    api_send(req, 200, JSON_TYPE, PQgetvalue(res, 0, 0), (size_t)PQgetlength(res, 0, 0), NULL);
+}
+
+static void run_query(struct app *app, struct http_request *req, const char *sql, int nparams,
+                      const char *const *params)
+{
+    struct query_ctx *ctx = http_request_alloc(req, sizeof *ctx);
+    ctx->req = req;
+    int rc = dbp_query(app->db, sql, nparams, params, on_query_result, ctx);
+    if (rc < 0) {
+        api_respond_error(req, 503, "unavailable",
+                          rc == -EAGAIN ? "too many queries queued, retry shortly"
+                                        : "the database is unavailable, retry shortly",
+                          RETRY_AFTER_1);
+    }
+}
+
+static void handle_get_application(struct app *app, struct http_request *req)
+{
+    const char *id = req->path + strlen("/v1/applications/");
+    size_t n = strlen(id);
+    /* A positive bigint in plain decimal; anything else cannot name an application. */
+    bool ok = n >= 1 && n <= 18 && id[0] != '0';
+    for (size_t i = 0; ok && i < n; i++) ok = id[i] >= '0' && id[i] <= '9';
+    if (!ok) {
+        api_respond_error(req, 404, "not_found", NULL, NULL);
+        return;
+    }
+    const char *params[1] = {id};
+    run_query(app, req, get_application_sql, 1, params);
+}
+
+static void handle_lookup(struct app *app, struct http_request *req)
+{
+    char event_id[EVENT_ID_MAX_CHARS + 2], phone_raw[32], phone[PHONE_DIGITS_MAX + 1];
+    int elen = api_query_param(req->query, "event_id", event_id, sizeof event_id);
+    int plen = api_query_param(req->query, "phone", phone_raw, sizeof phone_raw);
+
+    if (elen < 0 || !validate_event_id(event_id, (size_t)elen)) {
+        respond_invalid(req, "event_id",
+                        "query parameter event_id is required: 1-64 characters of A-Z, a-z, "
+                        "0-9, '.', '_', '-'");
+        return;
+    }
+    if (plen < 0 || validate_phone(phone_raw, (size_t)plen, phone) != 0) {
+        respond_invalid(req, "phone",
+                        "query parameter phone is required: a Korean mobile number like "
+                        "010-1234-5678");
+        return;
+    }
+    const char *params[2] = {event_id, phone};
+    run_query(app, req, lookup_sql, 2, params);
+}
+
+/* ---- health, readiness, metrics ---- */
+
+static void handle_healthz(struct app *app, struct http_request *req)
+{
+    static const char ok[] = "{\"status\":\"ok\"}";
+    api_send(req, 200, JSON_TYPE, ok, sizeof ok - 1, NULL);
+}
+
+static void handle_readyz(struct app *app, struct http_request *req)
+{
+    const char *reason = NULL;
+    if (app->draining) reason = "draining";
+    else if (!app->db || dbp_connected(app->db) == 0) reason = "database";
+    else if (app->relay && !relay_kafka_ready(app->relay)) reason = "kafka";
+    /* wiring: kafka readiness */
+    /* A consumer-only replica is ready once it joined its group; with the API role the
+     * group join (seconds, longer after a rebalance) must not hold the API back. */
+    else if (app->consumer && !app->cfg->role_api && !consumer_ready(app->consumer))
+        reason = "consumer";
+    if (reason) {
+        json_object *obj = json_object_new_object();
+        json_object_object_add(obj, "status", json_object_new_string("not_ready"));
+        json_object_object_add(obj, "reason", json_object_new_string(reason));
+        api_respond_json(req, 503, obj, NULL);
+        return;
+    }
+    static const char ready[] = "{\"status\":\"ready\"}";
+    api_send(req, 200, JSON_TYPE, ready, sizeof ready - 1, NULL);
+}
+
+static void handle_metrics(struct app *app, struct http_request *req)
+{
+    /* Counted before rendering, so a scrape sees itself. */
+    count_response(req, 200);
+    size_t len = 0;
+    char *text = metrics_render(&len);
+    http_respond(req, 200, "text/plain; version=0.0.4; charset=utf-8", text, len, NULL);
+    free(text);
+}

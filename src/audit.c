@@ -1,0 +1,1669 @@
+/* audit: reconciliation across applications, outbox, topic, consumer and DLQ (see audit.h).
+ *
+ * Shape of a run (all blocking; CLI or thread pool):
+ *   committed offsets (group) -> BEGIN REPEATABLE READ -> stage 1 anti-joins -> unpublished
+ *   rows -> watermarks -> merge join of the published rows (cursor ordered by partition,
+ *   offset) with each partition read low..high -> lookups of unmatched messages by ce_id (a
+ *   second, autocommit connection, so rows committed after the snapshot are seen) -> a scan
+ *   of the DLQ topic for events below the committed offset that the DB does not account for.
+ * Everything a run keeps grows with the number of problems, and that is capped. */
+#include "audit.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "api.h"
+#include "app.h"
+#include "http_server.h"
+#include "kafka_common.h"
+#include "limits.h"
+#include "log.h"
+#include "validate.h"
+
+#define AUDIT_FETCH_ROWS "10000"      /* rows per FETCH from the server-side cursor */
+#define AUDIT_LOOKUP_BATCH 512        /* unmatched messages looked up per query */
+#define AUDIT_DLQ_CHECK_MAX 100000    /* unhandled events checked against the DLQ topic */
+#define AUDIT_HUMAN_DETAILS 20        /* items printed per category in the human report */
+#define KAFKA_TIMEOUT_MS 10000        /* metadata, watermarks, committed */
+#define KAFKA_STALL_MS 20000          /* no message while below the high watermark: error */
+
+/* ------------------------------------------------------------------ small helpers */
+
+static void set_err(char *err, size_t errlen, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void set_err(char *err, size_t errlen, const char *fmt, ...)
+{
+    if (!err || !errlen) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+}
+
+/* libpq messages end with a newline and may span lines: keep the first line. */
+static void pg_message(const char *msg, char *out, size_t outlen)
+{
+    snprintf(out, outlen, "%s", msg ? msg : "unknown error");
+    char *nl = strchr(out, '\n');
+    if (nl) *nl = '\0';
+}
+
+bool audit__is_uuid(const char *s)
+{
+    if (!s || strlen(s) != UUID_STR_LEN) return false;
+    for (int i = 0; i < UUID_STR_LEN; i++) {
+        if (i == 8 || i == 13 || i == 18 || i == 23) {
+            if (s[i] != '-') return false;
+        } else if (!isxdigit((unsigned char)s[i])) {
+            return false;
+        }
+    }
+    return true;
+}
+
+void audit__format_ms(int64_t ms, char *out, size_t outlen)
+{
+    if (ms < 0) {
+        snprintf(out, outlen, "unknown");
+        return;
+    }
+    time_t secs = (time_t)(ms / 1000);
+    struct tm tm;
+    gmtime_r(&secs, &tm);
+    char buf[32];
+    strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%S", &tm);
+    snprintf(out, outlen, "%s.%03dZ", buf, (int)(ms % 1000));
+}
+
+bool audit__header(const rd_kafka_message_t *m, const char *name, char *out, size_t outlen)
+{
+    out[0] = '\0';
+    rd_kafka_headers_t *hdrs = NULL;
+    if (rd_kafka_message_headers(m, &hdrs) != RD_KAFKA_RESP_ERR_NO_ERROR || !hdrs) return false;
+    const void *val = NULL;
+    size_t size = 0;
+    if (rd_kafka_header_get_last(hdrs, name, &val, &size) != RD_KAFKA_RESP_ERR_NO_ERROR)
+        return false;
+    size_t n = size < outlen - 1 ? size : outlen - 1;
+    if (val && n) memcpy(out, val, n);
+    out[n] = '\0';
+    return true;
+}
+
+void audit__key(const rd_kafka_message_t *m, char *out, size_t outlen)
+{
+    size_t n = m->key_len < outlen - 1 ? m->key_len : outlen - 1;
+    const unsigned char *k = m->key;
+    for (size_t i = 0; i < n; i++) out[i] = (k[i] >= 0x20 && k[i] < 0x7f) ? (char)k[i] : '?';
+    out[n] = '\0';
+}
+
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* ------------------------------------------------------------------ PostgreSQL */
+
+PGconn *audit__pg_connect(const struct cfg *cfg, const char *application_name, char *err,
+                          size_t errlen)
+{
+    /* Keywords before dbname are overridden by the expanded URL's own settings. */
+    const char *keys[] = {"connect_timeout", "application_name", "dbname", NULL};
+    const char *vals[] = {"10", application_name, cfg->database_url, NULL};
+    PGconn *c = PQconnectdbParams(keys, vals, 1);
+    if (!c || PQstatus(c) != CONNECTION_OK) {
+        char msg[256];
+        pg_message(c ? PQerrorMessage(c) : "out of memory", msg, sizeof msg);
+        set_err(err, errlen, "database unreachable: %s", msg);
+        PQfinish(c);
+        return NULL;
+    }
+    return c;
+}
+
+PGresult *audit__pg_exec(PGconn *c, const char *sql, int nparams, const char *const *params,
+                         char *err, size_t errlen)
+{
+    PGresult *r = PQexecParams(c, sql, nparams, NULL, params, NULL, NULL, 0);
+    ExecStatusType st = r ? PQresultStatus(r) : PGRES_FATAL_ERROR;
+    if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK) return r;
+    char msg[256];
+    pg_message(r ? PQresultErrorMessage(r) : PQerrorMessage(c), msg, sizeof msg);
+    set_err(err, errlen, "query failed (%.40s...): %s", sql, msg);
+    PQclear(r);
+    return NULL;
+}
+
+static int pg_cmd(PGconn *c, const char *sql, char *err, size_t errlen)
+{
+    PGresult *r = audit__pg_exec(c, sql, 0, NULL, err, errlen);
+    if (!r) return -1;
+    PQclear(r);
+    return 0;
+}
+
+/* A server-side cursor read FETCH by FETCH: memory stays at one batch of rows. */
+struct pgcur {
+    PGconn *conn;
+    const char *name;
+    PGresult *res;
+    int row, nrows;
+    bool done;
+};
+
+static int cur_open(struct pgcur *k, PGconn *c, const char *name, const char *select, int n,
+                    const char *const *params, char *err, size_t errlen)
+{
+    memset(k, 0, sizeof *k);
+    k->conn = c;
+    k->name = name;
+    size_t len = strlen(select) + 64;
+    char *sql = malloc(len);
+    if (!sql) return -1;
+    snprintf(sql, len, "DECLARE %s NO SCROLL CURSOR FOR %s", name, select);
+    PGresult *r = audit__pg_exec(c, sql, n, params, err, errlen);
+    free(sql);
+    if (!r) return -1;
+    PQclear(r);
+    k->row = -1;
+    return 0;
+}
+
+/* 1: k->row is the current row of k->res; 0: no more rows; -1: error. */
+static int cur_next(struct pgcur *k, char *err, size_t errlen)
+{
+    if (k->done) return 0;
+    if (k->res && k->row + 1 < k->nrows) {
+        k->row++;
+        return 1;
+    }
+    PQclear(k->res);
+    k->res = NULL;
+    char sql[96];
+    snprintf(sql, sizeof sql, "FETCH " AUDIT_FETCH_ROWS " FROM %s", k->name);
+    k->res = audit__pg_exec(k->conn, sql, 0, NULL, err, errlen);
+    if (!k->res) return -1;
+    k->nrows = PQntuples(k->res);
+    if (k->nrows == 0) {
+        k->done = true;
+        return 0;
+    }
+    k->row = 0;
+    return 1;
+}
+
+static const char *cur_get(const struct pgcur *k, int col)
+{
+    return PQgetisnull(k->res, k->row, col) ? NULL : PQgetvalue(k->res, k->row, col);
+}
+
+static void cur_close(struct pgcur *k)
+{
+    PQclear(k->res);
+    k->res = NULL;
+    if (k->conn && k->name && PQtransactionStatus(k->conn) == PQTRANS_INTRANS) {
+        char sql[96];
+        snprintf(sql, sizeof sql, "CLOSE %s", k->name);
+        PQclear(PQexec(k->conn, sql));
+    }
+}
+
+/* ------------------------------------------------------------------ Kafka */
+
+rd_kafka_t *audit__kafka_consumer(const struct cfg *cfg, const char *brokers, const char *group,
+                                  char *err, size_t errlen)
+{
+    char e[512];
+    rd_kafka_conf_t *conf = kafka_conf_new(brokers, cfg->kafka_config, e, sizeof e);
+    if (!conf) {
+        set_err(err, errlen, "kafka configuration: %s", e);
+        return NULL;
+    }
+    /* Read-only: no commits, no stored offsets, no reset past data (an out-of-range offset
+     * surfaces as an error the reader handles), bounded prefetch, big sequential fetches. */
+    const char *const props[][2] = {
+        {"group.id", group},
+        {"client.id", "ticketd-audit"},
+        {"enable.auto.commit", "false"},
+        {"enable.auto.offset.store", "false"},
+        {"enable.partition.eof", "true"},
+        {"auto.offset.reset", "error"},
+        {"fetch.max.bytes", "52428800"},
+        {"max.partition.fetch.bytes", "8388608"},
+        {"queued.max.messages.kbytes", "65536"},
+        {"queued.min.messages", "200000"},
+        {"fetch.wait.max.ms", "10"},
+        {"log.connection.close", "false"},
+    };
+    for (size_t i = 0; i < sizeof props / sizeof props[0]; i++) {
+        if (rd_kafka_conf_set(conf, props[i][0], props[i][1], e, sizeof e) != RD_KAFKA_CONF_OK) {
+            set_err(err, errlen, "kafka configuration %s: %s", props[i][0], e);
+            rd_kafka_conf_destroy(conf);
+            return NULL;
+        }
+    }
+    rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, e, sizeof e);
+    if (!rk) {
+        set_err(err, errlen, "kafka consumer: %s", e);
+        rd_kafka_conf_destroy(conf);
+        return NULL;
+    }
+    return rk;
+}
+
+int audit__topic_partitions(rd_kafka_t *rk, const char *topic, char *err, size_t errlen)
+{
+    rd_kafka_topic_t *rkt = rd_kafka_topic_new(rk, topic, NULL);
+    if (!rkt) {
+        set_err(err, errlen, "kafka topic %s: %s", topic, rd_kafka_err2str(rd_kafka_last_error()));
+        return -1;
+    }
+    const struct rd_kafka_metadata *md = NULL;
+    rd_kafka_resp_err_t e = rd_kafka_metadata(rk, 0, rkt, &md, KAFKA_TIMEOUT_MS);
+    rd_kafka_topic_destroy(rkt);
+    if (e) {
+        set_err(err, errlen, "kafka metadata for %s: %s (brokers reachable?)", topic,
+                rd_kafka_err2str(e));
+        return -1;
+    }
+    int n = -1;
+    if (md->topic_cnt < 1) {
+        n = 0;
+    } else if (md->topics[0].err == RD_KAFKA_RESP_ERR_NO_ERROR) {
+        n = md->topics[0].partition_cnt;
+    } else if (md->topics[0].err == RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART) {
+        n = 0;
+    } else {
+        set_err(err, errlen, "kafka metadata for %s: %s", topic,
+                rd_kafka_err2str(md->topics[0].err));
+    }
+    rd_kafka_metadata_destroy(md);
+    return n;
+}
+
+int audit__watermarks(rd_kafka_t *rk, const char *topic, int32_t partition, int64_t *low,
+                      int64_t *high, char *err, size_t errlen)
+{
+    rd_kafka_resp_err_t e =
+        rd_kafka_query_watermark_offsets(rk, topic, partition, low, high, KAFKA_TIMEOUT_MS);
+    if (e) {
+        set_err(err, errlen, "kafka watermarks of %s/%d: %s", topic, (int)partition,
+                rd_kafka_err2str(e));
+        return -1;
+    }
+    return 0;
+}
+
+int audit__committed(rd_kafka_t *rk, const char *topic, int n, int64_t *out, char *err,
+                     size_t errlen)
+{
+    if (n <= 0) return 0;
+    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(n);
+    for (int p = 0; p < n; p++) rd_kafka_topic_partition_list_add(l, topic, p);
+    rd_kafka_resp_err_t e = rd_kafka_committed(rk, l, KAFKA_TIMEOUT_MS);
+    if (e) {
+        set_err(err, errlen, "kafka committed offsets of the group: %s", rd_kafka_err2str(e));
+        rd_kafka_topic_partition_list_destroy(l);
+        return -1;
+    }
+    for (int i = 0; i < l->cnt; i++) {
+        const rd_kafka_topic_partition_t *tp = &l->elems[i];
+        if (tp->partition < 0 || tp->partition >= n) continue;
+        out[tp->partition] = (tp->err || tp->offset < 0) ? -1 : tp->offset;
+    }
+    rd_kafka_topic_partition_list_destroy(l);
+    return 0;
+}
+
+static int reader_assign(struct audit__reader *r, int64_t offset, char *err, size_t errlen)
+{
+    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(1);
+    rd_kafka_topic_partition_list_add(l, r->topic, r->partition)->offset = offset;
+    rd_kafka_resp_err_t e = rd_kafka_assign(r->rk, l);
+    rd_kafka_topic_partition_list_destroy(l);
+    if (e) {
+        set_err(err, errlen, "kafka assign %s/%d@%" PRId64 ": %s", r->topic, (int)r->partition,
+                offset, rd_kafka_err2str(e));
+        return -1;
+    }
+    r->next = offset;
+    r->eof = false;
+    return 0;
+}
+
+static void reader_drop_batch(struct audit__reader *r)
+{
+    while (r->ibatch < r->nbatch) rd_kafka_message_destroy(r->batch[r->ibatch++]);
+    r->nbatch = r->ibatch = 0;
+}
+
+int audit__reader_open(struct audit__reader *r, rd_kafka_t *rk, const char *topic,
+                       int32_t partition, int64_t start, int64_t low, int64_t high, char *err,
+                       size_t errlen)
+{
+    memset(r, 0, sizeof *r);
+    r->rk = rk;
+    r->topic = topic;
+    r->partition = partition;
+    r->low = low;
+    r->high = high;
+    r->queue = rd_kafka_queue_get_consumer(rk);
+    if (!r->queue) {
+        set_err(err, errlen, "kafka: no consumer queue");
+        return -1;
+    }
+    if (start >= high) {
+        r->eof = true;   /* nothing to read: do not assign at all */
+        r->next = start;
+        return 0;
+    }
+    return reader_assign(r, start, err, errlen);
+}
+
+int audit__reader_next(struct audit__reader *r, rd_kafka_message_t **msg, char *err,
+                       size_t errlen)
+{
+    int64_t idle_ms = 0;
+    for (;;) {
+        if (r->eof || r->next >= r->high) return 0;
+        if (r->ibatch >= r->nbatch) {
+            r->nbatch = r->ibatch = 0;
+            ssize_t n = rd_kafka_consume_batch_queue(r->queue, 200, r->batch,
+                                                     sizeof r->batch / sizeof r->batch[0]);
+            if (n < 0) {
+                set_err(err, errlen, "kafka consume: %s", rd_kafka_err2str(rd_kafka_last_error()));
+                return -1;
+            }
+            if (n == 0) {
+                idle_ms += 200;
+                if (idle_ms >= KAFKA_STALL_MS) {
+                    set_err(err, errlen,
+                            "kafka: no progress reading %s/%d at offset %" PRId64
+                            " (high watermark %" PRId64 ") for %d s",
+                            r->topic, (int)r->partition, r->next, r->high,
+                            KAFKA_STALL_MS / 1000);
+                    return -1;
+                }
+                continue;
+            }
+            r->nbatch = (int)n;
+            idle_ms = 0;
+        }
+        rd_kafka_message_t *m = r->batch[r->ibatch++];
+        /* Stale messages of an earlier assignment (another partition) are skipped. */
+        if (m->rkt && (m->partition != r->partition ||
+                       strcmp(rd_kafka_topic_name(m->rkt), r->topic) != 0)) {
+            rd_kafka_message_destroy(m);
+            continue;
+        }
+        if (m->err == RD_KAFKA_RESP_ERR__PARTITION_EOF) {
+            r->eof = true;
+            rd_kafka_message_destroy(m);
+            continue;
+        }
+        if (m->err == RD_KAFKA_RESP_ERR__AUTO_OFFSET_RESET ||
+            m->err == RD_KAFKA_RESP_ERR_OFFSET_OUT_OF_RANGE) {
+            /* Retention deleted the log under us: carry on from the new log start; the
+             * caller sees r->low move and counts the rows below it as expired. */
+            rd_kafka_message_destroy(m);
+            reader_drop_batch(r);
+            int64_t low, high;
+            if (audit__watermarks(r->rk, r->topic, r->partition, &low, &high, err, errlen))
+                return -1;
+            if (low <= r->next) {
+                set_err(err, errlen, "kafka: offset %" PRId64 " of %s/%d out of range (log %" PRId64
+                        "..%" PRId64 ")", r->next, r->topic, (int)r->partition, low, high);
+                return -1;
+            }
+            log_warn("audit", "event=log_start_moved topic=%s partition=%d from=%" PRId64
+                     " to=%" PRId64, r->topic, (int)r->partition, r->next, low);
+            r->low = low;
+            if (reader_assign(r, low, err, errlen)) return -1;
+            continue;
+        }
+        if (m->err) {
+            set_err(err, errlen, "kafka reading %s/%d: %s", r->topic, (int)r->partition,
+                    rd_kafka_message_errstr(m));
+            rd_kafka_message_destroy(m);
+            return -1;
+        }
+        if (m->offset < r->next) { /* a repeat after a re-assign */
+            rd_kafka_message_destroy(m);
+            continue;
+        }
+        if (m->offset >= r->high) { /* produced after the watermark was read */
+            rd_kafka_message_destroy(m);
+            r->eof = true;
+            return 0;
+        }
+        r->next = m->offset + 1;
+        *msg = m;
+        return 1;
+    }
+}
+
+void audit__reader_close(struct audit__reader *r)
+{
+    reader_drop_batch(r);
+    if (r->rk) rd_kafka_assign(r->rk, NULL);
+    if (r->queue) rd_kafka_queue_destroy(r->queue);
+    r->queue = NULL;
+}
+
+/* ------------------------------------------------------------------ report */
+
+/* One kind of finding: an exact count and the first AUDIT_LIST_MAX items. */
+struct cat {
+    const char *key;     /* JSON name */
+    const char *title;   /* human report */
+    bool missing;        /* counts toward the verdict */
+    int64_t count;
+    json_object *items;
+};
+
+enum {
+    C_WITHOUT_OUTBOX,        /* stage 1 */
+    C_OUTBOX_ORPHAN,
+    C_UNPUBLISHED,           /* stage 2 */
+    C_NOT_IN_TOPIC,
+    C_WRONG_OFFSET,
+    C_TOPIC_ORPHAN,
+    C_RECORDED_ELSEWHERE,
+    C_EXPIRED,
+    C_UNHANDLED,             /* stage 3 */
+    C_EFFECTS_OPEN,
+    C_DEAD_LETTERED,
+    C_COUNT
+};
+
+static const struct cat cat_template[C_COUNT] = {
+    [C_WITHOUT_OUTBOX] = {"without_outbox", "applications without an outbox row", true, 0, NULL},
+    [C_OUTBOX_ORPHAN] = {"outbox_without_application", "outbox rows without an application",
+                         true, 0, NULL},
+    [C_UNPUBLISHED] = {"unpublished", "unpublished past the grace window", true, 0, NULL},
+    [C_NOT_IN_TOPIC] = {"not_in_topic", "marked published, not in the topic", true, 0, NULL},
+    [C_WRONG_OFFSET] = {"wrong_offset", "recorded offset holds another event", true, 0, NULL},
+    [C_TOPIC_ORPHAN] = {"topic_without_row", "topic messages with no outbox row", true, 0, NULL},
+    [C_RECORDED_ELSEWHERE] = {"recorded_elsewhere",
+                              "topic messages whose row records another position (re-sends)",
+                              false, 0, NULL},
+    [C_EXPIRED] = {"expired", "expired from the topic (below the log start; the DB holds the ack)",
+                   false, 0, NULL},
+    [C_UNHANDLED] = {"unhandled", "below the committed offset, neither processed nor dead-lettered",
+                     true, 0, NULL},
+    [C_EFFECTS_OPEN] = {"effects_not_done",
+                        "below the committed offset, processed but effects not done", true, 0,
+                        NULL},
+    [C_DEAD_LETTERED] = {"dead_lettered", "in the dead-letter queue, not replayed", true, 0, NULL},
+};
+
+struct part_stat {
+    int64_t low, high, committed;
+    int64_t rows, verified, expired, messages;
+};
+
+/* A message no row matched at its position, waiting for its lookup by ce_id. */
+struct cand {
+    int32_t partition;
+    int64_t offset;
+    int64_t ts;
+    char key[40];
+    char ce_id[UUID_STR_LEN + 1];
+};
+
+/* An event below the committed offset the DB does not account for; the DLQ topic may. */
+struct unhandled {
+    char ce_id[UUID_STR_LEN + 1];
+    int64_t app_id;
+    int32_t partition;
+    int64_t offset;
+    int64_t committed;
+    bool in_dlq_topic;
+};
+
+/* Distinct application ids named missing (one application may fail at two stages: a deleted
+ * outbox row also leaves its message without a row). Open addressing; past
+ * AUDIT_DISTINCT_MAX ids it stops deduplicating rather than grow further. */
+#define AUDIT_DISTINCT_MAX (1 << 20)
+struct idset {
+    int64_t *slots;  /* 0 = empty; ids are stored + 1 so id 0 is representable */
+    size_t cap, n;
+    bool full;
+};
+
+/* true when id was not in the set (or the set is full and cannot tell). */
+static bool idset_add(struct idset *s, int64_t id)
+{
+    if (s->full) return true;
+    if (s->n * 2 >= s->cap) {
+        size_t cap = s->cap ? s->cap * 2 : 1024;
+        int64_t *slots = cap <= 2 * (size_t)AUDIT_DISTINCT_MAX ? calloc(cap, sizeof *slots) : NULL;
+        if (!slots) {
+            s->full = true;
+            return true;
+        }
+        for (size_t i = 0; i < s->cap; i++) {
+            if (!s->slots[i]) continue;
+            size_t j = (size_t)((uint64_t)s->slots[i] * 0x9E3779B97F4A7C15ull) & (cap - 1);
+            while (slots[j]) j = (j + 1) & (cap - 1);
+            slots[j] = s->slots[i];
+        }
+        free(s->slots);
+        s->slots = slots;
+        s->cap = cap;
+    }
+    int64_t key = id + 1;
+    size_t j = (size_t)((uint64_t)key * 0x9E3779B97F4A7C15ull) & (s->cap - 1);
+    while (s->slots[j]) {
+        if (s->slots[j] == key) return false;
+        j = (j + 1) & (s->cap - 1);
+    }
+    s->slots[j] = key;
+    s->n++;
+    return true;
+}
+
+struct audit_ctx {
+    const struct cfg *cfg;
+    const struct audit_opts *opts;
+    char *err;
+    size_t errlen;
+
+    PGconn *db;        /* the snapshot (REPEATABLE READ) */
+    PGconn *lookup;    /* autocommit: sees rows committed after the snapshot */
+    rd_kafka_t *rk;    /* reader (assign only) */
+    rd_kafka_t *group; /* committed() of the service's group; never subscribes */
+
+    struct cat cats[C_COUNT];
+    json_object *missing_ids;   /* verdict list of distinct ids, capped */
+    int64_t missing;            /* distinct application ids (or keys) with a finding */
+    struct idset distinct;
+
+    int64_t applications, outbox_rows, outbox_published, in_grace;
+    int64_t processed, pending, outside_scope;
+    int64_t since_ms;           /* -1 = no --since */
+
+    int nparts;
+    struct part_stat *parts;
+
+    struct cand cands[AUDIT_LOOKUP_BATCH];
+    int ncands;
+
+    struct unhandled *unh;
+    size_t nunh, capunh;
+    int64_t unh_unchecked;      /* beyond AUDIT_DLQ_CHECK_MAX: not looked for in the DLQ topic */
+};
+
+static void ctx_missing_id(struct audit_ctx *a, json_object *id)
+{
+    if (json_object_is_type(id, json_type_int) &&
+        !idset_add(&a->distinct, json_object_get_int64(id))) {
+        json_object_put(id);
+        return;
+    }
+    a->missing++;
+    if (json_object_array_length(a->missing_ids) < AUDIT_LIST_MAX)
+        json_object_array_add(a->missing_ids, id);
+    else
+        json_object_put(id);
+}
+
+/* Records one finding; item (taken) should carry "application_id" when there is one and a
+ * human "detail". For a missing category, id (taken, may be NULL) goes to the verdict. */
+static void add(struct audit_ctx *a, int c, json_object *item, json_object *id)
+{
+    struct cat *k = &a->cats[c];
+    k->count++;
+    if (json_object_array_length(k->items) < AUDIT_LIST_MAX)
+        json_object_array_add(k->items, item);
+    else
+        json_object_put(item);
+    if (k->missing)
+        ctx_missing_id(a, id ? id : json_object_new_string("?"));
+    else if (id)
+        json_object_put(id);
+}
+
+static json_object *jstr(const char *s)
+{
+    return s ? json_object_new_string(s) : NULL;
+}
+
+static json_object *item_new(int64_t app_id, const char *event_id, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static json_object *item_new(int64_t app_id, const char *event_id, const char *fmt, ...)
+{
+    json_object *o = json_object_new_object();
+    if (app_id >= 0) json_object_object_add(o, "application_id", json_object_new_int64(app_id));
+    if (event_id) json_object_object_add(o, "event_id", json_object_new_string(event_id));
+    char detail[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(detail, sizeof detail, fmt, ap);
+    va_end(ap);
+    json_object_object_add(o, "detail", json_object_new_string(detail));
+    return o;
+}
+
+static int64_t to_i64(const char *s, int64_t dflt)
+{
+    if (!s) return dflt;
+    char *end;
+    errno = 0;
+    long long v = strtoll(s, &end, 10);
+    if (errno || end == s) return dflt;
+    return (int64_t)v;
+}
+
+/* The filter shared by every query: $1 the show's event_id, $2 since. */
+#define APP_FILTER "($1::text IS NULL OR a.event_id = $1) AND ($2::timestamptz IS NULL OR a.created_at >= $2)"
+#define OUTBOX_FILTER                                                                          \
+    "($1::text IS NULL OR o.payload->>'event_id' = $1) AND "                                   \
+    "($2::timestamptz IS NULL OR o.created_at >= $2)"
+
+/* ------------------------------------------------------------------ stage 1 */
+
+static int stage1(struct audit_ctx *a, const char *const *params)
+{
+    PGresult *r = audit__pg_exec(a->db, "SELECT count(*) FROM applications a WHERE " APP_FILTER,
+                                 2, params, a->err, a->errlen);
+    if (!r) return -1;
+    a->applications = to_i64(PQgetvalue(r, 0, 0), 0);
+    PQclear(r);
+
+    r = audit__pg_exec(a->db,
+                       "SELECT count(*), count(*) FILTER (WHERE o.published_at IS NOT NULL) "
+                       "FROM outbox o WHERE " OUTBOX_FILTER,
+                       2, params, a->err, a->errlen);
+    if (!r) return -1;
+    a->outbox_rows = to_i64(PQgetvalue(r, 0, 0), 0);
+    a->outbox_published = to_i64(PQgetvalue(r, 0, 1), 0);
+    PQclear(r);
+
+    struct pgcur k;
+    if (cur_open(&k, a->db, "audit_no_outbox",
+                 "SELECT a.id, a.created_at FROM applications a WHERE " APP_FILTER
+                 " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.aggregate_id = a.id)"
+                 " ORDER BY a.id",
+                 2, params, a->err, a->errlen))
+        return -1;
+    int rc;
+    while ((rc = cur_next(&k, a->err, a->errlen)) == 1) {
+        int64_t id = to_i64(cur_get(&k, 0), -1);
+        add(a, C_WITHOUT_OUTBOX,
+            item_new(id, NULL, "application %" PRId64 " (created %s) has no outbox row", id,
+                     cur_get(&k, 1)),
+            json_object_new_int64(id));
+    }
+    cur_close(&k);
+    if (rc < 0) return -1;
+
+    if (cur_open(&k, a->db, "audit_outbox_orphan",
+                 "SELECT o.aggregate_id, o.event_id::text FROM outbox o WHERE " OUTBOX_FILTER
+                 " AND NOT EXISTS (SELECT 1 FROM applications a WHERE a.id = o.aggregate_id)"
+                 " ORDER BY o.id",
+                 2, params, a->err, a->errlen))
+        return -1;
+    while ((rc = cur_next(&k, a->err, a->errlen)) == 1) {
+        int64_t id = to_i64(cur_get(&k, 0), -1);
+        const char *ev = cur_get(&k, 1);
+        add(a, C_OUTBOX_ORPHAN,
+            item_new(id, ev, "outbox row of event %s names application %" PRId64
+                     ", which does not exist", ev, id),
+            json_object_new_int64(id));
+    }
+    cur_close(&k);
+    return rc < 0 ? -1 : 0;
+}
+
+/* ------------------------------------------------------------------ stage 2: unpublished */
+
+static int stage2_unpublished(struct audit_ctx *a, const char *const *params)
+{
+    char grace[32];
+    snprintf(grace, sizeof grace, "%" PRId64, a->cfg->audit_grace_ms);
+    const char *p3[3] = {params[0], params[1], grace};
+    struct pgcur k;
+    if (cur_open(&k, a->db, "audit_unpublished",
+                 "SELECT o.aggregate_id, o.event_id::text, o.created_at, o.attempts, o.last_error,"
+                 " o.created_at < now() - $3::bigint * interval '1 millisecond'"
+                 " FROM outbox o WHERE " OUTBOX_FILTER " AND o.published_at IS NULL ORDER BY o.id",
+                 3, p3, a->err, a->errlen))
+        return -1;
+    int rc;
+    while ((rc = cur_next(&k, a->err, a->errlen)) == 1) {
+        const char *overdue = cur_get(&k, 5);
+        if (!overdue || overdue[0] != 't') {
+            a->in_grace++;
+            continue;
+        }
+        int64_t id = to_i64(cur_get(&k, 0), -1);
+        const char *ev = cur_get(&k, 1);
+        const char *last_error = cur_get(&k, 4);
+        json_object *it = item_new(id, ev, "application %" PRId64 ": event %s created %s, "
+                                   "unpublished after %s attempts%s%s", id, ev, cur_get(&k, 2),
+                                   cur_get(&k, 3), last_error ? ", last error: " : "",
+                                   last_error ? last_error : "");
+        json_object_object_add(it, "attempts", json_object_new_int64(to_i64(cur_get(&k, 3), 0)));
+        json_object_object_add(it, "last_error", jstr(last_error));
+        add(a, C_UNPUBLISHED, it, json_object_new_int64(id));
+    }
+    cur_close(&k);
+    return rc < 0 ? -1 : 0;
+}
+
+/* ------------------------------------------------------------------ stage 2: lookups */
+
+static json_object *key_id(const char *key)
+{
+    char *end;
+    errno = 0;
+    long long v = strtoll(key, &end, 10);
+    if (*key && !*end && !errno) return json_object_new_int64(v);
+    return json_object_new_string(*key ? key : "?");
+}
+
+static void orphan_or_retained(struct audit_ctx *a, const struct cand *c, const char *why)
+{
+    char ts[40];
+    audit__format_ms(c->ts, ts, sizeof ts);
+    /* Older than the outbox's own retention: the row was pruned on purpose. */
+    if (c->ts >= 0 && a->cfg->outbox_retention_ms > 0 &&
+        c->ts < now_ms() - a->cfg->outbox_retention_ms) {
+        a->outside_scope++;
+        return;
+    }
+    json_object *it = item_new(-1, c->ce_id[0] ? c->ce_id : NULL,
+                               "message %s/%d@%" PRId64 " (key %s, ce_id %s, %s): %s",
+                               a->cfg->topic, (int)c->partition, c->offset, c->key,
+                               c->ce_id[0] ? c->ce_id : "-", ts, why);
+    json_object_object_add(it, "partition", json_object_new_int(c->partition));
+    json_object_object_add(it, "offset", json_object_new_int64(c->offset));
+    json_object_object_add(it, "key", json_object_new_string(c->key));
+    json_object_object_add(it, "timestamp", json_object_new_string(ts));
+    add(a, C_TOPIC_ORPHAN, it, key_id(c->key));
+}
+
+/* Looks the pending unmatched messages up by ce_id on the autocommit connection. */
+static int flush_cands(struct audit_ctx *a)
+{
+    if (a->ncands == 0) return 0;
+    size_t cap = (size_t)a->ncands * (UUID_STR_LEN + 1) + 3;
+    char *arr = malloc(cap);
+    if (!arr) {
+        set_err(a->err, a->errlen, "out of memory");
+        return -1;
+    }
+    size_t len = 0;
+    arr[len++] = '{';
+    for (int i = 0; i < a->ncands; i++) {
+        if (!audit__is_uuid(a->cands[i].ce_id)) continue;
+        if (len > 1) arr[len++] = ',';
+        memcpy(arr + len, a->cands[i].ce_id, UUID_STR_LEN);
+        len += UUID_STR_LEN;
+    }
+    arr[len++] = '}';
+    arr[len] = '\0';
+    const char *params[1] = {arr};
+    PGresult *r = audit__pg_exec(a->lookup,
+                                 "SELECT event_id::text, kafka_partition, kafka_offset FROM outbox"
+                                 " WHERE event_id = ANY($1::uuid[])",
+                                 1, params, a->err, a->errlen);
+    free(arr);
+    if (!r) return -1;
+    int n = PQntuples(r);
+    for (int i = 0; i < a->ncands; i++) {
+        struct cand *c = &a->cands[i];
+        if (!audit__is_uuid(c->ce_id)) {
+            orphan_or_retained(a, c, c->ce_id[0] ? "its ce_id is not an event id"
+                                                 : "it has no ce_id header");
+            continue;
+        }
+        int hit = -1;
+        for (int j = 0; j < n; j++) {
+            if (strcasecmp(PQgetvalue(r, j, 0), c->ce_id) == 0) {
+                hit = j;
+                break;
+            }
+        }
+        if (hit < 0) {
+            orphan_or_retained(a, c, "no outbox row has this event id");
+            continue;
+        }
+        if (PQgetisnull(r, hit, 1) || PQgetisnull(r, hit, 2)) {
+            a->outside_scope++; /* the relay is marking it right now */
+            continue;
+        }
+        int32_t rp = (int32_t)to_i64(PQgetvalue(r, hit, 1), -1);
+        int64_t ro = to_i64(PQgetvalue(r, hit, 2), -1);
+        if (rp == c->partition && ro == c->offset) {
+            a->outside_scope++; /* its row is outside the filter or newer than the snapshot */
+            continue;
+        }
+        json_object *it = item_new(-1, c->ce_id,
+                                   "message %s/%d@%" PRId64 " (key %s) repeats event %s, whose row "
+                                   "records %d@%" PRId64,
+                                   a->cfg->topic, (int)c->partition, c->offset, c->key, c->ce_id,
+                                   (int)rp, ro);
+        json_object_object_add(it, "partition", json_object_new_int(c->partition));
+        json_object_object_add(it, "offset", json_object_new_int64(c->offset));
+        json_object_object_add(it, "recorded_partition", json_object_new_int(rp));
+        json_object_object_add(it, "recorded_offset", json_object_new_int64(ro));
+        add(a, C_RECORDED_ELSEWHERE, it, NULL);
+    }
+    PQclear(r);
+    a->ncands = 0;
+    return 0;
+}
+
+/* A message at a position no row claimed (or claimed by a row with another ce_id). */
+static int unmatched_message(struct audit_ctx *a, const rd_kafka_message_t *m)
+{
+    rd_kafka_timestamp_type_t tstype;
+    int64_t ts = rd_kafka_message_timestamp(m, &tstype);
+    if (a->since_ms >= 0 && ts >= 0 && ts < a->since_ms) return 0;
+    if (a->opts->event_id) {
+        /* Only messages of the audited show count; the value's event_id says which. */
+        json_tokener *tok = json_tokener_new();
+        json_object *v = tok ? json_tokener_parse_ex(tok, m->payload, (int)m->len) : NULL;
+        json_object *e = NULL;
+        bool same = v && json_object_object_get_ex(v, "event_id", &e) &&
+                    json_object_is_type(e, json_type_string) &&
+                    strcmp(json_object_get_string(e), a->opts->event_id) == 0;
+        json_object_put(v);
+        if (tok) json_tokener_free(tok);
+        if (!same) return 0;
+    }
+    struct cand *c = &a->cands[a->ncands++];
+    c->partition = m->partition;
+    c->offset = m->offset;
+    c->ts = ts;
+    audit__key(m, c->key, sizeof c->key);
+    audit__header(m, CE_ID, c->ce_id, sizeof c->ce_id);
+    if (a->ncands == AUDIT_LOOKUP_BATCH) return flush_cands(a);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ stage 3 per row */
+
+struct outrow {
+    int32_t partition;   /* -1 when NULL */
+    int64_t offset;      /* -1 when NULL */
+    bool has_position;
+    char ce_id[UUID_STR_LEN + 1];
+    int64_t app_id;
+    bool processed;
+    const char *effects_open; /* NULL when every effect is done */
+    const char *dlq_open;     /* NULL when not sitting in the DLQ */
+};
+
+static void consumer_check(struct audit_ctx *a, const struct outrow *r)
+{
+    int64_t committed = (r->partition >= 0 && r->partition < a->nparts)
+                            ? a->parts[r->partition].committed
+                            : -1;
+    if (r->processed && !r->effects_open) {
+        a->processed++;
+        return;
+    }
+    if (r->dlq_open) {
+        json_object *it = item_new(r->app_id, r->ce_id,
+                                   "application %" PRId64 ": event %s (%d@%" PRId64
+                                   ") is in the DLQ: %s",
+                                   r->app_id, r->ce_id, (int)r->partition, r->offset, r->dlq_open);
+        json_object_object_add(it, "error", json_object_new_string(r->dlq_open));
+        add(a, C_DEAD_LETTERED, it, json_object_new_int64(r->app_id));
+        return;
+    }
+    if (committed < 0 || r->offset >= committed) {
+        a->pending++;
+        return;
+    }
+    if (r->processed) {
+        json_object *it = item_new(r->app_id, r->ce_id,
+                                   "application %" PRId64 ": event %s (%d@%" PRId64
+                                   ", committed %" PRId64 ") processed, effects not done: %s",
+                                   r->app_id, r->ce_id, (int)r->partition, r->offset, committed,
+                                   r->effects_open);
+        json_object_object_add(it, "effects", json_object_new_string(r->effects_open));
+        add(a, C_EFFECTS_OPEN, it, json_object_new_int64(r->app_id));
+        return;
+    }
+    /* Maybe produced to the DLQ without its dead_letters row: settled after the DLQ scan. */
+    if (a->nunh >= AUDIT_DLQ_CHECK_MAX) {
+        a->unh_unchecked++;
+        json_object *it = item_new(r->app_id, r->ce_id,
+                                   "application %" PRId64 ": event %s (%d@%" PRId64
+                                   ") is below the committed offset %" PRId64
+                                   " but neither processed nor dead-lettered",
+                                   r->app_id, r->ce_id, (int)r->partition, r->offset, committed);
+        add(a, C_UNHANDLED, it, json_object_new_int64(r->app_id));
+        return;
+    }
+    if (a->nunh == a->capunh) {
+        size_t cap = a->capunh ? a->capunh * 2 : 256;
+        struct unhandled *n = realloc(a->unh, cap * sizeof *n);
+        if (!n) {
+            a->unh_unchecked++;
+            return;
+        }
+        a->unh = n;
+        a->capunh = cap;
+    }
+    struct unhandled *u = &a->unh[a->nunh++];
+    memcpy(u->ce_id, r->ce_id, sizeof u->ce_id);
+    for (char *p = u->ce_id; *p; p++) *p = (char)tolower((unsigned char)*p);
+    u->app_id = r->app_id;
+    u->partition = r->partition;
+    u->offset = r->offset;
+    u->committed = committed;
+    u->in_dlq_topic = false;
+}
+
+static void row_problem(struct audit_ctx *a, int c, const struct outrow *r, const char *why,
+                        const char *found_ce_id)
+{
+    json_object *it = item_new(r->app_id, r->ce_id, "application %" PRId64 ": event %s at %d@%"
+                               PRId64 ": %s", r->app_id, r->ce_id, (int)r->partition, r->offset,
+                               why);
+    if (r->has_position) {
+        json_object_object_add(it, "partition", json_object_new_int(r->partition));
+        json_object_object_add(it, "offset", json_object_new_int64(r->offset));
+    }
+    if (found_ce_id) json_object_object_add(it, "found_ce_id", json_object_new_string(found_ce_id));
+    add(a, c, it, json_object_new_int64(r->app_id));
+}
+
+static void row_from_cursor(const struct pgcur *k, struct outrow *r)
+{
+    const char *p = cur_get(k, 0), *o = cur_get(k, 1);
+    r->has_position = p && o;
+    r->partition = (int32_t)to_i64(p, -1);
+    r->offset = to_i64(o, -1);
+    snprintf(r->ce_id, sizeof r->ce_id, "%s", cur_get(k, 2) ? cur_get(k, 2) : "");
+    r->app_id = to_i64(cur_get(k, 3), -1);
+    const char *pr = cur_get(k, 4);
+    r->processed = pr && pr[0] == 't';
+    r->effects_open = cur_get(k, 5);
+    r->dlq_open = cur_get(k, 6);
+}
+
+/* ------------------------------------------------------------------ stage 2: merge join */
+
+static const char *const published_sql =
+    "SELECT o.kafka_partition, o.kafka_offset, o.event_id::text, o.aggregate_id,"
+    " pe.event_id IS NOT NULL,"
+    " CASE WHEN o.event_id IN (SELECT e.event_id FROM event_effects e WHERE NOT e.done) THEN"
+    "  (SELECT string_agg(e.effect || ' (attempts ' || e.attempts || coalesce(', ' || e.last_error, '')"
+    "   || ')', '; ' ORDER BY e.effect) FROM event_effects e WHERE e.event_id = o.event_id AND NOT e.done)"
+    " END,"
+    " CASE WHEN o.event_id IN (SELECT d.event_id FROM dead_letters d WHERE d.replayed_at IS NULL) THEN"
+    "  (SELECT d.error_class || ': ' || d.error_message FROM dead_letters d"
+    "   WHERE d.event_id = o.event_id AND d.replayed_at IS NULL ORDER BY d.id DESC LIMIT 1)"
+    " END"
+    " FROM outbox o LEFT JOIN processed_events pe ON pe.event_id = o.event_id"
+    " WHERE o.published_at IS NOT NULL AND " OUTBOX_FILTER
+    " ORDER BY o.kafka_partition, o.kafka_offset";
+
+static int stage2_merge(struct audit_ctx *a, const char *const *params)
+{
+    struct pgcur k;
+    if (cur_open(&k, a->db, "audit_published", published_sql, 2, params, a->err, a->errlen))
+        return -1;
+    int ret = -1;
+    struct outrow row;
+    int rc = cur_next(&k, a->err, a->errlen);
+    if (rc < 0) goto out;
+    if (rc == 1) row_from_cursor(&k, &row);
+
+    /* Rows with a negative partition sort first. */
+    while (rc == 1 && row.has_position && row.partition < 0) {
+        row_problem(a, C_NOT_IN_TOPIC, &row, "no such partition", NULL);
+        if ((rc = cur_next(&k, a->err, a->errlen)) < 0) goto out;
+        if (rc == 1) row_from_cursor(&k, &row);
+    }
+
+    for (int p = 0; p < a->nparts; p++) {
+        struct part_stat *ps = &a->parts[p];
+        struct audit__reader rd;
+        if (audit__reader_open(&rd, a->rk, a->cfg->topic, p, ps->low, ps->low, ps->high, a->err,
+                               a->errlen)) {
+            audit__reader_close(&rd);
+            goto out;
+        }
+        rd_kafka_message_t *m = NULL;
+        bool matched = false;
+        int mr = audit__reader_next(&rd, &m, a->err, a->errlen);
+        if (mr < 0) goto part_fail;
+        if (mr == 1) ps->messages++;
+
+        while (rc == 1 && row.has_position && row.partition == p) {
+            ps->rows++;
+            if (row.offset < rd.low) {
+                ps->expired++;
+                json_object *it = item_new(row.app_id, row.ce_id,
+                                           "application %" PRId64 ": event %s at %d@%" PRId64
+                                           " below the log start %" PRId64,
+                                           row.app_id, row.ce_id, p, row.offset, rd.low);
+                add(a, C_EXPIRED, it, NULL);
+                consumer_check(a, &row);
+            } else if (row.offset >= ps->high) {
+                char why[96];
+                snprintf(why, sizeof why, "beyond the high watermark %" PRId64, ps->high);
+                row_problem(a, C_NOT_IN_TOPIC, &row, why, NULL);
+            } else {
+                while (m && m->offset < row.offset) {
+                    if (!matched && unmatched_message(a, m)) goto part_fail;
+                    rd_kafka_message_destroy(m);
+                    m = NULL;
+                    matched = false;
+                    if ((mr = audit__reader_next(&rd, &m, a->err, a->errlen)) < 0) goto part_fail;
+                    if (mr == 1) ps->messages++;
+                }
+                if (row.offset < rd.low) { /* retention moved the log start while reading */
+                    ps->expired++;
+                    add(a, C_EXPIRED,
+                        item_new(row.app_id, row.ce_id, "event %s at %d@%" PRId64
+                                 " below the log start %" PRId64, row.ce_id, p, row.offset,
+                                 rd.low),
+                        NULL);
+                    consumer_check(a, &row);
+                } else if (m && m->offset == row.offset) {
+                    char ce[64];
+                    audit__header(m, CE_ID, ce, sizeof ce);
+                    if (strcasecmp(ce, row.ce_id) == 0) {
+                        matched = true;
+                        ps->verified++;
+                        consumer_check(a, &row);
+                    } else {
+                        char why[160];
+                        snprintf(why, sizeof why, "the message there carries ce_id %s",
+                                 ce[0] ? ce : "(none)");
+                        row_problem(a, C_WRONG_OFFSET, &row, why, ce);
+                    }
+                } else {
+                    row_problem(a, C_NOT_IN_TOPIC, &row, "no message at that offset", NULL);
+                }
+            }
+            if ((rc = cur_next(&k, a->err, a->errlen)) < 0) goto part_fail;
+            if (rc == 1) row_from_cursor(&k, &row);
+        }
+        /* The rest of the partition: messages no row claims. */
+        while (m) {
+            if (!matched && unmatched_message(a, m)) goto part_fail;
+            rd_kafka_message_destroy(m);
+            m = NULL;
+            matched = false;
+            if ((mr = audit__reader_next(&rd, &m, a->err, a->errlen)) < 0) goto part_fail;
+            if (mr == 1) ps->messages++;
+        }
+        audit__reader_close(&rd);
+        if (flush_cands(a)) goto out;
+        continue;
+    part_fail:
+        if (m) rd_kafka_message_destroy(m);
+        audit__reader_close(&rd);
+        goto out;
+    }
+    /* Rows at partitions the topic does not have, or with no position at all. */
+    while (rc == 1) {
+        row_problem(a, C_NOT_IN_TOPIC, &row,
+                    row.has_position ? "no such partition" : "published without a position",
+                    NULL);
+        if ((rc = cur_next(&k, a->err, a->errlen)) < 0) goto out;
+        if (rc == 1) row_from_cursor(&k, &row);
+    }
+    ret = flush_cands(a);
+out:
+    cur_close(&k);
+    return ret;
+}
+
+/* ------------------------------------------------------------------ stage 3: DLQ topic */
+
+static int cmp_unhandled(const void *x, const void *y)
+{
+    return strcmp(((const struct unhandled *)x)->ce_id, ((const struct unhandled *)y)->ce_id);
+}
+
+static int stage3_dlq_topic(struct audit_ctx *a)
+{
+    if (a->nunh == 0) return 0;
+    qsort(a->unh, a->nunh, sizeof *a->unh, cmp_unhandled);
+    int n = audit__topic_partitions(a->rk, a->cfg->dlq_topic, a->err, a->errlen);
+    if (n < 0) return -1;
+    for (int p = 0; p < n; p++) {
+        int64_t low, high;
+        if (audit__watermarks(a->rk, a->cfg->dlq_topic, p, &low, &high, a->err, a->errlen))
+            return -1;
+        struct audit__reader rd;
+        if (audit__reader_open(&rd, a->rk, a->cfg->dlq_topic, p, low, low, high, a->err,
+                               a->errlen)) {
+            audit__reader_close(&rd);
+            return -1;
+        }
+        rd_kafka_message_t *m;
+        int mr;
+        while ((mr = audit__reader_next(&rd, &m, a->err, a->errlen)) == 1) {
+            struct unhandled key;
+            audit__header(m, CE_ID, key.ce_id, sizeof key.ce_id);
+            for (char *c = key.ce_id; *c; c++) *c = (char)tolower((unsigned char)*c);
+            struct unhandled *u = bsearch(&key, a->unh, a->nunh, sizeof *a->unh, cmp_unhandled);
+            if (u) u->in_dlq_topic = true;
+            rd_kafka_message_destroy(m);
+        }
+        audit__reader_close(&rd);
+        if (mr < 0) return -1;
+    }
+    return 0;
+}
+
+static void stage3_settle(struct audit_ctx *a)
+{
+    for (size_t i = 0; i < a->nunh; i++) {
+        const struct unhandled *u = &a->unh[i];
+        if (u->in_dlq_topic) {
+            json_object *it = item_new(u->app_id, u->ce_id,
+                                       "application %" PRId64 ": event %s (%d@%" PRId64
+                                       ") is in the DLQ topic (no dead_letters row)",
+                                       u->app_id, u->ce_id, (int)u->partition, u->offset);
+            add(a, C_DEAD_LETTERED, it, json_object_new_int64(u->app_id));
+        } else {
+            json_object *it = item_new(u->app_id, u->ce_id,
+                                       "application %" PRId64 ": event %s (%d@%" PRId64
+                                       ") is below the committed offset %" PRId64
+                                       " but neither processed nor dead-lettered",
+                                       u->app_id, u->ce_id, (int)u->partition, u->offset,
+                                       u->committed);
+            json_object_object_add(it, "partition", json_object_new_int(u->partition));
+            json_object_object_add(it, "offset", json_object_new_int64(u->offset));
+            json_object_object_add(it, "committed", json_object_new_int64(u->committed));
+            add(a, C_UNHANDLED, it, json_object_new_int64(u->app_id));
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ rendering */
+
+static json_object *cat_json(const struct cat *k)
+{
+    json_object *o = json_object_new_object();
+    json_object_object_add(o, "count", json_object_new_int64(k->count));
+    json_object_object_add(o, "items", json_object_get(k->items));
+    json_object_object_add(o, "truncated",
+                           json_object_new_boolean(k->count > (int64_t)json_object_array_length(k->items)));
+    return o;
+}
+
+static int64_t part_lag(const struct part_stat *ps)
+{
+    int64_t from = ps->committed >= 0 ? ps->committed : ps->low;
+    return ps->high > from ? ps->high - from : 0;
+}
+
+static void verdict_line(const struct audit_ctx *a, FILE *out)
+{
+    if (a->missing == 0) {
+        fprintf(out, "complete: %" PRId64 " applications, 0 missing\n", a->applications);
+        return;
+    }
+    fprintf(out, "incomplete: %" PRId64 " applications, %" PRId64 " missing: ", a->applications,
+            a->missing);
+    size_t n = json_object_array_length(a->missing_ids);
+    for (size_t i = 0; i < n; i++)
+        fprintf(out, "%s%s", i ? "," : "",
+                json_object_get_string(json_object_array_get_idx(a->missing_ids, i)));
+    if ((int64_t)n < a->missing) fprintf(out, ",... (%" PRId64 " more)", a->missing - (int64_t)n);
+    fputc('\n', out);
+}
+
+static json_object *report_json(const struct audit_ctx *a)
+{
+    json_object *root = json_object_new_object();
+    json_object_object_add(root, "verdict",
+                           json_object_new_string(a->missing ? "incomplete" : "complete"));
+    json_object_object_add(root, "applications", json_object_new_int64(a->applications));
+    json_object_object_add(root, "missing", json_object_new_int64(a->missing));
+    json_object_object_add(root, "missing_ids", json_object_get(a->missing_ids));
+    json_object_object_add(root, "missing_ids_truncated",
+                           json_object_new_boolean(a->missing >
+                                                   (int64_t)json_object_array_length(a->missing_ids)));
+    json_object *filter = json_object_new_object();
+    json_object_object_add(filter, "event_id", jstr(a->opts->event_id));
+    json_object_object_add(filter, "since", jstr(a->opts->since));
+    json_object_object_add(root, "filter", filter);
+    json_object_object_add(root, "topic", json_object_new_string(a->cfg->topic));
+    json_object_object_add(root, "dlq_topic", json_object_new_string(a->cfg->dlq_topic));
+    json_object_object_add(root, "consumer_group", json_object_new_string(a->cfg->consumer_group));
+    json_object_object_add(root, "grace_ms", json_object_new_int64(a->cfg->audit_grace_ms));
+
+    json_object *stages = json_object_new_object();
+    json_object *s1 = json_object_new_object();
+    json_object_object_add(s1, "applications", json_object_new_int64(a->applications));
+    json_object_object_add(s1, "outbox_rows", json_object_new_int64(a->outbox_rows));
+    json_object_object_add(s1, a->cats[C_WITHOUT_OUTBOX].key, cat_json(&a->cats[C_WITHOUT_OUTBOX]));
+    json_object_object_add(s1, a->cats[C_OUTBOX_ORPHAN].key, cat_json(&a->cats[C_OUTBOX_ORPHAN]));
+    json_object_object_add(stages, "applications_outbox", s1);
+
+    json_object *s2 = json_object_new_object();
+    json_object_object_add(s2, "outbox_rows", json_object_new_int64(a->outbox_rows));
+    json_object_object_add(s2, "published", json_object_new_int64(a->outbox_published));
+    int64_t verified = 0, messages = 0;
+    for (int p = 0; p < a->nparts; p++) {
+        verified += a->parts[p].verified;
+        messages += a->parts[p].messages;
+    }
+    json_object_object_add(s2, "verified", json_object_new_int64(verified));
+    json_object_object_add(s2, "topic_messages", json_object_new_int64(messages));
+    json_object_object_add(s2, "in_grace", json_object_new_int64(a->in_grace));
+    json_object_object_add(s2, "outside_scope", json_object_new_int64(a->outside_scope));
+    for (int c = C_UNPUBLISHED; c <= C_EXPIRED; c++)
+        json_object_object_add(s2, a->cats[c].key, cat_json(&a->cats[c]));
+    json_object_object_add(stages, "outbox_kafka", s2);
+
+    json_object *s3 = json_object_new_object();
+    json_object_object_add(s3, "group", json_object_new_string(a->cfg->consumer_group));
+    json_object_object_add(s3, "processed", json_object_new_int64(a->processed));
+    json_object_object_add(s3, "pending", json_object_new_int64(a->pending));
+    json_object *parts = json_object_new_array();
+    int64_t lag = 0;
+    for (int p = 0; p < a->nparts; p++) {
+        const struct part_stat *ps = &a->parts[p];
+        json_object *o = json_object_new_object();
+        json_object_object_add(o, "partition", json_object_new_int(p));
+        json_object_object_add(o, "low", json_object_new_int64(ps->low));
+        json_object_object_add(o, "high", json_object_new_int64(ps->high));
+        json_object_object_add(o, "committed",
+                               ps->committed >= 0 ? json_object_new_int64(ps->committed) : NULL);
+        json_object_object_add(o, "lag", json_object_new_int64(part_lag(ps)));
+        json_object_object_add(o, "rows", json_object_new_int64(ps->rows));
+        json_object_object_add(o, "verified", json_object_new_int64(ps->verified));
+        json_object_object_add(o, "expired", json_object_new_int64(ps->expired));
+        json_object_object_add(o, "messages", json_object_new_int64(ps->messages));
+        json_object_array_add(parts, o);
+        lag += part_lag(ps);
+    }
+    json_object_object_add(s3, "lag", json_object_new_int64(lag));
+    json_object_object_add(s3, "partitions", parts);
+    for (int c = C_UNHANDLED; c < C_COUNT; c++)
+        json_object_object_add(s3, a->cats[c].key, cat_json(&a->cats[c]));
+    json_object_object_add(stages, "kafka_consumer", s3);
+    json_object_object_add(root, "stages", stages);
+    return root;
+}
+
+static void human_cat(const struct cat *k, FILE *out)
+{
+    fprintf(out, "  %-66s %" PRId64 "%s\n", k->title, k->count,
+            k->count && k->missing ? "  <-- MISSING" : "");
+    size_t n = json_object_array_length(k->items);
+    for (size_t i = 0; i < n && i < AUDIT_HUMAN_DETAILS; i++) {
+        json_object *d = NULL;
+        json_object_object_get_ex(json_object_array_get_idx(k->items, i), "detail", &d);
+        fprintf(out, "    - %s\n", json_object_get_string(d));
+    }
+    if (k->count > AUDIT_HUMAN_DETAILS)
+        fprintf(out, "    ... %" PRId64 " more (--json lists up to %d)\n",
+                k->count - AUDIT_HUMAN_DETAILS, AUDIT_LIST_MAX);
+}
+
+static void report_human(const struct audit_ctx *a, FILE *out)
+{
+    fprintf(out, "audit of %s%s%s%s: topic %s (%d partitions), DLQ %s, group %s, grace %" PRId64
+            " ms\n",
+            a->opts->event_id ? "event " : "all events", a->opts->event_id ? a->opts->event_id : "",
+            a->opts->since ? ", since " : "", a->opts->since ? a->opts->since : "", a->cfg->topic,
+            a->nparts, a->cfg->dlq_topic, a->cfg->consumer_group, a->cfg->audit_grace_ms);
+    fprintf(out, "\nstage 1: applications <-> outbox\n");
+    fprintf(out, "  %-66s %" PRId64 "\n", "applications", a->applications);
+    fprintf(out, "  %-66s %" PRId64 "\n", "outbox rows", a->outbox_rows);
+    human_cat(&a->cats[C_WITHOUT_OUTBOX], out);
+    human_cat(&a->cats[C_OUTBOX_ORPHAN], out);
+
+    int64_t verified = 0, messages = 0, lag = 0;
+    for (int p = 0; p < a->nparts; p++) {
+        verified += a->parts[p].verified;
+        messages += a->parts[p].messages;
+        lag += part_lag(&a->parts[p]);
+    }
+    fprintf(out, "\nstage 2: outbox <-> kafka\n");
+    fprintf(out, "  %-66s %" PRId64 "\n", "published rows", a->outbox_published);
+    fprintf(out, "  %-66s %" PRId64 "\n", "verified (ce_id found at the recorded offset)", verified);
+    fprintf(out, "  %-66s %" PRId64 "\n", "topic messages read", messages);
+    fprintf(out, "  %-66s %" PRId64 "\n", "unpublished within the grace window", a->in_grace);
+    for (int c = C_UNPUBLISHED; c <= C_EXPIRED; c++) human_cat(&a->cats[c], out);
+
+    fprintf(out, "\nstage 3: kafka <-> consumer (group %s)\n", a->cfg->consumer_group);
+    fprintf(out, "  %9s %12s %12s %12s %10s\n", "partition", "low", "high", "committed", "lag");
+    for (int p = 0; p < a->nparts; p++) {
+        const struct part_stat *ps = &a->parts[p];
+        char committed[24];
+        if (ps->committed >= 0)
+            snprintf(committed, sizeof committed, "%" PRId64, ps->committed);
+        else
+            snprintf(committed, sizeof committed, "-");
+        fprintf(out, "  %9d %12" PRId64 " %12" PRId64 " %12s %10" PRId64 "\n", p, ps->low,
+                ps->high, committed, part_lag(ps));
+    }
+    fprintf(out, "  %-66s %" PRId64 "\n", "total lag (messages)", lag);
+    fprintf(out, "  %-66s %" PRId64 "\n", "processed, every effect done", a->processed);
+    fprintf(out, "  %-66s %" PRId64 "\n", "pending (at or above the committed offset)", a->pending);
+    for (int c = C_UNHANDLED; c < C_COUNT; c++) human_cat(&a->cats[c], out);
+    fputc('\n', out);
+    verdict_line(a, out);
+}
+
+/* ------------------------------------------------------------------ the run */
+
+int audit_run(const struct cfg *cfg, const char *brokers, const struct audit_opts *opts,
+              FILE *human_out, json_object **json_out, char *err, size_t errlen)
+{
+    struct audit_ctx a;
+    memset(&a, 0, sizeof a);
+    a.cfg = cfg;
+    a.opts = opts;
+    a.err = err;
+    a.errlen = errlen;
+    a.since_ms = -1;
+    for (int c = 0; c < C_COUNT; c++) {
+        a.cats[c] = cat_template[c];
+        a.cats[c].items = json_object_new_array();
+    }
+    a.missing_ids = json_object_new_array();
+    const char *params[2] = {opts->event_id, opts->since};
+    int ret = -1;
+    int64_t *committed = NULL;
+    uint64_t started = (uint64_t)now_ms();
+
+    if (opts->event_id && !validate_event_id(opts->event_id, strlen(opts->event_id))) {
+        set_err(err, errlen, "bad event id (1-64 characters of [A-Za-z0-9._-])");
+        ret = -2;
+        goto out;
+    }
+    if (!brokers || !*brokers) {
+        set_err(err, errlen, "no Kafka brokers to read the topic from");
+        goto out;
+    }
+    if (!(a.db = audit__pg_connect(cfg, "ticketd-audit", err, errlen))) goto out;
+    if (opts->since) {
+        const char *p1[1] = {opts->since};
+        PGresult *r = PQexecParams(a.db, "SELECT (extract(epoch FROM $1::timestamptz) * 1000)::bigint",
+                                   1, NULL, p1, NULL, NULL, 0);
+        if (PQresultStatus(r) != PGRES_TUPLES_OK) {
+            char msg[200];
+            pg_message(PQresultErrorMessage(r), msg, sizeof msg);
+            set_err(err, errlen, "bad --since (a timestamp, e.g. 2026-11-26T19:00:00+09:00): %s",
+                    msg);
+            PQclear(r);
+            ret = -2;
+            goto out;
+        }
+        a.since_ms = to_i64(PQgetvalue(r, 0, 0), -1);
+        PQclear(r);
+    }
+    if (!(a.lookup = audit__pg_connect(cfg, "ticketd-audit-lookup", err, errlen))) goto out;
+    if (!(a.rk = audit__kafka_consumer(cfg, brokers, "ticketd-audit-reader", err, errlen)))
+        goto out;
+    if (!(a.group = audit__kafka_consumer(cfg, brokers, cfg->consumer_group, err, errlen)))
+        goto out;
+
+    a.nparts = audit__topic_partitions(a.rk, cfg->topic, err, errlen);
+    if (a.nparts < 0) goto out;
+    a.parts = calloc((size_t)a.nparts + 1, sizeof *a.parts);
+    committed = calloc((size_t)a.nparts + 1, sizeof *committed);
+    if (!a.parts || !committed) {
+        set_err(err, errlen, "out of memory");
+        goto out;
+    }
+    /* Order matters (audit.h): committed offsets, then the snapshot, then the watermarks. */
+    for (int p = 0; p < a.nparts; p++) committed[p] = -1;
+    if (audit__committed(a.group, cfg->topic, a.nparts, committed, err, errlen)) goto out;
+    for (int p = 0; p < a.nparts; p++) a.parts[p].committed = committed[p];
+
+    if (pg_cmd(a.db, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", err, errlen)) goto out;
+    if (pg_cmd(a.db, "SET LOCAL work_mem = '64MB'", err, errlen)) goto out;
+    if (stage1(&a, params)) goto out;
+    if (stage2_unpublished(&a, params)) goto out;
+    for (int p = 0; p < a.nparts; p++)
+        if (audit__watermarks(a.rk, cfg->topic, p, &a.parts[p].low, &a.parts[p].high, err, errlen))
+            goto out;
+    if (stage2_merge(&a, params)) goto out;
+    if (pg_cmd(a.db, "COMMIT", err, errlen)) goto out;
+    if (stage3_dlq_topic(&a)) goto out;
+    stage3_settle(&a);
+
+    log_info("audit", "event=audit_done applications=%" PRId64 " missing=%" PRId64
+             " elapsed_ms=%" PRIu64, a.applications, a.missing, (uint64_t)now_ms() - started);
+    if (human_out) report_human(&a, human_out);
+    if (json_out) *json_out = report_json(&a);
+    ret = a.missing > INT32_MAX ? INT32_MAX : (int)a.missing;
+out:
+    free(committed);
+    free(a.parts);
+    free(a.unh);
+    free(a.distinct.slots);
+    for (int c = 0; c < C_COUNT; c++) json_object_put(a.cats[c].items);
+    json_object_put(a.missing_ids);
+    if (a.rk) {
+        rd_kafka_consumer_close(a.rk);
+        rd_kafka_destroy(a.rk);
+    }
+    if (a.group) rd_kafka_destroy(a.group);
+    PQfinish(a.lookup);
+    PQfinish(a.db);
+    return ret;
+}
+
+/* ------------------------------------------------------------------ CLI */
+
+static void audit_usage(FILE *out)
+{
+    fprintf(out,
+            "usage: ticketd audit [--event-id E] [--since T] [--json] [settings flags]\n"
+            "  Reconciles applications, outbox rows, the topic (KAFKA_BROKERS), the consumer\n"
+            "  group's committed offsets, processed events, effects and the DLQ.\n"
+            "  --event-id E  only the applications of show E\n"
+            "  --since T     only applications created at or after T (a timestamp)\n"
+            "  --json        the report as JSON (the same as GET /admin/audit)\n"
+            "  exit status: 0 nothing missing, 1 something missing, 2 error\n");
+}
+
+/* Takes "--name value" / "--name=value" at argv[*i]; true when it matched. */
+static bool take_flag(int argc, char **argv, int *i, const char *name, const char **value,
+                      bool *bad)
+{
+    size_t n = strlen(name);
+    const char *arg = argv[*i];
+    if (strncmp(arg, name, n) != 0) return false;
+    if (arg[n] == '=') {
+        *value = arg + n + 1;
+        return true;
+    }
+    if (arg[n] != '\0') return false;
+    if (*i + 1 >= argc) {
+        fprintf(stderr, "ticketd: %s needs a value\n", name);
+        *bad = true;
+        return true;
+    }
+    *value = argv[++*i];
+    return true;
+}
+
+int audit_main(struct cfg *loaded, int argc, char **argv)
+{
+    (void)loaded; /* reloaded below, with the settings flags that follow our own */
+    struct audit_opts opts = {0};
+    bool json = false, bad = false;
+    char **rest = calloc((size_t)argc + 1, sizeof *rest);
+    if (!rest) return 2;
+    int nrest = 0;
+    rest[nrest++] = "audit";
+    for (int i = 0; i < argc && !bad; i++) {
+        if (take_flag(argc, argv, &i, "--event-id", &opts.event_id, &bad)) continue;
+        if (take_flag(argc, argv, &i, "--since", &opts.since, &bad)) continue;
+        if (strcmp(argv[i], "--json") == 0) {
+            json = true;
+            continue;
+        }
+        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
+            audit_usage(stdout);
+            free(rest);
+            return 0;
+        }
+        rest[nrest++] = argv[i];
+    }
+    if (bad) {
+        free(rest);
+        return 2;
+    }
+    struct cfg cfg;
+    int argi = 1;
+    int r = cfg_load(&cfg, nrest, rest, &argi);
+    if (r != 0) {
+        free(rest);
+        return r > 0 ? 0 : 2;
+    }
+    int status = 2;
+    if (argi < nrest) {
+        fprintf(stderr, "ticketd audit: unexpected argument %s\n", rest[argi]);
+        audit_usage(stderr);
+        goto out;
+    }
+    log_set_level(cfg.log_level);
+    if (!cfg.kafka_brokers || !*cfg.kafka_brokers) {
+        fprintf(stderr,
+                "ticketd audit: KAFKA_BROKERS is empty. The embedded mock cluster lives inside the\n"
+                "serving process, so this command cannot reach it: run the mock standalone with\n"
+                "`ticketd kafka-mock` and point both `ticketd serve` and this command at its\n"
+                "bootstrap address (KAFKA_BROKERS=...), or ask the running service:\n"
+                "  curl -H \"Authorization: Bearer $ADMIN_TOKEN\" http://HOST:PORT/admin/audit\n");
+        goto out;
+    }
+    json_object *report = NULL;
+    char err[512] = "";
+    r = audit_run(&cfg, cfg.kafka_brokers, &opts, json ? NULL : stdout, json ? &report : NULL, err,
+                  sizeof err);
+    if (r < 0) {
+        fprintf(stderr, "ticketd audit: error: %s\n", err);
+        goto out;
+    }
+    if (json) {
+        fprintf(stdout, "%s\n", json_object_to_json_string_ext(report, JSON_C_TO_STRING_PRETTY |
+                                                                       JSON_C_TO_STRING_NOSLASHESCAPE));
+        json_object_put(report);
+    }
+    fflush(stdout);
+    status = r > 0 ? 1 : 0;
+out:
+    cfg_free(&cfg);
+    free(rest);
+    return status;
+}
+
+/* ------------------------------------------------------------------ HTTP */
+
+struct audit_job {
+    const struct cfg *cfg;
+    char *brokers;
+    struct audit_opts opts;
+    char event_id[EVENT_ID_MAX_CHARS + 1];
+    char since[64];
+};
+
+static char *error_body(const char *code, const char *message)
+{
+    json_object *o = json_object_new_object();
+    json_object_object_add(o, "error", json_object_new_string(code));
+    json_object_object_add(o, "message", json_object_new_string(message));
+    char *s = strdup(json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN));
+    json_object_put(o);
+    return s;
+}
+
+static int audit_job_run(void *arg, char **body)
+{
+    struct audit_job *job = arg;
+    json_object *report = NULL;
+    char err[512] = "";
+    int r = audit_run(job->cfg, job->brokers, &job->opts, NULL, &report, err, sizeof err);
+    if (r < 0) {
+        log_warn("audit", "event=audit_failed error=\"%s\"", err);
+        *body = error_body(r == -2 ? "bad_request" : "audit_failed", err);
+        return r == -2 ? 400 : 503;
+    }
+    *body = strdup(json_object_to_json_string_ext(report, JSON_C_TO_STRING_PLAIN |
+                                                              JSON_C_TO_STRING_NOSLASHESCAPE));
+    json_object_put(report);
+    return 200;
+}
+
+static void audit_job_free(void *arg)
+{
+    struct audit_job *job = arg;
+    free(job->brokers);
+    free(job);
+}
+
+/* Whether key appears in the query at all (api_query_param's -1 means absent or too long). */
+static bool query_has(const char *query, const char *key)
+{
+    size_t n = strlen(key);
+    for (const char *p = query; p && *p;) {
+        if (strncmp(p, key, n) == 0 && (p[n] == '=' || p[n] == '&' || p[n] == '\0')) return true;
+        p = strchr(p, '&');
+        if (p) p++;
+    }
+    return false;
+}
+
+void audit_handle_http(struct app *app, struct http_request *req)
+{
+    if (!api_admin_authorized(app, req)) return;
+    struct audit_job *job = calloc(1, sizeof *job);
+    if (!job) {
+        api_respond_error(req, 503, "unavailable", "out of memory", NULL);
+        return;
+    }
+    const char *q = req->query ? req->query : "";
+    int n = api_query_param(q, "event_id", job->event_id, sizeof job->event_id);
+    if (n > 0) {
+        if (!validate_event_id(job->event_id, (size_t)n)) goto bad_event;
+        job->opts.event_id = job->event_id;
+    } else if (query_has(q, "event_id") && n < 0) {
+        goto bad_event;
+    }
+    n = api_query_param(q, "since", job->since, sizeof job->since);
+    if (n > 0) {
+        job->opts.since = job->since;
+    } else if (query_has(q, "since") && n < 0) {
+        api_respond_error(req, 400, "bad_request", "since: a timestamp, at most 63 bytes", NULL);
+        free(job);
+        return;
+    }
+    if (!app->kafka_brokers || !*app->kafka_brokers) {
+        api_respond_error(req, 503, "unavailable", "no Kafka brokers known yet", NULL);
+        free(job);
+        return;
+    }
+    job->cfg = app->cfg;
+    job->brokers = strdup(app->kafka_brokers);
+    if (!job->brokers) {
+        api_respond_error(req, 503, "unavailable", "out of memory", NULL);
+        free(job);
+        return;
+    }
+    api_run_blocking(app, req, audit_job_run, job, audit_job_free);
+    return;
+bad_event:
+    api_respond_error(req, 400, "bad_request", "event_id: 1-64 characters of [A-Za-z0-9._-]",
+                      NULL);
+    free(job);
+}

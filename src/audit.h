@@ -1,0 +1,125 @@
+/* audit (audit_): proves that no application went missing, stage by stage.
+ *
+ *   1. applications <-> outbox: every application has its outbox row, and every outbox row
+ *      its application (anti-joins);
+ *   2. outbox <-> Kafka: every outbox row older than AUDIT_GRACE is published, and the
+ *      message at its recorded (partition, offset) carries its ce_id. A merge join: the
+ *      published rows stream from a server-side cursor ordered by (partition, offset) while
+ *      each partition of the topic is read once, from its low to its high watermark.
+ *      Messages at no row's position whose ce_id is in no outbox row are "orphans". Rows
+ *      below a partition's low watermark are "expired" (deleted by retention; the DB's
+ *      acknowledgement is the evidence), counted apart, not missing;
+ *   3. Kafka <-> consumer: the group's committed offsets (read with a handle that carries the
+ *      group id but never subscribes, so it never joins the group); every event below the
+ *      committed offset is processed (and every event_effects row of it done) or
+ *      dead-lettered; an event still sitting in the DLQ (not replayed) is named too; the lag
+ *      per partition (high watermark - committed) is shown.
+ *
+ * Consistency on a live system: committed offsets are read first, then the DB snapshot is
+ * taken (one REPEATABLE READ transaction for every stage), then the watermarks; so each row
+ * in the snapshot was acknowledged below the watermark read, and each event the group had
+ * committed past was already recorded as processed or dead-lettered in the snapshot.
+ *
+ * Memory is bounded whatever the size: counts are exact, the lists of ids are capped at
+ * AUDIT_LIST_MAX per category ("truncated" says when).
+ *
+ * Blocking code (sync libpq, rdkafka): the CLI calls it directly; the HTTP handlers run it
+ * on libuv's thread pool through api_run_blocking, never on the loop. */
+#ifndef TICKETD_AUDIT_H
+#define TICKETD_AUDIT_H
+
+#include <json-c/json.h>
+#include <libpq-fe.h>
+#include <librdkafka/rdkafka.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "config.h"
+
+struct app;
+struct http_request;
+
+#define AUDIT_LIST_MAX 1000          /* ids listed per category (counts stay exact) */
+
+struct audit_opts {
+    const char *event_id;   /* the show (applications.event_id); NULL = all */
+    const char *since;      /* timestamptz text: applications/rows created at or after; NULL = all */
+};
+
+/* Runs the three stages against cfg->database_url and brokers (bootstrap.servers; plus
+ * cfg->kafka_config). The report goes to human_out (when not NULL: per-stage counts, the ids
+ * missing at each, the lag per partition, then the verdict line `complete: N applications,
+ * 0 missing` or `incomplete: N applications, K missing: <application ids>`), and to
+ * *json_out (when not NULL; the caller owns the object). K counts distinct applications (an
+ * application failing at two stages counts once; each category keeps its own exact count).
+ * Returns K (0 = nothing missing); -1 on error with a message in err (DB or Kafka
+ * unreachable or failing); -2 on bad options (event id, --since), message in err. */
+int audit_run(const struct cfg *cfg, const char *brokers, const struct audit_opts *opts,
+              FILE *human_out, json_object **json_out, char *err, size_t errlen);
+
+/* `ticketd audit [--event-id E] [--since T] [--json] [settings flags]`: a main.c command
+ * (parse_flags false; argv holds the arguments after "audit"). It takes its own flags out,
+ * then loads the configuration again from the environment and the remaining settings
+ * flags (`loaded` is not used). Exit status: 0 nothing missing, 1 something missing, 2 error. */
+int audit_main(struct cfg *loaded, int argc, char **argv);
+
+/* GET /admin/audit?event_id=&since= : checks the admin token, then runs the audit on the
+ * thread pool against app->kafka_brokers; 200 with the JSON report (complete or not), 400 on
+ * a bad parameter, 503 when the DB or Kafka cannot be read. */
+void audit_handle_http(struct app *app, struct http_request *req);
+
+/* ---- shared with trace.c (cross-file internals, not for other modules) ---------------- */
+/* Blocking connection for the admin tools (connect_timeout 10 s unless the URL says
+ * otherwise). NULL with err filled on failure. */
+PGconn *audit__pg_connect(const struct cfg *cfg, const char *application_name, char *err,
+                          size_t errlen);
+/* PQexecParams that checks the status (PGRES_COMMAND_OK or PGRES_TUPLES_OK); NULL with err
+ * filled (the SQL's first words and the server's message) on failure. */
+PGresult *audit__pg_exec(PGconn *c, const char *sql, int nparams, const char *const *params,
+                         char *err, size_t errlen);
+
+/* A consumer for reading topics by assign() (never subscribe: it never joins a group) and
+ * for committed() of `group`; tuned for sequential throughput with bounded prefetch. */
+rd_kafka_t *audit__kafka_consumer(const struct cfg *cfg, const char *brokers, const char *group,
+                                  char *err, size_t errlen);
+/* Partition count of topic, 0 when the topic does not exist, -1 on error. */
+int audit__topic_partitions(rd_kafka_t *rk, const char *topic, char *err, size_t errlen);
+/* Low and high watermarks; 0 or -1 with err. */
+int audit__watermarks(rd_kafka_t *rk, const char *topic, int32_t partition, int64_t *low,
+                      int64_t *high, char *err, size_t errlen);
+/* Committed offsets of rk's group for partitions 0..n-1 into out (-1 = none); 0 or -1. */
+int audit__committed(rd_kafka_t *rk, const char *topic, int n, int64_t *out, char *err,
+                     size_t errlen);
+
+/* Sequential reader of one partition from `start` up to (not including) `high`. */
+struct audit__reader {
+    rd_kafka_t *rk;
+    rd_kafka_queue_t *queue;
+    const char *topic;
+    int32_t partition;
+    int64_t next;       /* offset expected next */
+    int64_t low;        /* log start; moves up if retention deletes while reading */
+    int64_t high;       /* stop here (the watermark read before) */
+    rd_kafka_message_t *batch[512];
+    int nbatch, ibatch;
+    bool eof;
+};
+int audit__reader_open(struct audit__reader *r, rd_kafka_t *rk, const char *topic,
+                       int32_t partition, int64_t start, int64_t low, int64_t high, char *err,
+                       size_t errlen);
+/* 1 and *msg (destroy it with rd_kafka_message_destroy) | 0 at the end | -1 with err. */
+int audit__reader_next(struct audit__reader *r, rd_kafka_message_t **msg, char *err,
+                       size_t errlen);
+void audit__reader_close(struct audit__reader *r);
+
+/* The value of header `name` copied into out as a string ("" when absent); true if present. */
+bool audit__header(const rd_kafka_message_t *m, const char *name, char *out, size_t outlen);
+/* The key as printable text (non-printable bytes as '?', cut to outlen-1). */
+void audit__key(const rd_kafka_message_t *m, char *out, size_t outlen);
+/* Milliseconds since the epoch as RFC 3339 UTC ("2026-11-26T19:40:00.123Z"). */
+void audit__format_ms(int64_t ms, char *out, size_t outlen);
+/* true when s is a canonical textual UUID (36 chars, hex and dashes). */
+bool audit__is_uuid(const char *s);
+
+#endif

@@ -1,0 +1,62 @@
+/* consumer (consumer_): the group consumer of the TicketApplied topic, on the loop.
+ *
+ * Guarantee: a partition's committed offset moves past an event only when its effects
+ * committed (effects.h) or it was produced to the DLQ, acknowledged by the broker and
+ * mirrored in dead_letters. No error path commits anything else.
+ *
+ * - rdkafka consumer in group CONSUMER_GROUP, enable.auto.commit=false,
+ *   enable.auto.offset.store=false; its queue is bridged into the loop (kafka_bridge) and
+ *   drained with rd_kafka_consumer_poll(rk, 0); rebalance and commit callbacks run there too.
+ * - Per partition one event at a time, in offset order; events already fetched wait in a
+ *   per-partition FIFO (the partition is paused while that FIFO is long). Other partitions
+ *   keep flowing while one is retrying.
+ * - A failed run is retried up to RETRY_MAX_ATTEMPTS attempts in all, RETRY_BACKOFF apart
+ *   (doubling with +-25% jitter with RETRY_EXPONENTIAL): the partition is paused, a timer
+ *   retries, then it is resumed. After the last attempt the original key, value and headers
+ *   plus dlq_* headers (ARCHITECTURE.md) go to the DLQ topic through an idempotent acks=all
+ *   producer; on its delivery report the dead_letters row is inserted (retried until it
+ *   is), and only then the offset may move. An event that cannot be parsed goes to the DLQ
+ *   at once (error class "unparseable"); its dead_letters.event_id is its ce_id if that is a
+ *   UUID, else md5(topic/partition/offset) as a UUID.
+ * - Offsets are committed asynchronously (rd_kafka_commit with an explicit list), at most
+ *   every 200 ms, for partitions whose next committable offset (last finished + 1) moved.
+ * - Rebalance (eager or cooperative): on revoke, the partition stops handing out work, its
+ *   finished offset is committed, its queued messages are dropped (the next owner reads
+ *   them again), then the partitions are unassigned. A run still in flight finishes but
+ *   commits nothing; the next owner redoes it idempotently.
+ * - "Offset out of range" is never silent: auto.offset.reset=error, and the resulting
+ *   RD_KAFKA_RESP_ERR__AUTO_OFFSET_RESET is logged at error level, counted in
+ *   ticketd_consumer_offset_out_of_range_total{partition}, then the partition is explicitly
+ *   seeked to the log start (the events below it are gone; the audit names them). A group's
+ *   first start (no committed offset) also comes this way and is logged at info level only.
+ *
+ * Metrics: ticketd_consumer_processed_total, ticketd_consumer_retries_total,
+ * ticketd_dlq_produced_total, ticketd_sink_failures_total{effect},
+ * ticketd_consumer_offset_out_of_range_total{partition}, ticketd_consumer_lag{partition}
+ * (collector: high watermark - next offset to handle),
+ * ticketd_consumer_publish_to_processed_seconds (message timestamp -> effects done). */
+#ifndef TICKETD_CONSUMER_H
+#define TICKETD_CONSUMER_H
+
+#include <stdbool.h>
+#include <uv.h>
+
+#include "config.h"
+
+struct consumer;
+
+/* Creates the consumer (its own DB pool, HTTP client and DLQ producer) and subscribes to
+ * cfg->topic. Returns 0 or -errno / -1 (logged). cfg and brokers must outlive it. */
+int consumer_start(struct consumer **out, uv_loop_t *loop, const struct cfg *cfg,
+                   const char *brokers);
+
+/* Graceful stop: hands out no new work, waits (up to SHUTDOWN_GRACE, at most 10 s) for runs
+ * and DLQ deliveries in flight, commits the finished offsets, closes the consumer
+ * asynchronously (rd_kafka_consumer_close_queue, served on the loop; bounded), destroys the
+ * rdkafka handles on the thread pool, then calls done(ud) and frees c. */
+void consumer_close(struct consumer *c, void (*done)(void *ud), void *ud);
+
+/* true once the group was joined (the first assignment, possibly empty, arrived). */
+bool consumer_ready(const struct consumer *c);
+
+#endif

@@ -1,0 +1,800 @@
+/* dlq: list and replay dead letters (see dlq.h). Blocking code: CLI or thread pool only. */
+#include "dlq.h"
+
+#include <inttypes.h>
+#include <libpq-fe.h>
+#include <librdkafka/rdkafka.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "api.h"
+#include "app.h"
+#include "effects.h"
+#include "http_server.h"
+#include "kafka_common.h"
+#include "log.h"
+#include "validate.h"
+
+#define KAFKA_TIMEOUT_MS 5000
+#define VALUE_SHOWN_MAX 4096
+#define FLUSH_TIMEOUT_MS 30000
+
+/* ---- reading the DLQ topic ---- */
+
+typedef void (*visit_fn)(void *ud, const rd_kafka_message_t *m);
+
+static int64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static rd_kafka_t *new_client(const struct cfg *cfg, const char *brokers, rd_kafka_type_t type,
+                              const char *const *kv, size_t n, char *err, size_t errlen)
+{
+    rd_kafka_conf_t *conf = kafka_conf_new(brokers, cfg->kafka_config, err, errlen);
+    if (!conf) return NULL;
+    for (size_t i = 0; i + 1 < n; i += 2) {
+        if (rd_kafka_conf_set(conf, kv[i], kv[i + 1], err, errlen) != RD_KAFKA_CONF_OK) {
+            rd_kafka_conf_destroy(conf);
+            return NULL;
+        }
+    }
+    rd_kafka_t *rk = rd_kafka_new(type, conf, err, errlen);
+    if (!rk) rd_kafka_conf_destroy(conf);
+    return rk;
+}
+
+/* Calls visit for every message of the DLQ topic below the high watermarks read at the
+ * start. Returns 0, or -1 with err. */
+static int read_dlq(const struct cfg *cfg, const char *brokers, visit_fn visit, void *ud,
+                    char *err, size_t errlen)
+{
+    char group[96];
+    snprintf(group, sizeof group, "ticketd-dlq-reader-%d", (int)getpid());
+    const char *kv[] = {"group.id", group, "enable.auto.commit", "false",
+                        "enable.auto.offset.store", "false", "auto.offset.reset", "earliest",
+                        "enable.partition.eof", "true", "client.id", "ticketd-dlq-reader"};
+    rd_kafka_t *rk = new_client(cfg, brokers, RD_KAFKA_CONSUMER, kv, sizeof kv / sizeof *kv,
+                                err, errlen);
+    if (!rk) return -1;
+
+    int rc = -1;
+    int64_t *high = NULL;
+    bool *done = NULL;
+    int nparts = 0;
+    rd_kafka_topic_partition_list_t *assign = NULL;
+    const struct rd_kafka_metadata *md = NULL;
+    rd_kafka_topic_t *rkt = rd_kafka_topic_new(rk, cfg->dlq_topic, NULL);
+    rd_kafka_resp_err_t e = rkt ? rd_kafka_metadata(rk, 0, rkt, &md, KAFKA_TIMEOUT_MS)
+                                : rd_kafka_last_error();
+    if (e) {
+        snprintf(err, errlen, "Kafka metadata of %s: %s", cfg->dlq_topic, rd_kafka_err2str(e));
+        goto out;
+    }
+    if (md->topic_cnt != 1 || md->topics[0].err) {
+        rd_kafka_resp_err_t te = md->topic_cnt == 1 ? md->topics[0].err
+                                                    : RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART;
+        if (te == RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART) {
+            rc = 0; /* no DLQ topic yet: no dead letters */
+            goto out;
+        }
+        snprintf(err, errlen, "Kafka metadata of %s: %s", cfg->dlq_topic, rd_kafka_err2str(te));
+        goto out;
+    }
+    nparts = md->topics[0].partition_cnt;
+    high = calloc((size_t)nparts + 1, sizeof *high);
+    done = calloc((size_t)nparts + 1, sizeof *done);
+    assign = rd_kafka_topic_partition_list_new(nparts > 0 ? nparts : 1);
+    if (!high || !done) {
+        snprintf(err, errlen, "out of memory");
+        goto out;
+    }
+    int pending = 0;
+    for (int i = 0; i < nparts; i++) {
+        int32_t p = md->topics[0].partitions[i].id;
+        int64_t lo = 0, hi = 0;
+        if (p < 0 || p >= nparts) continue;
+        e = rd_kafka_query_watermark_offsets(rk, cfg->dlq_topic, p, &lo, &hi, KAFKA_TIMEOUT_MS);
+        if (e) {
+            snprintf(err, errlen, "watermarks of %s [%d]: %s", cfg->dlq_topic, (int)p,
+                     rd_kafka_err2str(e));
+            goto out;
+        }
+        high[p] = hi;
+        if (hi > lo) {
+            rd_kafka_topic_partition_list_add(assign, cfg->dlq_topic, p)->offset = lo;
+            pending++;
+        } else {
+            done[p] = true;
+        }
+    }
+    if (pending == 0) {
+        rc = 0;
+        goto out;
+    }
+    e = rd_kafka_assign(rk, assign);
+    if (e) {
+        snprintf(err, errlen, "assign: %s", rd_kafka_err2str(e));
+        goto out;
+    }
+    int64_t deadline = mono_ms() + DLQ_READ_TIMEOUT_MS;
+    while (pending > 0) {
+        if (mono_ms() > deadline) {
+            snprintf(err, errlen, "timed out reading %s up to its high watermarks",
+                     cfg->dlq_topic);
+            goto out;
+        }
+        rd_kafka_message_t *m = rd_kafka_consumer_poll(rk, 200);
+        if (!m) continue;
+        int32_t p = m->partition;
+        bool valid = p >= 0 && p < nparts && !done[p];
+        if (m->err == RD_KAFKA_RESP_ERR__PARTITION_EOF) {
+            if (valid && m->offset >= high[p]) {
+                done[p] = true;
+                pending--;
+            }
+        } else if (m->err) {
+            log_warn("dlq", "event=read_error err=\"%s\"", rd_kafka_message_errstr(m));
+        } else if (valid) {
+            if (m->offset < high[p]) visit(ud, m);
+            if (m->offset + 1 >= high[p]) {
+                done[p] = true;
+                pending--;
+            }
+        }
+        rd_kafka_message_destroy(m);
+    }
+    rc = 0;
+out:
+    if (assign) rd_kafka_topic_partition_list_destroy(assign);
+    if (md) rd_kafka_metadata_destroy(md);
+    if (rkt) rd_kafka_topic_destroy(rkt);
+    free(high);
+    free(done);
+    rd_kafka_consumer_close(rk); /* never subscribed: no group to leave */
+    rd_kafka_destroy(rk);
+    return rc;
+}
+
+static bool header(const rd_kafka_message_t *m, const char *name, char *out, size_t outlen)
+{
+    rd_kafka_headers_t *h = NULL;
+    const void *v = NULL;
+    size_t len = 0;
+    out[0] = '\0';
+    if (rd_kafka_message_headers(m, &h) != RD_KAFKA_RESP_ERR_NO_ERROR || !h) return false;
+    if (rd_kafka_header_get_last(h, name, &v, &len) != RD_KAFKA_RESP_ERR_NO_ERROR || !v)
+        return false;
+    if (len >= outlen) len = outlen - 1;
+    memcpy(out, v, len);
+    out[len] = '\0';
+    return true;
+}
+
+/* A JSON string from bytes that may not be UTF-8: invalid or control bytes become '?'. */
+static json_object *safe_string(const char *s, size_t len)
+{
+    char *copy = malloc(len + 1);
+    if (!copy) return NULL;
+    memcpy(copy, s, len);
+    copy[len] = '\0';
+    if (validate_utf8_text(copy, len) < 0) {
+        for (size_t i = 0; i < len; i++)
+            if ((unsigned char)copy[i] < 0x20 || (unsigned char)copy[i] > 0x7e) copy[i] = '?';
+    }
+    json_object *o = json_object_new_string_len(copy, (int)len);
+    free(copy);
+    return o;
+}
+
+/* ---- dead_letters rows ---- */
+
+struct dl_row {
+    int32_t partition;
+    int64_t offset;
+    bool replayed;
+    char replayed_at[40];
+    char dead_lettered_at[40];
+};
+
+struct dl_rows {
+    struct dl_row *rows;
+    size_t n;
+};
+
+static PGconn *db_connect(const struct cfg *cfg, char *err, size_t errlen)
+{
+    PGconn *db = PQconnectdb(cfg->database_url);
+    if (PQstatus(db) != CONNECTION_OK) {
+        char msg[256];
+        log_quote(PQerrorMessage(db), msg, sizeof msg);
+        snprintf(err, errlen, "database unavailable: %s", msg);
+        PQfinish(db);
+        return NULL;
+    }
+    return db;
+}
+
+static int load_rows(PGconn *db, struct dl_rows *out, char *err, size_t errlen)
+{
+    PGresult *res = PQexec(db,
+                           "SELECT dlq_partition, dlq_offset, replayed_at IS NOT NULL,"
+                           " coalesce(to_char(replayed_at AT TIME ZONE 'UTC',"
+                           "   'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), ''),"
+                           " to_char(dead_lettered_at AT TIME ZONE 'UTC',"
+                           "   'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+                           " FROM dead_letters ORDER BY dlq_partition, dlq_offset, id");
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        snprintf(err, errlen, "reading dead_letters: %s", PQresultErrorMessage(res));
+        PQclear(res);
+        return -1;
+    }
+    size_t n = (size_t)PQntuples(res);
+    out->rows = calloc(n + 1, sizeof *out->rows);
+    out->n = 0;
+    if (!out->rows) {
+        PQclear(res);
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    for (size_t i = 0; i < n; i++) {
+        struct dl_row *r = &out->rows[out->n];
+        r->partition = (int32_t)strtol(PQgetvalue(res, (int)i, 0), NULL, 10);
+        r->offset = strtoll(PQgetvalue(res, (int)i, 1), NULL, 10);
+        /* duplicate (partition, offset) rows cannot be made by the consumer; keep the first */
+        if (out->n && out->rows[out->n - 1].partition == r->partition &&
+            out->rows[out->n - 1].offset == r->offset)
+            continue;
+        r->replayed = PQgetvalue(res, (int)i, 2)[0] == 't';
+        snprintf(r->replayed_at, sizeof r->replayed_at, "%s", PQgetvalue(res, (int)i, 3));
+        snprintf(r->dead_lettered_at, sizeof r->dead_lettered_at, "%s", PQgetvalue(res, (int)i, 4));
+        out->n++;
+    }
+    PQclear(res);
+    return 0;
+}
+
+static struct dl_row *find_row(const struct dl_rows *rows, int32_t partition, int64_t offset)
+{
+    size_t lo = 0, hi = rows->n;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        struct dl_row *r = &rows->rows[mid];
+        if (r->partition < partition || (r->partition == partition && r->offset < offset))
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if (lo < rows->n && rows->rows[lo].partition == partition && rows->rows[lo].offset == offset)
+        return &rows->rows[lo];
+    return NULL;
+}
+
+/* ---- list ---- */
+
+struct list_ctx {
+    struct dl_rows rows;
+    json_object *items;
+    size_t limit;
+    size_t count;
+};
+
+static json_object *int_or_null(const char *s)
+{
+    if (!*s) return NULL;
+    char *end;
+    long long v = strtoll(s, &end, 10);
+    return *end ? json_object_new_string(s) : json_object_new_int64(v);
+}
+
+static void list_visit(void *ud, const rd_kafka_message_t *m)
+{
+    struct list_ctx *ctx = ud;
+    ctx->count++;
+    if (json_object_array_length(ctx->items) >= ctx->limit) return;
+
+    char buf[1024];
+    json_object *o = json_object_new_object();
+    rd_kafka_timestamp_type_t tstype;
+    json_object_object_add(o, "dlq_partition", json_object_new_int(m->partition));
+    json_object_object_add(o, "dlq_offset", json_object_new_int64(m->offset));
+    json_object_object_add(o, "timestamp",
+                           json_object_new_int64(rd_kafka_message_timestamp(m, &tstype)));
+    json_object_object_add(o, "key", m->key ? safe_string(m->key, m->key_len) : NULL);
+    json_object_object_add(o, "event_id",
+                           header(m, CE_ID, buf, sizeof buf) ? json_object_new_string(buf) : NULL);
+    static const struct {
+        const char *header, *field;
+        bool numeric;
+    } fields[] = {
+        {"dlq_original_topic", "original_topic", false},
+        {"dlq_original_partition", "original_partition", true},
+        {"dlq_original_offset", "original_offset", true},
+        {"dlq_original_timestamp", "original_timestamp", true},
+        {"dlq_consumer_group", "consumer_group", false},
+        {"dlq_attempts", "attempts", true},
+        {"dlq_error_class", "error_class", false},
+        {"dlq_error_message", "error_message", false},
+    };
+    for (size_t i = 0; i < sizeof fields / sizeof *fields; i++) {
+        json_object *v = NULL;
+        if (header(m, fields[i].header, buf, sizeof buf))
+            v = fields[i].numeric ? int_or_null(buf) : safe_string(buf, strlen(buf));
+        json_object_object_add(o, fields[i].field, v);
+    }
+    struct dl_row *r = find_row(&ctx->rows, m->partition, m->offset);
+    json_object_object_add(o, "replayed", json_object_new_boolean(r && r->replayed));
+    json_object_object_add(o, "replayed_at",
+                           r && r->replayed ? json_object_new_string(r->replayed_at) : NULL);
+    json_object_object_add(o, "dead_lettered_at",
+                           r ? json_object_new_string(r->dead_lettered_at) : NULL);
+    size_t shown = m->len > VALUE_SHOWN_MAX ? VALUE_SHOWN_MAX : m->len;
+    json_object_object_add(o, "value", m->payload ? safe_string(m->payload, shown) : NULL);
+    if (shown < m->len) json_object_object_add(o, "value_truncated", json_object_new_boolean(1));
+    json_object_array_add(ctx->items, o);
+}
+
+int dlq_list(const struct cfg *cfg, const char *brokers, size_t limit, json_object **out,
+             char *err, size_t errlen)
+{
+    struct list_ctx ctx = {.limit = limit};
+    PGconn *db = db_connect(cfg, err, errlen);
+    if (!db) return -1;
+    int rc = load_rows(db, &ctx.rows, err, errlen);
+    PQfinish(db);
+    if (rc != 0) return -1;
+    ctx.items = json_object_new_array();
+    rc = read_dlq(cfg, brokers, list_visit, &ctx, err, errlen);
+    free(ctx.rows.rows);
+    if (rc != 0) {
+        json_object_put(ctx.items);
+        return -1;
+    }
+    json_object *o = json_object_new_object();
+    json_object_object_add(o, "count", json_object_new_int64((int64_t)ctx.count));
+    json_object_object_add(o, "truncated", json_object_new_boolean(ctx.count > limit));
+    json_object_object_add(o, "dead_letters", ctx.items);
+    *out = o;
+    return 0;
+}
+
+/* ---- replay ---- */
+
+enum rec_state { REC_PENDING, REC_DELIVERED, REC_FAILED };
+
+struct replay_rec {
+    struct replay_rec *next;
+    struct replay_rec *primary;  /* a second dead letter of an event replayed in this run */
+    enum rec_state state;
+    int32_t dlq_partition;
+    int64_t dlq_offset;
+    bool has_row;
+    char event_id[UUID_STR_LEN + 1];
+    char src_topic[256];
+    char src_partition[16], src_offset[24], attempts[16];
+    char error_class[64];
+    char error_message[1024];
+};
+
+struct replay_ctx {
+    const struct cfg *cfg;
+    const char *event_id;       /* filter, or NULL */
+    struct dl_rows rows;
+    rd_kafka_t *producer;
+    struct replay_rec *recs;
+    long skipped;
+    long failed;
+    char err[256];
+};
+
+static struct replay_rec *find_replayed(struct replay_ctx *ctx, const char *event_id)
+{
+    for (struct replay_rec *r = ctx->recs; r; r = r->next)
+        if (!r->primary && strcmp(r->event_id, event_id) == 0) return r;
+    return NULL;
+}
+
+static void replay_dr(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque)
+{
+    struct replay_rec *r = m->_private;
+    if (!r) return;
+    r->state = m->err ? REC_FAILED : REC_DELIVERED;
+    if (m->err)
+        log_error("dlq", "event=replay_delivery_failed dlq_partition=%" PRId32
+                  " dlq_offset=%" PRId64 " err=\"%s\"", r->dlq_partition, r->dlq_offset,
+                  rd_kafka_err2str(m->err));
+}
+
+static void replay_visit(void *ud, const rd_kafka_message_t *m)
+{
+    struct replay_ctx *ctx = ud;
+    char ce_id[128];
+    bool has_id = header(m, CE_ID, ce_id, sizeof ce_id);
+
+    if (ctx->event_id && (!has_id || strcasecmp(ce_id, ctx->event_id) != 0)) return;
+
+    struct dl_row *row = find_row(&ctx->rows, m->partition, m->offset);
+    if (row && row->replayed) {
+        ctx->skipped++;
+        return;
+    }
+    struct replay_rec *r = calloc(1, sizeof *r);
+    if (!r) {
+        ctx->failed++;
+        return;
+    }
+    r->dlq_partition = m->partition;
+    r->dlq_offset = m->offset;
+    r->has_row = row != NULL;
+    if (has_id && effects_is_uuid(ce_id, strlen(ce_id)))
+        memcpy(r->event_id, ce_id, UUID_STR_LEN + 1);
+    if (!header(m, "dlq_original_topic", r->src_topic, sizeof r->src_topic) || !r->src_topic[0])
+        snprintf(r->src_topic, sizeof r->src_topic, "%s", ctx->cfg->topic);
+    if (!header(m, "dlq_original_partition", r->src_partition, sizeof r->src_partition))
+        snprintf(r->src_partition, sizeof r->src_partition, "-1");
+    if (!header(m, "dlq_original_offset", r->src_offset, sizeof r->src_offset))
+        snprintf(r->src_offset, sizeof r->src_offset, "-1");
+    if (!header(m, "dlq_attempts", r->attempts, sizeof r->attempts))
+        snprintf(r->attempts, sizeof r->attempts, "0");
+    header(m, "dlq_error_class", r->error_class, sizeof r->error_class);
+    header(m, "dlq_error_message", r->error_message, sizeof r->error_message);
+
+    if (strcmp(r->error_class, "unparseable") == 0 || !r->event_id[0]) {
+        /* handling it again cannot succeed */
+        free(r);
+        ctx->skipped++;
+        return;
+    }
+    struct replay_rec *first = find_replayed(ctx, r->event_id);
+    r->next = ctx->recs;
+    ctx->recs = r;
+    if (first) {
+        r->primary = first; /* marked replayed with it, not produced twice */
+        ctx->skipped++;
+        return;
+    }
+
+    rd_kafka_headers_t *orig = NULL, *h;
+    h = rd_kafka_message_headers(m, &orig) == RD_KAFKA_RESP_ERR_NO_ERROR && orig
+            ? rd_kafka_headers_copy(orig)
+            : rd_kafka_headers_new(4);
+    static const char *const dlq_names[] = {
+        "dlq_original_topic", "dlq_original_partition", "dlq_original_offset",
+        "dlq_original_timestamp", "dlq_consumer_group", "dlq_attempts",
+        "dlq_error_class", "dlq_error_message",
+    };
+    for (size_t i = 0; i < sizeof dlq_names / sizeof *dlq_names; i++)
+        rd_kafka_header_remove(h, dlq_names[i]);
+    char *end;
+    long part = strtol(r->src_partition, &end, 10);
+    int32_t partition = (*end || part < 0) ? RD_KAFKA_PARTITION_UA : (int32_t)part;
+    rd_kafka_resp_err_t e;
+    for (;;) {
+        e = rd_kafka_producev(ctx->producer, RD_KAFKA_V_TOPIC(r->src_topic),
+                              RD_KAFKA_V_PARTITION(partition),
+                              RD_KAFKA_V_KEY(m->key, m->key_len),
+                              RD_KAFKA_V_VALUE(m->payload, m->len),
+                              RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY), RD_KAFKA_V_HEADERS(h),
+                              RD_KAFKA_V_OPAQUE(r), RD_KAFKA_V_END);
+        if (e != RD_KAFKA_RESP_ERR__QUEUE_FULL) break;
+        rd_kafka_poll(ctx->producer, 100);
+    }
+    if (e == RD_KAFKA_RESP_ERR__UNKNOWN_PARTITION && partition != RD_KAFKA_PARTITION_UA) {
+        partition = RD_KAFKA_PARTITION_UA;
+        e = rd_kafka_producev(ctx->producer, RD_KAFKA_V_TOPIC(r->src_topic),
+                              RD_KAFKA_V_PARTITION(partition),
+                              RD_KAFKA_V_KEY(m->key, m->key_len),
+                              RD_KAFKA_V_VALUE(m->payload, m->len),
+                              RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY), RD_KAFKA_V_HEADERS(h),
+                              RD_KAFKA_V_OPAQUE(r), RD_KAFKA_V_END);
+    }
+    if (e) {
+        rd_kafka_headers_destroy(h);
+        r->state = REC_FAILED;
+        log_error("dlq", "event=replay_produce_failed event_id=%s err=\"%s\"", r->event_id,
+                  rd_kafka_err2str(e));
+    }
+    rd_kafka_poll(ctx->producer, 0);
+}
+
+static const char mark_sql[] =
+    "UPDATE dead_letters SET replayed_at = now() WHERE dlq_partition = $1::int"
+    " AND dlq_offset = $2::bigint AND replayed_at IS NULL";
+static const char insert_sql[] =
+    "INSERT INTO dead_letters (event_id, src_topic, src_partition, src_offset, dlq_partition,"
+    " dlq_offset, attempts, error_class, error_message, replayed_at)"
+    " SELECT $3::uuid, $4, $5::int, $6::bigint, $1::int, $2::bigint, $7::int, $8, $9, now()"
+    " WHERE NOT EXISTS (SELECT 1 FROM dead_letters WHERE dlq_partition = $1::int"
+    " AND dlq_offset = $2::bigint)";
+
+static int mark_replayed(PGconn *db, const struct replay_rec *r)
+{
+    char part[16], off[24];
+    snprintf(part, sizeof part, "%" PRId32, r->dlq_partition);
+    snprintf(off, sizeof off, "%" PRId64, r->dlq_offset);
+    PGresult *res;
+    if (r->has_row) {
+        const char *p[2] = {part, off};
+        res = PQexecParams(db, mark_sql, 2, NULL, p, NULL, NULL, 0);
+    } else {
+        char msg[1024];
+        snprintf(msg, sizeof msg, "%s", r->error_message);
+        for (char *s = msg; *s; s++)
+            if ((unsigned char)*s < 0x20 || (unsigned char)*s > 0x7e) *s = '?';
+        const char *p[9] = {part, off, r->event_id, r->src_topic, r->src_partition,
+                            r->src_offset, r->attempts,
+                            r->error_class[0] ? r->error_class : "unknown", msg};
+        res = PQexecParams(db, insert_sql, 9, NULL, p, NULL, NULL, 0);
+    }
+    int rc = PQresultStatus(res) == PGRES_COMMAND_OK ? 0 : -1;
+    if (rc != 0)
+        log_error("dlq", "event=mark_replayed_failed dlq_partition=%" PRId32 " dlq_offset=%" PRId64
+                  " err=\"%s\"", r->dlq_partition, r->dlq_offset, PQresultErrorMessage(res));
+    PQclear(res);
+    return rc;
+}
+
+int dlq_replay(const struct cfg *cfg, const char *brokers, const char *event_id,
+               json_object **out, char *err, size_t errlen)
+{
+    struct replay_ctx ctx = {.cfg = cfg, .event_id = event_id};
+    int rc = -1;
+    PGconn *db = db_connect(cfg, err, errlen);
+    if (!db) return -1;
+    if (load_rows(db, &ctx.rows, err, errlen) != 0) goto out;
+
+    rd_kafka_conf_t *conf = kafka_conf_new(brokers, cfg->kafka_config, err, errlen);
+    if (!conf) goto out;
+    char e2[256];
+    if (rd_kafka_conf_set(conf, "acks", "all", e2, sizeof e2) != RD_KAFKA_CONF_OK ||
+        rd_kafka_conf_set(conf, "enable.idempotence", "true", e2, sizeof e2) != RD_KAFKA_CONF_OK ||
+        rd_kafka_conf_set(conf, "client.id", "ticketd-dlq-replay", e2, sizeof e2) !=
+            RD_KAFKA_CONF_OK) {
+        snprintf(err, errlen, "producer configuration: %s", e2);
+        rd_kafka_conf_destroy(conf);
+        goto out;
+    }
+    rd_kafka_conf_set_dr_msg_cb(conf, replay_dr);
+    ctx.producer = rd_kafka_new(RD_KAFKA_PRODUCER, conf, err, errlen);
+    if (!ctx.producer) {
+        rd_kafka_conf_destroy(conf);
+        goto out;
+    }
+    if (read_dlq(cfg, brokers, replay_visit, &ctx, err, errlen) != 0) goto out;
+    rd_kafka_flush(ctx.producer, FLUSH_TIMEOUT_MS);
+
+    long replayed = 0;
+    for (struct replay_rec *r = ctx.recs; r; r = r->next) {
+        enum rec_state st = r->primary ? r->primary->state : r->state;
+        if (st != REC_DELIVERED) {
+            if (!r->primary) ctx.failed++;
+            continue;
+        }
+        if (mark_replayed(db, r) != 0 && !r->primary) {
+            /* produced again, so it will be handled; only the mark is missing */
+            log_warn("dlq", "event=replayed_unmarked event_id=%s", r->event_id);
+        }
+        if (!r->primary) {
+            replayed++;
+            log_info("dlq", "event=replayed event_id=%s dlq_partition=%" PRId32
+                     " dlq_offset=%" PRId64 " topic=%s", r->event_id, r->dlq_partition,
+                     r->dlq_offset, r->src_topic);
+        }
+    }
+    json_object *o = json_object_new_object();
+    json_object_object_add(o, "replayed", json_object_new_int64(replayed));
+    json_object_object_add(o, "skipped", json_object_new_int64(ctx.skipped));
+    json_object_object_add(o, "failed", json_object_new_int64(ctx.failed));
+    *out = o;
+    rc = 0;
+out:
+    if (ctx.producer) rd_kafka_destroy(ctx.producer);
+    while (ctx.recs) {
+        struct replay_rec *r = ctx.recs;
+        ctx.recs = r->next;
+        free(r);
+    }
+    free(ctx.rows.rows);
+    PQfinish(db);
+    return rc;
+}
+
+/* ---- HTTP ---- */
+
+struct dlq_job {
+    const struct cfg *cfg;
+    char *brokers;
+    size_t limit;
+    bool has_event;
+    char event_id[UUID_STR_LEN + 1];
+};
+
+static void job_free(void *arg)
+{
+    struct dlq_job *job = arg;
+    free(job->brokers);
+    free(job);
+}
+
+static char *error_body(const char *code, const char *message)
+{
+    json_object *o = json_object_new_object();
+    json_object_object_add(o, "error", json_object_new_string(code));
+    json_object_object_add(o, "message", json_object_new_string(message));
+    char *s = strdup(json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN));
+    json_object_put(o);
+    return s;
+}
+
+static char *json_body(json_object *o)
+{
+    char *s = strdup(json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN));
+    json_object_put(o);
+    return s;
+}
+
+static int list_work(void *arg, char **body)
+{
+    struct dlq_job *job = arg;
+    json_object *o = NULL;
+    char err[512];
+    if (dlq_list(job->cfg, job->brokers, job->limit, &o, err, sizeof err) != 0) {
+        log_error("dlq", "event=list_failed err=\"%s\"", err);
+        *body = error_body("unavailable", err);
+        return 503;
+    }
+    *body = json_body(o);
+    return 200;
+}
+
+static int replay_work(void *arg, char **body)
+{
+    struct dlq_job *job = arg;
+    json_object *o = NULL;
+    char err[512];
+    if (dlq_replay(job->cfg, job->brokers, job->has_event ? job->event_id : NULL, &o, err,
+                   sizeof err) != 0) {
+        log_error("dlq", "event=replay_failed err=\"%s\"", err);
+        *body = error_body("unavailable", err);
+        return 503;
+    }
+    *body = json_body(o);
+    return 200;
+}
+
+static struct dlq_job *job_new(struct app *app, struct http_request *req)
+{
+    if (!app->kafka_brokers || !*app->kafka_brokers) {
+        api_respond_error(req, 503, "unavailable", "no Kafka brokers known yet", NULL);
+        return NULL;
+    }
+    struct dlq_job *job = calloc(1, sizeof *job);
+    if (job) job->brokers = strdup(app->kafka_brokers);
+    if (!job || !job->brokers) {
+        free(job);
+        api_respond_error(req, 503, "unavailable", "out of memory", NULL);
+        return NULL;
+    }
+    job->cfg = app->cfg;
+    return job;
+}
+
+void dlq_handle_list(struct app *app, struct http_request *req)
+{
+    if (!api_admin_authorized(app, req)) return;
+    size_t limit = DLQ_LIST_DEFAULT;
+    char buf[32];
+    int n = api_query_param(req->query ? req->query : "", "limit", buf, sizeof buf);
+    if (n > 0) {
+        char *end;
+        long v = strtol(buf, &end, 10);
+        if (*end || v < 1 || v > DLQ_LIST_MAX) {
+            api_respond_error(req, 400, "bad_request", "limit: an integer from 1 to 10000", NULL);
+            return;
+        }
+        limit = (size_t)v;
+    }
+    struct dlq_job *job = job_new(app, req);
+    if (!job) return;
+    job->limit = limit;
+    api_run_blocking(app, req, list_work, job, job_free);
+}
+
+void dlq_handle_replay(struct app *app, struct http_request *req)
+{
+    if (!api_admin_authorized(app, req)) return;
+    bool has_event = false;
+    char event_id[UUID_STR_LEN + 1] = "";
+    size_t len = req->body_len;
+    const char *b = req->body ? req->body : "";
+    while (len && (*b == ' ' || *b == '\t' || *b == '\r' || *b == '\n')) b++, len--;
+    if (len > 0) {
+        json_object *o = json_tokener_parse(b);
+        if (!o || !json_object_is_type(o, json_type_object)) {
+            if (o) json_object_put(o);
+            api_respond_error(req, 400, "bad_request",
+                              "body: {} or {\"event_id\": \"<uuid>\"}", NULL);
+            return;
+        }
+        json_object *v;
+        if (json_object_object_get_ex(o, "event_id", &v) && v) {
+            const char *s = json_object_is_type(v, json_type_string) ? json_object_get_string(v)
+                                                                     : NULL;
+            if (!s || !effects_is_uuid(s, strlen(s))) {
+                json_object_put(o);
+                api_respond_error(req, 400, "bad_request", "event_id: a UUID (the ce_id)", NULL);
+                return;
+            }
+            snprintf(event_id, sizeof event_id, "%s", s);
+            has_event = true;
+        }
+        json_object_put(o);
+    }
+    struct dlq_job *job = job_new(app, req);
+    if (!job) return;
+    job->has_event = has_event;
+    memcpy(job->event_id, event_id, sizeof event_id);
+    api_run_blocking(app, req, replay_work, job, job_free);
+}
+
+/* ---- CLI ---- */
+
+static int usage(void)
+{
+    fprintf(stderr, "usage: ticketd dlq list [--limit N] | ticketd dlq replay [--event-id E]\n");
+    return 2;
+}
+
+int dlq_main(struct cfg *c, int argc, char **argv)
+{
+    if (argc < 1) return usage();
+    const char *sub = argv[0];
+    const char *event_id = NULL;
+    long limit = DLQ_LIST_DEFAULT;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        const char *val = NULL;
+        if (strncmp(a, "--event-id=", 11) == 0) val = a + 11;
+        else if (strncmp(a, "--limit=", 8) == 0) val = a + 8;
+        else if ((strcmp(a, "--event-id") == 0 || strcmp(a, "--limit") == 0) && i + 1 < argc)
+            val = argv[++i];
+        else return usage();
+        if (strstr(a, "--event-id")) event_id = val;
+        else {
+            char *end;
+            limit = strtol(val, &end, 10);
+            if (*end || limit < 1 || limit > DLQ_LIST_MAX) return usage();
+        }
+    }
+    if (!c->kafka_brokers || !*c->kafka_brokers) {
+        fprintf(stderr, "ticketd dlq: KAFKA_BROKERS must name the cluster\n");
+        return 2;
+    }
+    if (event_id && !effects_is_uuid(event_id, strlen(event_id))) {
+        fprintf(stderr, "ticketd dlq: --event-id must be a UUID (the ce_id)\n");
+        return 2;
+    }
+    json_object *o = NULL;
+    char err[512];
+    int rc;
+    if (strcmp(sub, "list") == 0 && !event_id)
+        rc = dlq_list(c, c->kafka_brokers, (size_t)limit, &o, err, sizeof err);
+    else if (strcmp(sub, "replay") == 0)
+        rc = dlq_replay(c, c->kafka_brokers, event_id, &o, err, sizeof err);
+    else
+        return usage();
+    if (rc != 0) {
+        fprintf(stderr, "ticketd dlq %s: %s\n", sub, err);
+        return 1;
+    }
+    printf("%s\n", json_object_to_json_string_ext(o, JSON_C_TO_STRING_PRETTY));
+    json_object_put(o);
+    return 0;
+}

@@ -1,0 +1,633 @@
+/* ingest: group commit of applications.
+ *
+ * Submissions wait on a FIFO. After each poll phase a uv_check handle cuts batches of up to
+ * batch_max and sends one statement per batch, but only while a pool connection is idle: under
+ * load the FIFO grows while every connection is busy, so the next batch is bigger instead of
+ * queries queuing in the pool (one commit, one fsync, serves the whole batch). A uv_idle
+ * handle runs only while something is pending and a connection is idle, so that a submission
+ * made outside the poll phase does not wait for the poll to time out.
+ *
+ * Duplicates of one (event_id, phone) inside a batch are folded in C before sending: the
+ * first in arrival order (the "leader") goes to the statement, the later ones ("followers")
+ * take the leader's outcome (same id; 409, or the original 201 when their Idempotency-Key
+ * matches the row's). The statement therefore never sees a key twice, and its result is
+ * matched back by (event_id, phone) through a small hash table, which keeps the SQL free of
+ * joins between CTEs (whose plans degrade to nested loops under generic plans). */
+#include "ingest.h"
+
+#include <errno.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "limits.h"
+#include "log.h"
+#include "metrics.h"
+
+/* $1 event_id[], $2 phone[], $3 name[], $4 email[], $5 seats[], $6 idempotency_key[]: one
+ * element per distinct (event_id, phone) of the batch. Rows back:
+ *   kind 'c' (inserted now): id, event_id, phone, NULL, created_at
+ *   kind 'e' (already there in this statement's snapshot): id, event_id, phone, its
+ *            idempotency_key, created_at
+ *   kind 'n': the NOTIFY ran (only when something was inserted); ignored.
+ * A key that is in neither set conflicted with a row another transaction committed after
+ * this statement's snapshot was taken: ON CONFLICT saw it, the snapshot cannot, so it is
+ * looked up again by ingest_lookup_sql. The LATERAL ... LIMIT 1 keeps the existing-row
+ * lookup a per-key unique-index probe whatever the statistics say (a hash join would scan
+ * the whole table for every batch once a cached generic plan chose it). Rows are inserted in (event_id, phone) order, the
+ * same in every batch, so concurrent batches with overlapping keys cannot deadlock. */
+#define RFC3339_UTC(col) "to_char(" col " AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+
+const char *const ingest_batch_sql =
+    "WITH input AS ("
+    " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::text[])"
+    "  AS t(event_id, phone, name, email, seats, idempotency_key)"
+    "), ins AS ("
+    " INSERT INTO applications (event_id, phone, name, email, seats, idempotency_key)"
+    " SELECT event_id, phone, name, email, seats, idempotency_key FROM input"
+    " ORDER BY event_id COLLATE \"C\", phone COLLATE \"C\""
+    " ON CONFLICT (event_id, phone) DO NOTHING"
+    " RETURNING id, event_id, phone, name, email, seats, " RFC3339_UTC("created_at") " AS created"
+    "), ob AS ("
+    " INSERT INTO outbox (aggregate_id, event_type, payload)"
+    " SELECT id, 'TicketApplied', jsonb_build_object('id', id, 'event_id', event_id,"
+    "  'phone', phone, 'name', name, 'email', email, 'seats', seats, 'created_at', created)"
+    " FROM ins ORDER BY id"
+    " RETURNING 1"
+    "), notified AS ("
+    " SELECT pg_notify('outbox', '') FROM (SELECT 1 FROM ob LIMIT 1) AS inserted"
+    ")"
+    " SELECT 'c' AS kind, id, event_id, phone, NULL::text AS idempotency_key, created FROM ins"
+    " UNION ALL"
+    " SELECT 'e', a.id, a.event_id, a.phone, a.idempotency_key, " RFC3339_UTC("a.created_at")
+    " FROM input i CROSS JOIN LATERAL (SELECT * FROM applications x"
+    "  WHERE x.event_id = i.event_id AND x.phone = i.phone LIMIT 1) AS a"
+    " WHERE (SELECT count(*) FROM ins) < (SELECT count(*) FROM input)" /* probe only if needed */
+    " UNION ALL"
+    " SELECT 'n', NULL, NULL, NULL, NULL, NULL FROM notified";
+
+/* Follow-up for keys that conflicted with a concurrent commit: a new statement, a new
+ * snapshot. $1 event_id[], $2 phone[]; rows as kind 'e' above. */
+static const char ingest_lookup_sql[] =
+    "SELECT 'e', a.id, a.event_id, a.phone, a.idempotency_key, " RFC3339_UTC("a.created_at")
+    " FROM unnest($1::text[], $2::text[]) AS t(event_id, phone)"
+    " CROSS JOIN LATERAL (SELECT * FROM applications x"
+    "  WHERE x.event_id = t.event_id AND x.phone = t.phone LIMIT 1) AS a";
+
+static const double batch_size_bounds[] = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048};
+
+struct ingest_item {
+    struct ingest_item *next; /* pending FIFO */
+    ingest_done_fn done;
+    void *ud;
+    struct application_in app;
+    char key[IDEMPOTENCY_KEY_MAX_BYTES + 1];
+    bool has_key;
+    unsigned short len_event_id, len_phone, len_name, len_email, len_key;
+
+    /* while in a batch */
+    int leader;               /* index of the first item with the same (event_id, phone) */
+    bool resolved;            /* leader: res is final */
+    bool delivered;
+    bool existing;            /* leader: the row was there before (kind 'e') */
+    const char *existing_key; /* leader, kind 'e': the row's key (points into the PGresult) */
+    struct ingest_result res;
+};
+
+struct ingest_batch {
+    struct ingest *ing;
+    int n;                       /* items, arrival order */
+    int nleaders;
+    struct ingest_item **items;
+    int *slots;                  /* open-addressing table of leader indexes, -1 = empty */
+    unsigned mask;
+    uint64_t t0;
+    bool lookup;                 /* second phase: ingest_lookup_sql */
+};
+
+struct ingest {
+    uv_loop_t *loop;
+    struct dbp *db;
+    int batch_max;
+    size_t queue_max;
+    int stmt;                    /* prepared batch statement, or -1 */
+    uv_check_t check;
+    uv_idle_t idle;
+    struct ingest_item *head, *tail;
+    size_t npending;             /* waiting for a batch */
+    size_t ninflight;            /* in batches not yet answered */
+    int batches;                 /* batches in flight (each holds the struct alive) */
+    int handles;                 /* open uv handles */
+    bool closing;
+};
+
+/* ---- helpers ---- */
+
+static void count_result(enum ingest_status st, double n)
+{
+    static const char *const labels[] = {
+        [INGEST_CREATED] = "result=\"created\"",
+        [INGEST_REPLAYED] = "result=\"replayed\"",
+        [INGEST_DUPLICATE] = "result=\"duplicate\"",
+        [INGEST_UNAVAILABLE] = "result=\"unavailable\"",
+        [INGEST_OVERLOADED] = "result=\"overloaded\"",
+    };
+    if (n > 0) metrics_counter_add("ticketd_ingest_applications_total", labels[st], n);
+}
+
+static void maybe_free(struct ingest *ing)
+{
+    if (ing->closing && ing->handles == 0 && ing->batches == 0) free(ing);
+}
+
+static void answer_now(ingest_done_fn done, void *ud, enum ingest_status st, const char *error)
+{
+    struct ingest_result res = {.status = st, .id = 0, .created_at = "", .error = error};
+    count_result(st, 1);
+    done(ud, &res);
+}
+
+static uint32_t key_hash(const char *event_id, size_t elen, const char *phone, size_t plen)
+{
+    uint32_t h = 2166136261u;
+    for (size_t i = 0; i < elen; i++) h = (h ^ (unsigned char)event_id[i]) * 16777619u;
+    h = (h ^ 0xffu) * 16777619u;
+    for (size_t i = 0; i < plen; i++) h = (h ^ (unsigned char)phone[i]) * 16777619u;
+    return h;
+}
+
+/* Finds the leader slot for (event_id, phone): returns the slot index; *found tells whether
+ * it holds a leader already. */
+static unsigned slot_find(const struct ingest_batch *b, const char *event_id, size_t elen,
+                          const char *phone, size_t plen, bool *found)
+{
+    unsigned i = key_hash(event_id, elen, phone, plen) & b->mask;
+    for (;; i = (i + 1) & b->mask) {
+        int idx = b->slots[i];
+        if (idx < 0) {
+            *found = false;
+            return i;
+        }
+        const struct ingest_item *it = b->items[idx];
+        if (it->len_event_id == elen && it->len_phone == plen &&
+            memcmp(it->app.event_id, event_id, elen) == 0 && memcmp(it->app.phone, phone, plen) == 0) {
+            *found = true;
+            return i;
+        }
+    }
+}
+
+/* Appends one text[] element, always double-quoted so that no content (commas, braces,
+ * spaces, the word NULL) can be read as syntax; '"' and '\\' get a backslash. */
+static char *put_text_elem(char *p, const char *s, size_t len)
+{
+    *p++ = '"';
+    for (size_t i = 0; i < len; i++) {
+        char ch = s[i];
+        if (ch == '"' || ch == '\\') *p++ = '\\';
+        *p++ = ch;
+    }
+    *p++ = '"';
+    return p;
+}
+
+static char *put_null_elem(char *p)
+{
+    memcpy(p, "NULL", 4);
+    return p + 4;
+}
+
+static char *put_int_elem(char *p, int v)
+{
+    char tmp[12];
+    int n = 0;
+    unsigned u = v < 0 ? 0u - (unsigned)v : (unsigned)v;
+    do {
+        tmp[n++] = (char)('0' + u % 10);
+        u /= 10;
+    } while (u);
+    if (v < 0) *p++ = '-';
+    while (n) *p++ = tmp[--n];
+    return p;
+}
+
+enum column { COL_EVENT_ID, COL_PHONE, COL_NAME, COL_EMAIL, COL_SEATS, COL_KEY, NCOLUMNS };
+
+/* Builds the array literals for the batch's leaders (ncols columns) into one buffer;
+ * params[c] points at each. Returns the buffer (caller frees) or NULL. */
+static char *build_arrays(const struct ingest_batch *b, bool only_unresolved, int ncols,
+                          const char *params[NCOLUMNS])
+{
+    size_t cap = (size_t)ncols * 3;
+    for (int i = 0; i < b->n; i++) {
+        const struct ingest_item *it = b->items[i];
+        if (it->leader != i || (only_unresolved && it->resolved)) continue;
+        /* worst case every byte escaped, plus quotes and a comma per element */
+        cap += 2u * (it->len_event_id + it->len_phone + it->len_name + it->len_email + it->len_key) +
+               5 * 3 + 12 + 4;
+    }
+    char *buf = malloc(cap);
+    if (!buf) return NULL;
+    char *p = buf;
+    for (int c = 0; c < ncols; c++) {
+        params[c] = p;
+        *p++ = '{';
+        bool first = true;
+        for (int i = 0; i < b->n; i++) {
+            const struct ingest_item *it = b->items[i];
+            if (it->leader != i || (only_unresolved && it->resolved)) continue;
+            if (!first) *p++ = ',';
+            first = false;
+            switch ((enum column)c) {
+            case COL_EVENT_ID: p = put_text_elem(p, it->app.event_id, it->len_event_id); break;
+            case COL_PHONE: p = put_text_elem(p, it->app.phone, it->len_phone); break;
+            case COL_NAME: p = put_text_elem(p, it->app.name, it->len_name); break;
+            case COL_EMAIL:
+                p = it->len_email ? put_text_elem(p, it->app.email, it->len_email) : put_null_elem(p);
+                break;
+            case COL_SEATS: p = put_int_elem(p, it->app.seats); break;
+            case COL_KEY: p = it->has_key ? put_text_elem(p, it->key, it->len_key) : put_null_elem(p); break;
+            case NCOLUMNS: break;
+            }
+        }
+        *p++ = '}';
+        *p++ = '\0';
+    }
+    return buf;
+}
+
+/* ---- batches ---- */
+
+static void on_batch_result(void *ud, const PGresult *res, const char *error);
+
+static void batch_free(struct ingest_batch *b)
+{
+    for (int i = 0; i < b->n; i++) free(b->items[i]);
+    free(b);
+}
+
+/* Answers every item not yet answered: resolved ones with their result, the rest with
+ * UNAVAILABLE. Then frees the batch and releases its hold on the ingest. */
+static void batch_finish(struct ingest_batch *b, const char *why)
+{
+    struct ingest *ing = b->ing;
+    size_t counts[INGEST_OVERLOADED + 1] = {0};
+    for (int i = 0; i < b->n; i++) {
+        struct ingest_item *it = b->items[i];
+        if (it->delivered) continue;
+        if (!it->resolved) {
+            it->res = (struct ingest_result){.status = INGEST_UNAVAILABLE, .error = why};
+            it->resolved = true;
+        }
+        counts[it->res.status]++;
+    }
+    for (int st = 0; st <= INGEST_OVERLOADED; st++) count_result((enum ingest_status)st, (double)counts[st]);
+    for (int i = 0; i < b->n; i++) {
+        struct ingest_item *it = b->items[i];
+        if (it->delivered) continue;
+        it->delivered = true;
+        ing->ninflight--;
+        it->done(it->ud, &it->res);
+    }
+    batch_free(b);
+    ing->batches--;
+    maybe_free(ing);
+}
+
+/* Applies the rows of a batch or lookup result to the leaders. Returns false when the
+ * result is not usable (then the whole batch is answered UNAVAILABLE). */
+static bool apply_rows(struct ingest_batch *b, const PGresult *res)
+{
+    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK || PQnfields(res) != 6) return false;
+    int rows = PQntuples(res);
+    for (int r = 0; r < rows; r++) {
+        char kind = PQgetvalue(res, r, 0)[0];
+        if (kind != 'c' && kind != 'e') continue;
+        const char *event_id = PQgetvalue(res, r, 2), *phone = PQgetvalue(res, r, 3);
+        bool found;
+        unsigned slot = slot_find(b, event_id, (size_t)PQgetlength(res, r, 2), phone,
+                                  (size_t)PQgetlength(res, r, 3), &found);
+        if (!found) continue;
+        struct ingest_item *l = b->items[b->slots[slot]];
+        if (l->resolved) continue;
+        l->resolved = true;
+        l->res.id = strtoll(PQgetvalue(res, r, 1), NULL, 10);
+        snprintf(l->res.created_at, sizeof l->res.created_at, "%s", PQgetvalue(res, r, 5));
+        l->res.error = NULL;
+        if (kind == 'c') {
+            l->res.status = INGEST_CREATED;
+        } else {
+            l->existing = true;
+            l->existing_key = PQgetisnull(res, r, 4) ? NULL : PQgetvalue(res, r, 4);
+            l->res.status = (l->has_key && l->existing_key && strcmp(l->key, l->existing_key) == 0)
+                                ? INGEST_REPLAYED
+                                : INGEST_DUPLICATE;
+        }
+    }
+    /* Followers take their leader's row; replay when their key is the row's key. */
+    for (int i = 0; i < b->n; i++) {
+        struct ingest_item *it = b->items[i];
+        if (it->leader == i || it->resolved) continue;
+        const struct ingest_item *l = b->items[it->leader];
+        if (!l->resolved) continue;
+        const char *row_key = l->existing ? l->existing_key : (l->has_key ? l->key : NULL);
+        it->resolved = true;
+        it->res = l->res;
+        it->res.status = (it->has_key && row_key && strcmp(it->key, row_key) == 0)
+                             ? INGEST_REPLAYED
+                             : INGEST_DUPLICATE;
+    }
+    /* existing_key points into res, which is cleared after this callback */
+    for (int i = 0; i < b->n; i++) b->items[i]->existing_key = NULL;
+    return true;
+}
+
+static int batch_send(struct ingest_batch *b)
+{
+    struct ingest *ing = b->ing;
+    const char *params[NCOLUMNS];
+    int ncols = b->lookup ? 2 : NCOLUMNS;
+    char *buf = build_arrays(b, b->lookup, ncols, params);
+    if (!buf) return -ENOMEM;
+    int rc;
+    if (b->lookup)
+        rc = dbp_query(ing->db, ingest_lookup_sql, ncols, params, on_batch_result, b);
+    else if (ing->stmt >= 0)
+        rc = dbp_query_prepared(ing->db, ing->stmt, ncols, params, on_batch_result, b);
+    else
+        rc = dbp_query(ing->db, ingest_batch_sql, ncols, params, on_batch_result, b);
+    free(buf);
+    return rc;
+}
+
+static void on_batch_result(void *ud, const PGresult *res, const char *error)
+{
+    struct ingest_batch *b = ud;
+    if (!apply_rows(b, res)) {
+        const char *sqlstate = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+        char q[300];
+        log_quote(error ? error : "unexpected result", q, sizeof q);
+        log_warn("ingest", "event=batch_failed phase=%s size=%d sqlstate=%s error=%s",
+                 b->lookup ? "lookup" : "insert", b->n, sqlstate ? sqlstate : "-", q);
+        metrics_counter_add("ticketd_group_commit_batches_total", "result=\"error\"", 1);
+        batch_finish(b, res ? "database error" : "database connection lost: outcome unknown");
+        return;
+    }
+    if (!b->lookup) {
+        double secs = (double)(uv_hrtime() - b->t0) / 1e9;
+        metrics_observe_buckets("ticketd_group_commit_batch_size", NULL, b->n, batch_size_bounds,
+                                sizeof batch_size_bounds / sizeof batch_size_bounds[0]);
+        metrics_observe("ticketd_group_commit_duration_seconds", NULL, secs);
+        metrics_counter_add("ticketd_group_commit_batches_total", "result=\"ok\"", 1);
+    }
+    int unresolved = 0;
+    for (int i = 0; i < b->n; i++)
+        if (b->items[i]->leader == i && !b->items[i]->resolved) unresolved++;
+    if (unresolved == 0 || b->lookup) {
+        batch_finish(b, "row not found after a conflict");
+        return;
+    }
+    /* Some keys conflicted with rows committed concurrently: never answer 409 without the id,
+     * so look them up in a fresh snapshot first. Resolved items are answered now. */
+    metrics_counter_add("ticketd_group_commit_lookups_total", NULL, unresolved);
+    struct ingest *ing = b->ing;
+    b->lookup = true;
+    int rc = batch_send(b);
+    if (rc < 0) {
+        batch_finish(b, "database unavailable");
+        return;
+    }
+    for (int i = 0; i < b->n; i++) {
+        struct ingest_item *it = b->items[i];
+        if (!it->resolved || it->delivered) continue;
+        it->delivered = true;
+        ing->ninflight--;
+        count_result(it->res.status, 1);
+        it->done(it->ud, &it->res);
+    }
+}
+
+/* Cuts one batch from the head of the FIFO. */
+static struct ingest_batch *batch_cut(struct ingest *ing)
+{
+    int n = ing->npending < (size_t)ing->batch_max ? (int)ing->npending : ing->batch_max;
+    unsigned cap = 4;
+    while (cap < 2u * (unsigned)n) cap <<= 1;
+    size_t size = sizeof(struct ingest_batch) + (size_t)n * sizeof(struct ingest_item *) +
+                  cap * sizeof(int);
+    struct ingest_batch *b = malloc(size);
+    if (!b) return NULL;
+    b->ing = ing;
+    b->n = n;
+    b->nleaders = 0;
+    b->items = (struct ingest_item **)(b + 1);
+    b->slots = (int *)(b->items + n);
+    b->mask = cap - 1;
+    b->lookup = false;
+    b->t0 = uv_hrtime();
+    memset(b->slots, 0xff, cap * sizeof(int));
+    for (int i = 0; i < n; i++) {
+        struct ingest_item *it = ing->head;
+        ing->head = it->next;
+        it->next = NULL;
+        b->items[i] = it;
+        bool found;
+        unsigned slot = slot_find(b, it->app.event_id, it->len_event_id, it->app.phone,
+                                  it->len_phone, &found);
+        if (found) {
+            it->leader = b->slots[slot];
+        } else {
+            b->slots[slot] = i;
+            it->leader = i;
+            b->nleaders++;
+        }
+    }
+    if (!ing->head) ing->tail = NULL;
+    ing->npending -= (size_t)n;
+    ing->ninflight += (size_t)n;
+    ing->batches++;
+    return b;
+}
+
+static void fail_pending(struct ingest *ing, const char *why)
+{
+    size_t n = ing->npending;
+    struct ingest_item *it = ing->head;
+    ing->head = ing->tail = NULL;
+    ing->npending = 0;
+    count_result(INGEST_UNAVAILABLE, (double)n);
+    while (it) {
+        struct ingest_item *next = it->next;
+        struct ingest_result res = {.status = INGEST_UNAVAILABLE, .error = why};
+        it->done(it->ud, &res);
+        free(it);
+        it = next;
+    }
+}
+
+static void on_idle(uv_idle_t *h)
+{
+    (void)h; /* only keeps the loop from blocking in poll; the check handle does the work */
+}
+
+static void flush(struct ingest *ing)
+{
+    while (ing->head && dbp_idle(ing->db) > 0) {
+        struct ingest_batch *b = batch_cut(ing);
+        if (!b) break; /* out of memory: retry next turn */
+        int rc = batch_send(b);
+        if (rc < 0) {
+            const char *why = rc == -ENOTCONN ? "database unavailable"
+                              : rc == -EAGAIN ? "database queue full"
+                                              : "could not send batch";
+            batch_finish(b, why);
+        }
+    }
+    if (ing->head && dbp_connected(ing->db) == 0) fail_pending(ing, "database unavailable");
+    /* Stay awake only while there is something to send and a connection to send it on; when
+     * every connection is busy, their results wake the loop. */
+    if (ing->head && dbp_idle(ing->db) > 0) uv_idle_start(&ing->idle, on_idle);
+    else uv_idle_stop(&ing->idle);
+}
+
+static void on_check(uv_check_t *h)
+{
+    struct ingest *ing = h->data;
+    if (ing->head) flush(ing);
+}
+
+/* ---- public API ---- */
+
+int ingest_create(struct ingest **out, uv_loop_t *loop, struct dbp *db,
+                  const struct ingest_opts *opts)
+{
+    if (!out || !loop || !db || !opts || opts->batch_max < 1 || opts->queue_max < 1) return -EINVAL;
+    struct ingest *ing = calloc(1, sizeof *ing);
+    if (!ing) return -ENOMEM;
+    ing->loop = loop;
+    ing->db = db;
+    ing->batch_max = opts->batch_max;
+    ing->queue_max = (size_t)opts->queue_max;
+    ing->stmt = dbp_prepare(db, ingest_batch_sql);
+    if (ing->stmt < 0) ing->stmt = -1; /* falls back to unprepared statements */
+    uv_check_init(loop, &ing->check);
+    uv_idle_init(loop, &ing->idle);
+    ing->check.data = ing;
+    ing->idle.data = ing;
+    ing->handles = 2;
+    uv_check_start(&ing->check, on_check);
+    uv_unref((uv_handle_t *)&ing->check); /* work in flight keeps the loop alive, not this */
+
+    metrics_describe("ticketd_group_commit_batch_size", "histogram",
+                     "Applications per group-commit statement");
+    metrics_describe("ticketd_group_commit_duration_seconds", "histogram",
+                     "Group-commit statement latency (send to result)");
+    metrics_describe("ticketd_group_commit_batches_total", "counter",
+                     "Group-commit statements by outcome");
+    metrics_describe("ticketd_group_commit_lookups_total", "counter",
+                     "Keys looked up again after conflicting with a concurrent commit");
+    metrics_describe("ticketd_ingest_applications_total", "counter",
+                     "Applications submitted to ingest, by result");
+    log_info("ingest", "event=start batch_max=%d queue_max=%d prepared=%s", ing->batch_max,
+             opts->queue_max, ing->stmt >= 0 ? "yes" : "no");
+    *out = ing;
+    return 0;
+}
+
+/* Everything accepted here must be storable as is: one bad element would fail the whole
+ * batch for everybody in it. validate.c guarantees it; this is a cheap guard. */
+static bool storable(const struct application_in *app, size_t elen, size_t plen, size_t nlen,
+                     size_t mlen)
+{
+    return elen > 0 && elen <= EVENT_ID_MAX_CHARS && plen > 0 && plen <= PHONE_DIGITS_MAX &&
+           nlen > 0 && nlen <= NAME_MAX_BYTES && mlen <= EMAIL_MAX_BYTES &&
+           validate_utf8_text(app->name, nlen) > 0 &&
+           (mlen == 0 || validate_utf8_text(app->email, mlen) > 0) &&
+           validate_event_id(app->event_id, elen);
+}
+
+void ingest_submit(struct ingest *ing, const struct application_in *app,
+                   const char *idempotency_key, ingest_done_fn done, void *ud)
+{
+    if (ing->closing) {
+        answer_now(done, ud, INGEST_UNAVAILABLE, "shutting down");
+        return;
+    }
+    if (ing->npending + ing->ninflight >= ing->queue_max) {
+        answer_now(done, ud, INGEST_OVERLOADED, "ingest queue full");
+        return;
+    }
+    if (dbp_connected(ing->db) == 0) {
+        answer_now(done, ud, INGEST_UNAVAILABLE, "database unavailable");
+        return;
+    }
+    size_t elen = strnlen(app->event_id, sizeof app->event_id);
+    size_t plen = strnlen(app->phone, sizeof app->phone);
+    size_t nlen = strnlen(app->name, sizeof app->name);
+    size_t mlen = strnlen(app->email, sizeof app->email);
+    if (elen == sizeof app->event_id || plen == sizeof app->phone || nlen == sizeof app->name ||
+        mlen == sizeof app->email || !storable(app, elen, plen, nlen, mlen)) {
+        log_error("ingest", "event=rejected_unvalidated_application");
+        answer_now(done, ud, INGEST_UNAVAILABLE, "invalid application");
+        return;
+    }
+    struct ingest_item *it = malloc(sizeof *it);
+    if (!it) {
+        answer_now(done, ud, INGEST_OVERLOADED, "out of memory");
+        return;
+    }
+    it->next = NULL;
+    it->done = done;
+    it->ud = ud;
+    it->app = *app;
+    it->len_event_id = (unsigned short)elen;
+    it->len_phone = (unsigned short)plen;
+    it->len_name = (unsigned short)nlen;
+    it->len_email = (unsigned short)mlen;
+    it->has_key = false;
+    it->len_key = 0;
+    it->key[0] = '\0';
+    if (idempotency_key && *idempotency_key) {
+        size_t klen = strnlen(idempotency_key, IDEMPOTENCY_KEY_MAX_BYTES + 1);
+        if (klen <= IDEMPOTENCY_KEY_MAX_BYTES && validate_utf8_text(idempotency_key, klen) > 0) {
+            memcpy(it->key, idempotency_key, klen + 1);
+            it->len_key = (unsigned short)klen;
+            it->has_key = true;
+        } else {
+            /* api.c answers 400 for such keys; never let one fail a batch */
+            log_warn("ingest", "event=idempotency_key_ignored reason=not_storable");
+        }
+    }
+    it->leader = -1;
+    it->resolved = it->delivered = it->existing = false;
+    it->existing_key = NULL;
+    memset(&it->res, 0, sizeof it->res);
+    if (ing->tail) ing->tail->next = it;
+    else ing->head = it;
+    ing->tail = it;
+    if (ing->npending++ == 0 && dbp_idle(ing->db) > 0) uv_idle_start(&ing->idle, on_idle);
+}
+
+size_t ingest_pending(const struct ingest *ing)
+{
+    return ing->npending + ing->ninflight;
+}
+
+static void on_handle_closed(uv_handle_t *h)
+{
+    struct ingest *ing = h->data;
+    if (--ing->handles == 0) {
+        fail_pending(ing, "shutting down");
+        maybe_free(ing);
+    }
+}
+
+void ingest_close(struct ingest *ing)
+{
+    if (!ing || ing->closing) return;
+    ing->closing = true;
+    uv_close((uv_handle_t *)&ing->check, on_handle_closed);
+    uv_close((uv_handle_t *)&ing->idle, on_handle_closed);
+    log_info("ingest", "event=closing pending=%zu in_flight=%zu", ing->npending, ing->ninflight);
+}

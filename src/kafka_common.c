@@ -1,0 +1,182 @@
+/* kafka_common: rdkafka configuration from the settings, and the queue -> loop bridge. */
+#include "kafka_common.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "log.h"
+
+/* Longest property name we echo back in an error (names are short; values never echoed). */
+#define KAFKA_PROP_NAME_MAX 128
+
+static char *trim(char *s)
+{
+    while (*s && isspace((unsigned char)*s)) s++;
+    char *end = s + strlen(s);
+    while (end > s && isspace((unsigned char)end[-1])) end--;
+    *end = '\0';
+    return s;
+}
+
+/* Applies one "k=v" entry. rdkafka's own error text quotes the value, which may be a
+ * secret (sasl.password), so the message is built here from the name only. */
+static int apply_entry(rd_kafka_conf_t *conf, char *entry, int index, char *errstr,
+                       size_t errlen)
+{
+    char *eq = strchr(entry, '=');
+    if (!eq) {
+        snprintf(errstr, errlen, "KAFKA_CONFIG: entry %d is not of the form name=value", index);
+        return -1;
+    }
+    *eq = '\0';
+    char *name = trim(entry);
+    char *value = trim(eq + 1);
+    char safe_name[KAFKA_PROP_NAME_MAX + 1];
+    snprintf(safe_name, sizeof safe_name, "%s", name);
+    for (char *p = safe_name; *p; p++)
+        if (!isgraph((unsigned char)*p)) *p = '?';
+    if (!*name) {
+        snprintf(errstr, errlen, "KAFKA_CONFIG: entry %d has an empty property name", index);
+        return -1;
+    }
+    char rderr[512];
+    switch (rd_kafka_conf_set(conf, name, value, rderr, sizeof rderr)) {
+    case RD_KAFKA_CONF_OK:
+        return 0;
+    case RD_KAFKA_CONF_UNKNOWN:
+        snprintf(errstr, errlen, "KAFKA_CONFIG: unknown property \"%s\"", safe_name);
+        return -1;
+    default:
+        snprintf(errstr, errlen, "KAFKA_CONFIG: invalid value for property \"%s\"", safe_name);
+        return -1;
+    }
+}
+
+rd_kafka_conf_t *kafka_conf_new(const char *brokers, const char *extra_config, char *errstr,
+                                size_t errlen)
+{
+    char rderr[512];
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    char *copy = NULL;
+
+    if (errlen) errstr[0] = '\0';
+    if (brokers && *brokers &&
+        rd_kafka_conf_set(conf, "bootstrap.servers", brokers, rderr, sizeof rderr) !=
+            RD_KAFKA_CONF_OK) {
+        snprintf(errstr, errlen, "invalid value for property \"bootstrap.servers\"");
+        goto fail;
+    }
+    if (!extra_config || !*extra_config) return conf;
+
+    copy = strdup(extra_config);
+    if (!copy) {
+        snprintf(errstr, errlen, "out of memory");
+        goto fail;
+    }
+    /* A list that has newlines is split on newlines only, so a value may hold commas
+     * (ssl.cipher.suites, sasl.oauthbearer.config); otherwise entries are comma separated. */
+    const char *seps = strchr(copy, '\n') ? "\n" : ",";
+    int index = 0;
+    char *save = NULL;
+    for (char *tok = strtok_r(copy, seps, &save); tok; tok = strtok_r(NULL, seps, &save)) {
+        char *entry = trim(tok);
+        if (!*entry || *entry == '#') continue;
+        index++;
+        if (apply_entry(conf, entry, index, errstr, errlen) != 0) goto fail;
+    }
+    free(copy);
+    return conf;
+
+fail:
+    free(copy);
+    rd_kafka_conf_destroy(conf);
+    return NULL;
+}
+
+struct kafka_bridge {
+    uv_poll_t poll;
+    int fds[2]; /* [0] read end watched by poll, [1] write end given to rdkafka */
+    rd_kafka_queue_t *q;
+    void (*on_ready)(void *ud);
+    void *ud;
+    bool closing;
+};
+
+static void bridge_on_readable(uv_poll_t *h, int status, int events)
+{
+    struct kafka_bridge *b = h->data;
+    char buf[256];
+
+    if (b->closing) return;
+    /* Drain the wake-up bytes first: an event enqueued after this point writes a new byte,
+     * so none is missed between the drain and on_ready's poll loop. */
+    for (;;) {
+        ssize_t n = read(b->fds[0], buf, sizeof buf);
+        if (n > 0) continue;
+        if (n < 0 && errno == EINTR) continue;
+        break;
+    }
+    if (status < 0) log_warn("kafka", "event=bridge_poll_error err=%s", uv_strerror(status));
+    b->on_ready(b->ud);
+}
+
+static void bridge_on_close(uv_handle_t *h)
+{
+    struct kafka_bridge *b = h->data;
+    close(b->fds[0]);
+    close(b->fds[1]);
+    free(b);
+}
+
+int kafka_bridge_start(struct kafka_bridge **out, uv_loop_t *loop, rd_kafka_queue_t *q,
+                       void (*on_ready)(void *ud), void *ud)
+{
+    struct kafka_bridge *b = calloc(1, sizeof *b);
+    int rc;
+
+    if (!b) return -ENOMEM;
+    if (pipe2(b->fds, O_NONBLOCK | O_CLOEXEC) != 0) {
+        rc = -errno;
+        free(b);
+        return rc;
+    }
+    b->q = q;
+    b->on_ready = on_ready;
+    b->ud = ud;
+    rc = uv_poll_init(loop, &b->poll, b->fds[0]);
+    if (rc != 0) {
+        close(b->fds[0]);
+        close(b->fds[1]);
+        free(b);
+        return rc;
+    }
+    b->poll.data = b;
+    rc = uv_poll_start(&b->poll, UV_READABLE, bridge_on_readable);
+    if (rc != 0) {
+        b->closing = true; /* the handle is live: free it from its close callback */
+        uv_close((uv_handle_t *)&b->poll, bridge_on_close);
+        return rc;
+    }
+    rd_kafka_queue_io_event_enable(q, b->fds[1], "1", 1);
+    /* Events queued before the io event was enabled wrote nothing: wake once now. */
+    ssize_t w = write(b->fds[1], "1", 1);
+    (void)w;
+    *out = b;
+    return 0;
+}
+
+void kafka_bridge_close(struct kafka_bridge *b)
+{
+    if (!b || b->closing) return;
+    b->closing = true;
+    /* rdkafka threads must stop writing to the pipe before it is closed. */
+    rd_kafka_queue_io_event_enable(b->q, -1, NULL, 0);
+    uv_poll_stop(&b->poll);
+    uv_close((uv_handle_t *)&b->poll, bridge_on_close);
+}

@@ -1,0 +1,428 @@
+/* metrics: registry of families (one per metric name: type, help) and series (one per
+ * name + label set), found through a chained hash table so callers never register first.
+ * The header says loop thread only; a mutex still guards the registry so a stray call from
+ * the thread pool cannot corrupt it (collectors run outside the lock, they set gauges). */
+#include "metrics.h"
+
+#include <math.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum metric_type { MT_COUNTER, MT_GAUGE, MT_HISTOGRAM, MT_UNTYPED };
+
+static const char *const type_names[] = {"counter", "gauge", "histogram", "untyped"};
+
+static const double default_bounds[] = {0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
+                                        0.01,   0.025,   0.05,   0.1,   0.25,   0.5,
+                                        1,      2.5,     5,      10};
+
+struct series {
+    struct series *hash_next;   /* chain in the series table */
+    struct series *family_next; /* insertion order within the family */
+    struct family *family;
+    char *labels;               /* "" when none */
+    double value;               /* counter / gauge */
+    /* histogram */
+    double *bounds;
+    uint64_t *bucket_counts; /* per bucket, not cumulative; [nbounds] is +Inf */
+    size_t nbounds;
+    double sum;
+    uint64_t count;
+};
+
+struct family {
+    struct family *hash_next;
+    char *name;
+    char *help;
+    enum metric_type type;
+    struct series *first, *last;
+};
+
+struct collector {
+    metrics_collector_fn fn;
+    void *ud;
+};
+
+static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static struct family **family_table;
+static size_t family_buckets, family_count;
+static struct series **series_table;
+static size_t series_buckets, series_count;
+
+static struct collector *collectors;
+static size_t ncollectors, collectors_cap;
+
+static uint64_t hash_str(uint64_t h, const char *s)
+{
+    for (; *s; s++) {
+        h ^= (unsigned char)*s;
+        h *= 1099511628211ULL;
+    }
+    return h;
+}
+
+static uint64_t hash_family(const char *name)
+{
+    return hash_str(14695981039346656037ULL, name);
+}
+
+static uint64_t hash_series(const char *name, const char *labels)
+{
+    uint64_t h = hash_family(name);
+    h ^= 0xff; /* separator so ("ab","c") and ("a","bc") differ */
+    h *= 1099511628211ULL;
+    return hash_str(h, labels);
+}
+
+static char *dup_or_die(const char *s)
+{
+    char *d = strdup(s ? s : "");
+    if (!d) abort(); /* out of memory in the metrics registry: nothing sensible to do */
+    return d;
+}
+
+static void *calloc_or_die(size_t n, size_t size)
+{
+    void *p = calloc(n ? n : 1, size);
+    if (!p) abort();
+    return p;
+}
+
+static void grow_families(void)
+{
+    size_t nb = family_buckets ? family_buckets * 2 : 64;
+    struct family **nt = calloc_or_die(nb, sizeof *nt);
+    for (size_t i = 0; i < family_buckets; i++) {
+        struct family *f = family_table[i];
+        while (f) {
+            struct family *next = f->hash_next;
+            size_t b = hash_family(f->name) % nb;
+            f->hash_next = nt[b];
+            nt[b] = f;
+            f = next;
+        }
+    }
+    free(family_table);
+    family_table = nt;
+    family_buckets = nb;
+}
+
+static struct family *find_family(const char *name)
+{
+    if (!family_buckets) return NULL;
+    for (struct family *f = family_table[hash_family(name) % family_buckets]; f; f = f->hash_next)
+        if (strcmp(f->name, name) == 0) return f;
+    return NULL;
+}
+
+static struct family *get_family(const char *name, enum metric_type type)
+{
+    struct family *f = find_family(name);
+    if (f) {
+        if (f->type == MT_UNTYPED) f->type = type;
+        return f;
+    }
+    if (family_count + 1 > family_buckets) grow_families();
+    f = calloc_or_die(1, sizeof *f);
+    f->name = dup_or_die(name);
+    f->type = type;
+    size_t b = hash_family(name) % family_buckets;
+    f->hash_next = family_table[b];
+    family_table[b] = f;
+    family_count++;
+    return f;
+}
+
+/* Series are keyed by (family, labels): the family's name is hashed, its pointer compared. */
+static void grow_series(void)
+{
+    size_t nb = series_buckets ? series_buckets * 2 : 256;
+    struct series **nt = calloc_or_die(nb, sizeof *nt);
+    for (size_t i = 0; i < series_buckets; i++) {
+        struct series *s = series_table[i];
+        while (s) {
+            struct series *next = s->hash_next;
+            size_t b = hash_series(s->family->name, s->labels) % nb;
+            s->hash_next = nt[b];
+            nt[b] = s;
+            s = next;
+        }
+    }
+    free(series_table);
+    series_table = nt;
+    series_buckets = nb;
+}
+
+static struct series *get_series(struct family *f, const char *labels, const double *bounds,
+                                 size_t nbounds)
+{
+    if (!labels) labels = "";
+    if (series_buckets) {
+        size_t b = hash_series(f->name, labels) % series_buckets;
+        for (struct series *s = series_table[b]; s; s = s->hash_next)
+            if (s->family == f && strcmp(s->labels, labels) == 0) return s;
+    }
+    if (series_count + 1 > series_buckets) grow_series();
+    struct series *s = calloc_or_die(1, sizeof *s);
+    s->family = f;
+    s->labels = dup_or_die(labels);
+    if (f->type == MT_HISTOGRAM) {
+        if (!bounds || nbounds == 0) {
+            bounds = default_bounds;
+            nbounds = sizeof default_bounds / sizeof default_bounds[0];
+        }
+        s->bounds = calloc_or_die(nbounds, sizeof *s->bounds);
+        memcpy(s->bounds, bounds, nbounds * sizeof *bounds);
+        s->nbounds = nbounds;
+        s->bucket_counts = calloc_or_die(nbounds + 1, sizeof *s->bucket_counts);
+    }
+    size_t b = hash_series(f->name, labels) % series_buckets;
+    s->hash_next = series_table[b];
+    series_table[b] = s;
+    series_count++;
+    if (f->last) f->last->family_next = s;
+    else f->first = s;
+    f->last = s;
+    return s;
+}
+
+static enum metric_type parse_type(const char *type)
+{
+    if (!type) return MT_UNTYPED;
+    for (int i = 0; i < 4; i++)
+        if (strcmp(type, type_names[i]) == 0) return (enum metric_type)i;
+    return MT_UNTYPED;
+}
+
+void metrics_describe(const char *name, const char *type, const char *help)
+{
+    if (!name) return;
+    pthread_mutex_lock(&registry_lock);
+    struct family *f = get_family(name, parse_type(type));
+    if (help && !f->help) f->help = dup_or_die(help);
+    pthread_mutex_unlock(&registry_lock);
+}
+
+void metrics_counter_add(const char *name, const char *labels, double v)
+{
+    if (!name) return;
+    pthread_mutex_lock(&registry_lock);
+    struct family *f = get_family(name, MT_COUNTER);
+    if (f->type == MT_COUNTER) get_series(f, labels, NULL, 0)->value += v;
+    pthread_mutex_unlock(&registry_lock);
+}
+
+void metrics_gauge_set(const char *name, const char *labels, double v)
+{
+    if (!name) return;
+    pthread_mutex_lock(&registry_lock);
+    struct family *f = get_family(name, MT_GAUGE);
+    if (f->type == MT_GAUGE) get_series(f, labels, NULL, 0)->value = v;
+    pthread_mutex_unlock(&registry_lock);
+}
+
+void metrics_observe_buckets(const char *name, const char *labels, double v,
+                             const double *bounds, size_t nbounds)
+{
+    if (!name) return;
+    pthread_mutex_lock(&registry_lock);
+    struct family *f = get_family(name, MT_HISTOGRAM);
+    if (f->type == MT_HISTOGRAM) {
+        struct series *s = get_series(f, labels, bounds, nbounds);
+        size_t i = 0;
+        while (i < s->nbounds && v > s->bounds[i]) i++;
+        s->bucket_counts[i]++;
+        s->sum += v;
+        s->count++;
+    }
+    pthread_mutex_unlock(&registry_lock);
+}
+
+void metrics_observe(const char *name, const char *labels, double seconds)
+{
+    metrics_observe_buckets(name, labels, seconds, NULL, 0);
+}
+
+void metrics_add_collector(metrics_collector_fn fn, void *ud)
+{
+    if (!fn) return;
+    pthread_mutex_lock(&registry_lock);
+    if (ncollectors == collectors_cap) {
+        size_t nc = collectors_cap ? collectors_cap * 2 : 8;
+        struct collector *n = realloc(collectors, nc * sizeof *n);
+        if (!n) abort();
+        collectors = n;
+        collectors_cap = nc;
+    }
+    collectors[ncollectors].fn = fn;
+    collectors[ncollectors].ud = ud;
+    ncollectors++;
+    pthread_mutex_unlock(&registry_lock);
+}
+
+/* ---- rendering ---- */
+
+struct outbuf {
+    char *data;
+    size_t len, cap;
+};
+
+static void out_printf(struct outbuf *o, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+static void out_printf(struct outbuf *o, const char *fmt, ...)
+{
+    for (;;) {
+        va_list ap;
+        va_start(ap, fmt);
+        int n = vsnprintf(o->data + o->len, o->cap - o->len, fmt, ap);
+        va_end(ap);
+        if (n < 0) return;
+        if ((size_t)n < o->cap - o->len) {
+            o->len += (size_t)n;
+            return;
+        }
+        size_t nc = o->cap * 2 + (size_t)n;
+        char *nd = realloc(o->data, nc);
+        if (!nd) abort();
+        o->data = nd;
+        o->cap = nc;
+    }
+}
+
+/* Prometheus sample value: integers without exponent, others with enough precision. */
+static void format_value(char *buf, size_t len, double v)
+{
+    if (isnan(v)) snprintf(buf, len, "NaN");
+    else if (isinf(v)) snprintf(buf, len, v > 0 ? "+Inf" : "-Inf");
+    else if (v == floor(v) && fabs(v) < 1e15) snprintf(buf, len, "%.0f", v);
+    else snprintf(buf, len, "%.15g", v);
+}
+
+static void out_help(struct outbuf *o, const char *help)
+{
+    for (const char *p = help; *p; p++) {
+        if (*p == '\\') out_printf(o, "\\\\");
+        else if (*p == '\n') out_printf(o, "\\n");
+        else out_printf(o, "%c", *p);
+    }
+}
+
+static int cmp_family(const void *a, const void *b)
+{
+    const struct family *fa = *(const struct family *const *)a;
+    const struct family *fb = *(const struct family *const *)b;
+    return strcmp(fa->name, fb->name);
+}
+
+static void render_histogram(struct outbuf *o, const struct family *f, const struct series *s)
+{
+    const char *sep = s->labels[0] ? "," : "";
+    char num[64];
+    uint64_t cumulative = 0;
+    for (size_t i = 0; i <= s->nbounds; i++) {
+        cumulative += s->bucket_counts[i];
+        if (i < s->nbounds) format_value(num, sizeof num, s->bounds[i]);
+        else snprintf(num, sizeof num, "+Inf");
+        out_printf(o, "%s_bucket{%s%sle=\"%s\"} %llu\n", f->name, s->labels, sep, num,
+                   (unsigned long long)cumulative);
+    }
+    format_value(num, sizeof num, s->sum);
+    if (s->labels[0]) {
+        out_printf(o, "%s_sum{%s} %s\n", f->name, s->labels, num);
+        out_printf(o, "%s_count{%s} %llu\n", f->name, s->labels, (unsigned long long)s->count);
+    } else {
+        out_printf(o, "%s_sum %s\n", f->name, num);
+        out_printf(o, "%s_count %llu\n", f->name, (unsigned long long)s->count);
+    }
+}
+
+char *metrics_render(size_t *len)
+{
+    /* Collectors set gauges themselves, so they run before the registry lock is taken.
+     * Copy the list first: a collector may (in theory) add another collector. */
+    pthread_mutex_lock(&registry_lock);
+    size_t nc = ncollectors;
+    struct collector *snapshot = calloc_or_die(nc, sizeof *snapshot);
+    if (nc) memcpy(snapshot, collectors, nc * sizeof *snapshot);
+    pthread_mutex_unlock(&registry_lock);
+    for (size_t i = 0; i < nc; i++) snapshot[i].fn(snapshot[i].ud);
+    free(snapshot);
+
+    struct outbuf o = {.data = malloc(4096), .len = 0, .cap = 4096};
+    if (!o.data) abort();
+    o.data[0] = '\0';
+
+    pthread_mutex_lock(&registry_lock);
+    struct family **sorted = calloc_or_die(family_count, sizeof *sorted);
+    size_t n = 0;
+    for (size_t b = 0; b < family_buckets; b++)
+        for (struct family *f = family_table[b]; f; f = f->hash_next) sorted[n++] = f;
+    qsort(sorted, n, sizeof *sorted, cmp_family);
+
+    for (size_t i = 0; i < n; i++) {
+        struct family *f = sorted[i];
+        if (!f->first) continue; /* described but never recorded */
+        if (f->help) {
+            out_printf(&o, "# HELP %s ", f->name);
+            out_help(&o, f->help);
+            out_printf(&o, "\n");
+        }
+        out_printf(&o, "# TYPE %s %s\n", f->name, type_names[f->type]);
+        for (struct series *s = f->first; s; s = s->family_next) {
+            if (f->type == MT_HISTOGRAM) {
+                render_histogram(&o, f, s);
+                continue;
+            }
+            char num[64];
+            format_value(num, sizeof num, s->value);
+            if (s->labels[0]) out_printf(&o, "%s{%s} %s\n", f->name, s->labels, num);
+            else out_printf(&o, "%s %s\n", f->name, num);
+        }
+    }
+    free(sorted);
+    pthread_mutex_unlock(&registry_lock);
+
+    if (len) *len = o.len;
+    return o.data;
+}
+
+void metrics_reset(void)
+{
+    pthread_mutex_lock(&registry_lock);
+    for (size_t b = 0; b < series_buckets; b++) {
+        struct series *s = series_table[b];
+        while (s) {
+            struct series *next = s->hash_next;
+            free(s->labels);
+            free(s->bounds);
+            free(s->bucket_counts);
+            free(s);
+            s = next;
+        }
+    }
+    free(series_table);
+    series_table = NULL;
+    series_buckets = series_count = 0;
+    for (size_t b = 0; b < family_buckets; b++) {
+        struct family *f = family_table[b];
+        while (f) {
+            struct family *next = f->hash_next;
+            free(f->name);
+            free(f->help);
+            free(f);
+            f = next;
+        }
+    }
+    free(family_table);
+    family_table = NULL;
+    family_buckets = family_count = 0;
+    free(collectors);
+    collectors = NULL;
+    ncollectors = collectors_cap = 0;
+    pthread_mutex_unlock(&registry_lock);
+}

@@ -1,0 +1,1134 @@
+/* outbox_relay: LISTEN/NOTIFY + timer, advisory lock, produce, mark on ack, retention.
+ *
+ * Every outbox row this process is handling sits in one map, keyed by row id, in one
+ * state:
+ *   INFLIGHT  produced, delivery report not yet seen
+ *   ACKED     acknowledged by the broker, the UPDATE marking it not yet committed
+ *   MARKED    marked published, but a claim query that started before the mark committed
+ *             may still return it; dropped once a claim sent after the mark returns
+ *   COOLDOWN  its delivery failed; skipped by claims until its retry time
+ * Claims skip every id in the map, so a row is never produced twice concurrently. The map
+ * (all states) is bounded by RELAY_INFLIGHT_MAX.
+ *
+ * Claims walk a cursor (id > cursor, in id order). Transactions may commit out of id order
+ * (group commits on several connections), so a row can appear below the cursor: the
+ * cursor is rewound to 0 every RELAY_INTERVAL (the partial index on unpublished ids keeps
+ * that cheap) and to just below any id a NOTIFY payload names. */
+#include "outbox_relay.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <json-c/json.h>
+#include <librdkafka/rdkafka.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "db_pool.h"
+#include "kafka_common.h"
+#include "log.h"
+#include "metrics.h"
+
+#define RELAY_LOCK_KEY "7366046105302081828" /* pg advisory lock id: "ticketd relay" */
+#define RELAY_RETENTION_EVERY_MS 60000
+#define RELAY_RETENTION_BATCH 1000
+#define RELAY_MARK_BATCH_MAX 5000
+#define RELAY_BACKOFF_CAP_MS 60000
+#define RELAY_CLOSE_WAIT_MAX_MS 10000
+#define RELAY_CLOSE_CHECK_MS 50
+#define RELAY_ERR_MAX 200
+
+#define RELAY_CONTAINER_OF(ptr, type, member) ((type *)((char *)(ptr)-offsetof(type, member)))
+
+static const char *const claim_sql =
+    "SELECT id, event_id, aggregate_id, payload::text, "
+    "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), "
+    "extract(epoch FROM created_at)::float8, attempts "
+    "FROM outbox WHERE published_at IS NULL AND id > $1 ORDER BY id LIMIT $2";
+
+static const char *const mark_sql =
+    "UPDATE outbox o SET published_at = now(), kafka_partition = u.p, kafka_offset = u.off "
+    "FROM unnest($1::bigint[], $2::int[], $3::bigint[]) AS u(id, p, off) "
+    "WHERE o.id = u.id AND o.published_at IS NULL";
+
+static const char *const fail_sql =
+    "UPDATE outbox o SET attempts = o.attempts + 1, last_error = u.e "
+    "FROM unnest($1::bigint[], $2::text[]) AS u(id, e) "
+    "WHERE o.id = u.id AND o.published_at IS NULL";
+
+static const char *const retention_sql =
+    "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE published_at IS NOT NULL "
+    "AND published_at < now() - $1::bigint * interval '1 millisecond' LIMIT 1000)";
+
+static const char *const backlog_sql = "SELECT count(*) FROM outbox WHERE published_at IS NULL";
+
+enum row_state { ROW_INFLIGHT = 1, ROW_ACKED, ROW_MARKED, ROW_COOLDOWN };
+
+struct row {
+    int64_t id; /* 0 = empty slot */
+    uint8_t state;
+    int attempts;        /* as read by the claim (before this try) */
+    double created_at;   /* epoch seconds, for commit -> ack latency */
+    uint64_t retry_at;   /* COOLDOWN: loop ms */
+};
+
+struct row_map {
+    struct row *slots;
+    size_t cap; /* power of two */
+    size_t count;
+};
+
+struct ack {
+    int64_t id;
+    int32_t partition;
+    int64_t offset;
+};
+
+struct failure {
+    int64_t id;
+    char error[RELAY_ERR_MAX];
+};
+
+struct marked {
+    int64_t id;
+    uint64_t claim_seq; /* claims sent up to this one may not have seen the mark */
+};
+
+/* Delivery reports collected during one rd_kafka_poll drain. */
+struct dr {
+    int64_t id;
+    rd_kafka_resp_err_t err;
+    int32_t partition;
+    int64_t offset;
+};
+
+struct relay {
+    uv_loop_t *loop;
+    const struct cfg *cfg;
+    char *brokers; /* bootstrap, kept to recreate the producer after a fatal error */
+    rd_kafka_t *rk;
+    rd_kafka_resp_err_t last_produce_err; /* of the last failed produce call, for the log */
+    rd_kafka_topic_t *rkt;  /* held so the topic's metadata and leaders are fetched early */
+    rd_kafka_queue_t *mainq;
+    struct kafka_bridge *bridge;
+    struct dbp *session; /* LISTEN, advisory lock, claims, retention, backlog */
+    struct dbp *marker;  /* mark published / record failures */
+    uv_timer_t tick_timer, retry_timer, retention_timer, close_timer;
+
+    bool active, kafka_ready, fatal, closing, teardown;
+    uint64_t session_gen;     /* bumps on every (dis)connect: stale answers are ignored */
+    bool lock_inflight, claim_inflight, claim_again, retention_inflight, backlog_inflight;
+    uint64_t lock_gen, claim_gen;
+    bool standby_logged;
+
+    int64_t cursor;           /* claims read id > cursor */
+    int64_t rewind_to;        /* pending rewind, applied when the next claim is sent */
+    uint64_t claim_seq_sent;  /* sequence number of the last claim sent */
+    uint64_t claim_seq_inflight;
+
+    struct row_map rows;
+    int inflight;             /* rows in state INFLIGHT */
+
+    struct ack *acks;         /* acknowledged, waiting for the mark UPDATE */
+    size_t nacks, acks_cap, acks_sending;
+    struct failure *fails;    /* failed deliveries, waiting for their UPDATE */
+    size_t nfails, fails_cap, fails_sending;
+    struct marked *marked;    /* FIFO of MARKED ids in claim_seq order */
+    size_t nmarked, marked_cap;
+
+    struct dr *drs;           /* scratch for one drain */
+    size_t ndrs, drs_cap;
+
+    uint64_t close_deadline;
+    int closing_parts;        /* pools and handles still closing */
+    void (*done)(void *ud);
+    void *done_ud;
+    uv_work_t destroy_work;
+};
+
+/* --- row map: open addressing, linear probing, backward-shift deletion ---------------- */
+
+static size_t slot_of(const struct row_map *m, int64_t id)
+{
+    uint64_t h = (uint64_t)id * 0x9E3779B97F4A7C15ull;
+    return (size_t)(h >> 17) & (m->cap - 1);
+}
+
+static struct row *map_find(struct row_map *m, int64_t id)
+{
+    if (!m->cap) return NULL;
+    for (size_t i = slot_of(m, id);; i = (i + 1) & (m->cap - 1)) {
+        if (m->slots[i].id == id) return &m->slots[i];
+        if (m->slots[i].id == 0) return NULL;
+    }
+}
+
+static int map_grow(struct row_map *m)
+{
+    size_t ncap = m->cap ? m->cap * 2 : 1024;
+    struct row *ns = calloc(ncap, sizeof *ns);
+    if (!ns) return -ENOMEM;
+    struct row_map nm = {.slots = ns, .cap = ncap, .count = 0};
+    for (size_t i = 0; i < m->cap; i++) {
+        if (!m->slots[i].id) continue;
+        size_t j = slot_of(&nm, m->slots[i].id);
+        while (ns[j].id) j = (j + 1) & (ncap - 1);
+        ns[j] = m->slots[i];
+        nm.count++;
+    }
+    free(m->slots);
+    *m = nm;
+    return 0;
+}
+
+static struct row *map_insert(struct row_map *m, int64_t id)
+{
+    if ((m->count + 1) * 2 > m->cap && map_grow(m) != 0) return NULL;
+    size_t i = slot_of(m, id);
+    while (m->slots[i].id && m->slots[i].id != id) i = (i + 1) & (m->cap - 1);
+    if (!m->slots[i].id) {
+        memset(&m->slots[i], 0, sizeof m->slots[i]);
+        m->slots[i].id = id;
+        m->count++;
+    }
+    return &m->slots[i];
+}
+
+static void map_remove(struct row_map *m, int64_t id)
+{
+    struct row *r = map_find(m, id);
+    if (!r) return;
+    size_t i = (size_t)(r - m->slots), mask = m->cap - 1;
+    m->slots[i].id = 0;
+    m->count--;
+    /* Shift later members of the probe run back so lookups never stop early. */
+    for (size_t j = (i + 1) & mask; m->slots[j].id; j = (j + 1) & mask) {
+        size_t home = slot_of(m, m->slots[j].id);
+        bool movable = (j > i) ? (home <= i || home > j) : (home <= i && home > j);
+        if (movable) {
+            m->slots[i] = m->slots[j];
+            m->slots[j].id = 0;
+            i = j;
+        }
+    }
+}
+
+/* --- small helpers ------------------------------------------------------------------- */
+
+static int grow(void **arr, size_t *cap, size_t need, size_t elem)
+{
+    if (need <= *cap) return 0;
+    size_t ncap = *cap ? *cap : 64;
+    while (ncap < need) ncap *= 2;
+    void *n = realloc(*arr, ncap * elem);
+    if (!n) return -ENOMEM;
+    *arr = n;
+    *cap = ncap;
+    return 0;
+}
+
+struct sbuf {
+    char *p;
+    size_t len, cap;
+    bool oom;
+};
+
+static void sb_put(struct sbuf *b, const char *s, size_t n)
+{
+    if (b->oom) return;
+    if (b->len + n + 1 > b->cap) {
+        size_t ncap = b->cap ? b->cap : 256;
+        while (ncap < b->len + n + 1) ncap *= 2;
+        char *np = realloc(b->p, ncap);
+        if (!np) {
+            b->oom = true;
+            return;
+        }
+        b->p = np;
+        b->cap = ncap;
+    }
+    memcpy(b->p + b->len, s, n);
+    b->len += n;
+    b->p[b->len] = '\0';
+}
+
+static void sb_printf(struct sbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void sb_printf(struct sbuf *b, const char *fmt, ...)
+{
+    char tmp[64];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(tmp, sizeof tmp, fmt, ap);
+    va_end(ap);
+    if (n > 0) sb_put(b, tmp, (size_t)n < sizeof tmp ? (size_t)n : sizeof tmp - 1);
+}
+
+/* One element of a PostgreSQL text[] literal, quoted. */
+static void sb_array_text(struct sbuf *b, const char *s)
+{
+    sb_put(b, "\"", 1);
+    for (; *s; s++) {
+        if (*s == '"' || *s == '\\') sb_put(b, "\\", 1);
+        sb_put(b, s, 1);
+    }
+    sb_put(b, "\"", 1);
+}
+
+static double now_epoch(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static void set_active(struct relay *r, bool active, const char *why)
+{
+    if (r->active == active) return;
+    r->active = active;
+    metrics_gauge_set("ticketd_relay_active", NULL, active ? 1 : 0);
+    if (active) {
+        r->standby_logged = false;
+        log_info("relay", "event=became_active why=%s", why);
+    } else {
+        log_warn("relay", "event=became_inactive why=%s", why);
+    }
+}
+
+static void maybe_claim(struct relay *r);
+static void flush_marks(struct relay *r);
+static void flush_fails(struct relay *r);
+static void try_lock(struct relay *r);
+static void close_check(struct relay *r);
+static void on_retry_timer(uv_timer_t *t);
+
+/* --- marking ------------------------------------------------------------------------- */
+
+static void on_mark_done(void *ud, const PGresult *res, const char *error)
+{
+    struct relay *r = ud;
+    size_t n = r->acks_sending;
+    r->acks_sending = 0;
+
+    if (!res || PQresultStatus(res) != PGRES_COMMAND_OK) {
+        /* Keep them: marked again on the next tick. Rows stay owned meanwhile. */
+        log_warn("relay", "event=mark_failed rows=%zu err=\"%s\"", n,
+                 error ? error : (res ? PQresultErrorMessage(res) : "?"));
+        if (r->closing) close_check(r);
+        return;
+    }
+    for (size_t i = 0; i < n; i++) {
+        struct row *row = map_find(&r->rows, r->acks[i].id);
+        if (!row) continue;
+        row->state = ROW_MARKED;
+        if (grow((void **)&r->marked, &r->marked_cap, r->nmarked + 1, sizeof *r->marked) != 0) {
+            map_remove(&r->rows, r->acks[i].id);
+            continue;
+        }
+        r->marked[r->nmarked++] = (struct marked){r->acks[i].id, r->claim_seq_sent};
+    }
+    memmove(r->acks, r->acks + n, (r->nacks - n) * sizeof *r->acks);
+    r->nacks -= n;
+    log_debug("relay", "event=marked rows=%zu", n);
+    flush_marks(r);
+    if (r->closing) close_check(r);
+    else maybe_claim(r);
+}
+
+static void flush_marks(struct relay *r)
+{
+    if (r->acks_sending || !r->nacks || r->teardown) return;
+    size_t n = r->nacks < RELAY_MARK_BATCH_MAX ? r->nacks : RELAY_MARK_BATCH_MAX;
+    struct sbuf ids = {0}, parts = {0}, offs = {0};
+    sb_put(&ids, "{", 1);
+    sb_put(&parts, "{", 1);
+    sb_put(&offs, "{", 1);
+    for (size_t i = 0; i < n; i++) {
+        const char *sep = i ? "," : "";
+        sb_printf(&ids, "%s%" PRId64, sep, r->acks[i].id);
+        sb_printf(&parts, "%s%" PRId32, sep, r->acks[i].partition);
+        sb_printf(&offs, "%s%" PRId64, sep, r->acks[i].offset);
+    }
+    sb_put(&ids, "}", 1);
+    sb_put(&parts, "}", 1);
+    sb_put(&offs, "}", 1);
+    if (!ids.oom && !parts.oom && !offs.oom) {
+        const char *params[3] = {ids.p, parts.p, offs.p};
+        if (dbp_query(r->marker, mark_sql, 3, params, on_mark_done, r) == 0) r->acks_sending = n;
+    }
+    free(ids.p);
+    free(parts.p);
+    free(offs.p);
+}
+
+static void on_fail_done(void *ud, const PGresult *res, const char *error)
+{
+    struct relay *r = ud;
+    size_t n = r->fails_sending;
+    r->fails_sending = 0;
+    if (!res || PQresultStatus(res) != PGRES_COMMAND_OK) {
+        log_warn("relay", "event=record_failure_failed rows=%zu err=\"%s\"", n,
+                 error ? error : (res ? PQresultErrorMessage(res) : "?"));
+        if (r->closing) close_check(r);
+        return;
+    }
+    memmove(r->fails, r->fails + n, (r->nfails - n) * sizeof *r->fails);
+    r->nfails -= n;
+    flush_fails(r);
+    if (r->closing) close_check(r);
+}
+
+static void flush_fails(struct relay *r)
+{
+    if (r->fails_sending || !r->nfails || r->teardown) return;
+    size_t n = r->nfails < RELAY_MARK_BATCH_MAX ? r->nfails : RELAY_MARK_BATCH_MAX;
+    struct sbuf ids = {0}, errs = {0};
+    sb_put(&ids, "{", 1);
+    sb_put(&errs, "{", 1);
+    for (size_t i = 0; i < n; i++) {
+        if (i) sb_put(&errs, ",", 1);
+        sb_printf(&ids, "%s%" PRId64, i ? "," : "", r->fails[i].id);
+        sb_array_text(&errs, r->fails[i].error);
+    }
+    sb_put(&ids, "}", 1);
+    sb_put(&errs, "}", 1);
+    if (!ids.oom && !errs.oom) {
+        const char *params[2] = {ids.p, errs.p};
+        if (dbp_query(r->marker, fail_sql, 2, params, on_fail_done, r) == 0) r->fails_sending = n;
+    }
+    free(ids.p);
+    free(errs.p);
+}
+
+/* A try that failed (delivery report or produce call): record it, retry after backoff. */
+static void row_failed(struct relay *r, struct row *row, const char *error)
+{
+    int attempts = row->attempts + 1;
+    uint64_t backoff = (uint64_t)r->cfg->relay_retry_backoff_ms;
+    for (int i = 1; i < attempts && backoff < RELAY_BACKOFF_CAP_MS; i++) backoff *= 2;
+    if (backoff > RELAY_BACKOFF_CAP_MS) backoff = RELAY_BACKOFF_CAP_MS;
+    if (backoff < 1) backoff = 1;
+
+    row->state = ROW_COOLDOWN;
+    row->attempts = attempts;
+    row->retry_at = uv_now(r->loop) + backoff;
+    metrics_counter_add("ticketd_relay_failures_total", NULL, 1);
+    if (grow((void **)&r->fails, &r->fails_cap, r->nfails + 1, sizeof *r->fails) == 0) {
+        struct failure *f = &r->fails[r->nfails++];
+        f->id = row->id;
+        snprintf(f->error, sizeof f->error, "%s", error);
+    }
+    /* The earliest retry drives the timer. */
+    if (!uv_is_active((uv_handle_t *)&r->retry_timer) ||
+        backoff < uv_timer_get_due_in(&r->retry_timer))
+        uv_timer_start(&r->retry_timer, on_retry_timer, backoff, 0);
+}
+
+/* --- delivery reports ---------------------------------------------------------------- */
+
+static void on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque)
+{
+    struct relay *r = opaque;
+    if (grow((void **)&r->drs, &r->drs_cap, r->ndrs + 1, sizeof *r->drs) != 0) {
+        log_error("relay", "event=oom_delivery_report id=%" PRId64, (int64_t)(intptr_t)m->_private);
+        return; /* the row stays INFLIGHT, unpublished: resent by a later relay */
+    }
+    r->drs[r->ndrs++] = (struct dr){(int64_t)(intptr_t)m->_private, m->err, m->partition,
+                                    m->offset};
+}
+
+static void process_drs(struct relay *r)
+{
+    size_t ok = 0, failed = 0;
+    rd_kafka_resp_err_t first_err = RD_KAFKA_RESP_ERR_NO_ERROR;
+    int64_t first_failed = 0;
+    double now = now_epoch();
+
+    for (size_t i = 0; i < r->ndrs; i++) {
+        struct dr *d = &r->drs[i];
+        struct row *row = map_find(&r->rows, d->id);
+        if (!row || row->state != ROW_INFLIGHT) continue;
+        r->inflight--;
+        if (d->err == RD_KAFKA_RESP_ERR_NO_ERROR) {
+            if (grow((void **)&r->acks, &r->acks_cap, r->nacks + 1, sizeof *r->acks) != 0) {
+                map_remove(&r->rows, d->id); /* unmarked: resent later, same ce_id */
+                continue;
+            }
+            r->acks[r->nacks++] = (struct ack){d->id, d->partition, d->offset};
+            row->state = ROW_ACKED;
+            metrics_observe("ticketd_relay_commit_to_ack_seconds", NULL,
+                            now > row->created_at ? now - row->created_at : 0);
+            ok++;
+        } else {
+            if (!failed) {
+                first_err = d->err;
+                first_failed = d->id;
+            }
+            failed++;
+            row_failed(r, row, rd_kafka_err2str(d->err));
+        }
+    }
+    r->ndrs = 0;
+    if (ok) {
+        metrics_counter_add("ticketd_relay_published_total", NULL, (double)ok);
+        if (!r->kafka_ready) log_info("relay", "event=kafka_reachable");
+        r->kafka_ready = true;
+    }
+    if (failed)
+        log_warn("relay", "event=delivery_failed rows=%zu first_id=%" PRId64 " err=\"%s\"",
+                 failed, first_failed, rd_kafka_err2str(first_err));
+    flush_marks(r);
+    flush_fails(r);
+}
+
+/* Statistics (every second) tell whether any broker learned from metadata is up. */
+static int on_stats(rd_kafka_t *rk, char *json, size_t len, void *opaque)
+{
+    struct relay *r = opaque;
+    json_object *root = json_tokener_parse(json);
+    json_object *brokers;
+    bool up = false;
+
+    if (!root) return 0;
+    if (json_object_object_get_ex(root, "brokers", &brokers) &&
+        json_object_is_type(brokers, json_type_object)) {
+        json_object_object_foreach(brokers, name, b) {
+            json_object *nodeid, *state;
+            (void)name;
+            if (json_object_object_get_ex(b, "nodeid", &nodeid) &&
+                json_object_get_int(nodeid) >= 0 &&
+                json_object_object_get_ex(b, "state", &state) &&
+                strcmp(json_object_get_string(state), "UP") == 0)
+                up = true;
+        }
+    }
+    json_object_put(root);
+    if (up != r->kafka_ready) {
+        if (up)
+            log_info("relay", "event=kafka_reachable");
+        else
+            log_warn("relay", "event=kafka_unreachable why=no_broker_up");
+    }
+    r->kafka_ready = up;
+    return 0; /* librdkafka frees json */
+}
+
+static void on_error(rd_kafka_t *rk, int err, const char *reason, void *opaque)
+{
+    struct relay *r = opaque;
+    char quoted[256];
+    log_quote(reason, quoted, sizeof quoted);
+    if (err == RD_KAFKA_RESP_ERR__FATAL) {
+        char why[256];
+        rd_kafka_resp_err_t orig = rd_kafka_fatal_error(rk, why, sizeof why);
+        log_quote(why, quoted, sizeof quoted);
+        log_error("relay", "event=producer_fatal err=%s reason=\"%s\" action=recreate",
+                  rd_kafka_err2name(orig), quoted);
+        r->fatal = true;
+        return;
+    }
+    if (err == RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN) {
+        if (r->kafka_ready) log_warn("relay", "event=kafka_unreachable why=all_brokers_down");
+        r->kafka_ready = false;
+        return;
+    }
+    log_warn("relay", "event=kafka_error err=%s reason=\"%s\"", rd_kafka_err2name(err), quoted);
+}
+
+static void on_rdkafka_log(const rd_kafka_t *rk, int level, const char *fac, const char *buf)
+{
+    int lvl = level <= 3 ? LOG_ERROR : level == 4 ? LOG_WARN : level <= 6 ? LOG_INFO : LOG_DEBUG;
+    char quoted[512];
+    log_quote(buf, quoted, sizeof quoted);
+    log_at(lvl, "rdkafka", "event=log fac=%s msg=\"%s\"", fac, quoted);
+}
+
+static bool user_sets(const struct cfg *c, const char *prop)
+{
+    return c->kafka_config && strstr(c->kafka_config, prop);
+}
+
+static int producer_create(struct relay *r, const char *brokers)
+{
+    char errstr[512];
+    rd_kafka_conf_t *conf = kafka_conf_new(brokers, r->cfg->kafka_config, errstr, sizeof errstr);
+    if (!conf) {
+        log_error("relay", "event=kafka_config_invalid err=\"%s\"", errstr);
+        return -EINVAL;
+    }
+    /* The guarantees are not tunable: idempotence implies acks=all and ordered retries. */
+    if (rd_kafka_conf_set(conf, "enable.idempotence", "true", errstr, sizeof errstr) ||
+        rd_kafka_conf_set(conf, "acks", "all", errstr, sizeof errstr) ||
+        (!user_sets(r->cfg, "linger.ms") && !user_sets(r->cfg, "queue.buffering.max.ms") &&
+         rd_kafka_conf_set(conf, "linger.ms", "5", errstr, sizeof errstr)) ||
+        (!user_sets(r->cfg, "statistics.interval.ms") &&
+         rd_kafka_conf_set(conf, "statistics.interval.ms", "1000", errstr, sizeof errstr))) {
+        log_error("relay", "event=kafka_config_invalid err=\"%s\"", errstr);
+        rd_kafka_conf_destroy(conf);
+        return -EINVAL;
+    }
+    rd_kafka_conf_set_opaque(conf, r);
+    rd_kafka_conf_set_dr_msg_cb(conf, on_delivery);
+    rd_kafka_conf_set_stats_cb(conf, on_stats);
+    rd_kafka_conf_set_error_cb(conf, on_error);
+    rd_kafka_conf_set_log_cb(conf, on_rdkafka_log);
+    r->rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errstr, sizeof errstr);
+    if (!r->rk) {
+        rd_kafka_conf_destroy(conf);
+        log_error("relay", "event=producer_create_failed err=\"%s\"", errstr);
+        return -EINVAL;
+    }
+    r->rkt = rd_kafka_topic_new(r->rk, r->cfg->topic, NULL);
+    return 0;
+}
+
+static void drain_kafka(void *ud);
+
+static int producer_bridge(struct relay *r)
+{
+    r->mainq = rd_kafka_queue_get_main(r->rk);
+    int rc = kafka_bridge_start(&r->bridge, r->loop, r->mainq, drain_kafka, r);
+    if (rc != 0) {
+        log_error("relay", "event=bridge_failed err=\"%s\"", uv_strerror(rc));
+        rd_kafka_queue_destroy(r->mainq);
+        r->mainq = NULL;
+    }
+    return rc;
+}
+
+static void destroy_rk_work(uv_work_t *w)
+{
+    rd_kafka_destroy((rd_kafka_t *)w->data); /* joins librdkafka's threads: off the loop */
+}
+
+/* The fatal-error path: once every in-flight message has reported back (librdkafka fails
+ * them all after a fatal error), the producer is destroyed off the loop and a new one
+ * made. */
+static void producer_recreate_done(uv_work_t *w, int status)
+{
+    struct relay *r = RELAY_CONTAINER_OF(w, struct relay, destroy_work);
+    (void)status;
+    r->closing_parts--;
+    if (r->closing) {
+        close_check(r);
+        return;
+    }
+    if (producer_create(r, r->brokers) == 0 && producer_bridge(r) == 0) {
+        r->fatal = false;
+        log_info("relay", "event=producer_recreated");
+        maybe_claim(r);
+    } else {
+        log_error("relay", "event=producer_recreate_failed action=retry_next_tick");
+        if (r->rk && !r->bridge) {
+            if (r->rkt) rd_kafka_topic_destroy(r->rkt);
+            r->rkt = NULL;
+            rd_kafka_destroy(r->rk); /* never connected anything yet: quick */
+            r->rk = NULL;
+        }
+    }
+}
+
+static void producer_retire(struct relay *r, uv_after_work_cb after)
+{
+    if (r->bridge) kafka_bridge_close(r->bridge);
+    r->bridge = NULL;
+    if (r->mainq) rd_kafka_queue_destroy(r->mainq);
+    r->mainq = NULL;
+    if (r->rkt) rd_kafka_topic_destroy(r->rkt);
+    r->rkt = NULL;
+    r->destroy_work.data = r->rk;
+    r->rk = NULL;
+    r->closing_parts++;
+    if (uv_queue_work(r->loop, &r->destroy_work, destroy_rk_work, after) != 0) {
+        rd_kafka_destroy((rd_kafka_t *)r->destroy_work.data);
+        r->closing_parts--;
+    }
+}
+
+static void drain_kafka(void *ud)
+{
+    struct relay *r = ud;
+    if (!r->rk) return;
+    /* Serves delivery reports, statistics and errors; each call handles one batch. */
+    while (rd_kafka_poll(r->rk, 0) > 0) {
+    }
+    process_drs(r);
+    if (r->fatal && r->inflight == 0 && !r->closing && !r->teardown)
+        producer_retire(r, producer_recreate_done);
+    else if (r->closing)
+        close_check(r);
+    else
+        maybe_claim(r);
+}
+
+/* --- claiming and producing ---------------------------------------------------------- */
+
+static void drop_marked_before(struct relay *r, uint64_t claim_seq)
+{
+    size_t k = 0;
+    while (k < r->nmarked && r->marked[k].claim_seq < claim_seq) {
+        struct row *row = map_find(&r->rows, r->marked[k].id);
+        if (row && row->state == ROW_MARKED) map_remove(&r->rows, r->marked[k].id);
+        k++;
+    }
+    memmove(r->marked, r->marked + k, (r->nmarked - k) * sizeof *r->marked);
+    r->nmarked -= k;
+}
+
+/* Returns 0 when produced, 1 when the local queue is full (try later), -1 when the
+ * produce call itself failed (recorded as a failed try). */
+static int produce_row(struct relay *r, const PGresult *res, int i, struct row *row)
+{
+    const char *event_id = PQgetvalue(res, i, 1);
+    const char *key = PQgetvalue(res, i, 2);
+    const char *payload = PQgetvalue(res, i, 3);
+    const char *ce_time = PQgetvalue(res, i, 4);
+    rd_kafka_headers_t *h = rd_kafka_headers_new(6);
+
+    rd_kafka_header_add(h, CE_SPECVERSION, -1, "1.0", -1);
+    rd_kafka_header_add(h, CE_ID, -1, event_id, -1);
+    rd_kafka_header_add(h, CE_SOURCE, -1, CE_SOURCE_TICKETD, -1);
+    rd_kafka_header_add(h, CE_TYPE, -1, CE_TYPE_TICKET_APPLIED, -1);
+    rd_kafka_header_add(h, CE_TIME, -1, ce_time, -1);
+    rd_kafka_header_add(h, CE_CONTENT_TYPE, -1, "application/json", -1);
+
+    rd_kafka_resp_err_t err = rd_kafka_producev(
+        r->rk, RD_KAFKA_V_TOPIC(r->cfg->topic),
+        RD_KAFKA_V_KEY(key, (size_t)PQgetlength(res, i, 2)),
+        RD_KAFKA_V_VALUE((void *)payload, (size_t)PQgetlength(res, i, 3)),
+        RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY), RD_KAFKA_V_HEADERS(h),
+        RD_KAFKA_V_OPAQUE((void *)(intptr_t)row->id), RD_KAFKA_V_END);
+    if (err == RD_KAFKA_RESP_ERR_NO_ERROR) return 0; /* h is owned by the message now */
+    rd_kafka_headers_destroy(h);
+    if (err == RD_KAFKA_RESP_ERR__QUEUE_FULL) return 1;
+    row_failed(r, row, rd_kafka_err2str(err));
+    r->last_produce_err = err;
+    return -1;
+}
+
+static void on_claim(void *ud, const PGresult *res, const char *error)
+{
+    struct relay *r = ud;
+    r->claim_inflight = false;
+    drop_marked_before(r, r->claim_seq_inflight);
+    if (r->claim_gen != r->session_gen || !r->active || r->closing || r->fatal || !r->rk) {
+        if (r->closing) close_check(r);
+        return;
+    }
+    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK) {
+        log_warn("relay", "event=claim_failed err=\"%s\"",
+                 error ? error : (res ? PQresultErrorMessage(res) : "?"));
+        return; /* the tick retries */
+    }
+    int n = PQntuples(res), produced = 0, failed = 0;
+    int64_t first_failed = 0;
+    bool stopped = false;
+    for (int i = 0; i < n; i++) {
+        int64_t id = strtoll(PQgetvalue(res, i, 0), NULL, 10);
+        if (map_find(&r->rows, id)) { /* in flight, acked or cooling down */
+            r->cursor = id;
+            continue;
+        }
+        if ((int)r->rows.count >= r->cfg->relay_inflight_max) {
+            stopped = true;
+            break;
+        }
+        struct row *row = map_insert(&r->rows, id);
+        if (!row) {
+            stopped = true;
+            break;
+        }
+        row->state = ROW_INFLIGHT;
+        row->attempts = atoi(PQgetvalue(res, i, 6));
+        row->created_at = strtod(PQgetvalue(res, i, 5), NULL);
+        int rc = produce_row(r, res, i, row);
+        if (rc == 1) {
+            map_remove(&r->rows, id);
+            stopped = true;
+            break;
+        }
+        if (rc == 0) {
+            r->inflight++;
+            produced++;
+        } else if (!failed++) {
+            first_failed = id;
+        }
+        r->cursor = id;
+    }
+    if (failed)
+        log_warn("relay", "event=produce_failed rows=%d first_id=%" PRId64 " err=\"%s\"", failed,
+                 first_failed, rd_kafka_err2str(r->last_produce_err));
+    if (produced) log_debug("relay", "event=produced rows=%d cursor=%" PRId64, produced, r->cursor);
+    /* A full batch means more rows may wait; claim again unless capacity ran out (the
+     * next drain of delivery reports claims then). */
+    if (!stopped && (n >= r->cfg->relay_batch || r->claim_again)) {
+        r->claim_again = false;
+        maybe_claim(r);
+    }
+}
+
+static void maybe_claim(struct relay *r)
+{
+    if (r->closing || r->teardown || !r->active || r->fatal || !r->rk) return;
+    if (r->claim_inflight) {
+        r->claim_again = true;
+        return;
+    }
+    if ((int)r->rows.count >= r->cfg->relay_inflight_max) return;
+    if (r->rewind_to < r->cursor) r->cursor = r->rewind_to;
+    r->rewind_to = INT64_MAX;
+    char after[24], limit[16];
+    snprintf(after, sizeof after, "%" PRId64, r->cursor);
+    snprintf(limit, sizeof limit, "%d", r->cfg->relay_batch);
+    const char *params[2] = {after, limit};
+    if (dbp_query(r->session, claim_sql, 2, params, on_claim, r) != 0) return;
+    r->claim_inflight = true;
+    r->claim_again = false;
+    r->claim_gen = r->session_gen;
+    r->claim_seq_inflight = ++r->claim_seq_sent;
+}
+
+static void rewind_cursor(struct relay *r, int64_t below)
+{
+    if (below - 1 < r->rewind_to) r->rewind_to = below - 1 < 0 ? 0 : below - 1;
+}
+
+/* Rows whose backoff is over leave the map, and the cursor goes back below them. */
+static void on_retry_timer(uv_timer_t *t)
+{
+    struct relay *r = t->data;
+    uint64_t now = uv_now(r->loop), next = UINT64_MAX;
+    int64_t *due = NULL;
+    size_t ndue = 0, cap = 0;
+    for (size_t i = 0; i < r->rows.cap; i++) {
+        struct row *row = &r->rows.slots[i];
+        if (!row->id || row->state != ROW_COOLDOWN) continue;
+        if (row->retry_at <= now && grow((void **)&due, &cap, ndue + 1, sizeof *due) == 0)
+            due[ndue++] = row->id;
+        else if (row->retry_at < next)
+            next = row->retry_at > now ? row->retry_at : now + 1;
+    }
+    for (size_t i = 0; i < ndue; i++) {
+        rewind_cursor(r, due[i]);
+        map_remove(&r->rows, due[i]);
+    }
+    free(due);
+    if (next != UINT64_MAX && !r->teardown)
+        uv_timer_start(&r->retry_timer, on_retry_timer, next - now, 0);
+    if (ndue) log_info("relay", "event=retrying rows=%zu", ndue);
+    maybe_claim(r);
+}
+
+/* --- the session: LISTEN, lock ------------------------------------------------------- */
+
+static void on_lock(void *ud, const PGresult *res, const char *error)
+{
+    struct relay *r = ud;
+    r->lock_inflight = false;
+    if (r->lock_gen != r->session_gen || r->closing) return;
+    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1) {
+        log_warn("relay", "event=lock_query_failed err=\"%s\"",
+                 error ? error : (res ? PQresultErrorMessage(res) : "?"));
+        return;
+    }
+    if (strcmp(PQgetvalue(res, 0, 0), "t") == 0) {
+        r->cursor = 0;
+        r->rewind_to = INT64_MAX;
+        set_active(r, true, "lock_acquired");
+        maybe_claim(r);
+    } else if (!r->standby_logged) {
+        r->standby_logged = true;
+        metrics_gauge_set("ticketd_relay_active", NULL, 0);
+        log_info("relay", "event=standby why=lock_held_elsewhere retry_every_ms=%" PRId64,
+                 r->cfg->relay_interval_ms);
+    }
+}
+
+static void try_lock(struct relay *r)
+{
+    if (r->active || r->lock_inflight || r->closing || !dbp_connected(r->session)) return;
+    const char *sql = "SELECT pg_try_advisory_lock(" RELAY_LOCK_KEY ")";
+    if (dbp_query(r->session, sql, 0, NULL, on_lock, r) != 0) return;
+    r->lock_inflight = true;
+    r->lock_gen = r->session_gen;
+}
+
+static void on_listen(void *ud, const PGresult *res, const char *error)
+{
+    if (!res || PQresultStatus(res) != PGRES_COMMAND_OK)
+        log_warn("relay", "event=listen_failed err=\"%s\"",
+                 error ? error : (res ? PQresultErrorMessage(res) : "?"));
+}
+
+static void on_session_connect(void *ud, struct dbp *pool)
+{
+    struct relay *r = ud;
+    r->session = pool;
+    r->session_gen++;
+    if (r->closing) return;
+    if (dbp_query(pool, "LISTEN outbox", 0, NULL, on_listen, r) != 0)
+        log_warn("relay", "event=listen_failed err=\"not queued\"");
+    try_lock(r);
+}
+
+static void on_session_disconnect(void *ud, struct dbp *pool)
+{
+    struct relay *r = ud;
+    r->session_gen++;
+    /* The lock went with the session: another replica may be relaying already. */
+    set_active(r, false, "session_lost");
+}
+
+static void on_notify(void *ud, const char *channel, const char *payload)
+{
+    struct relay *r = ud;
+    if (strcmp(channel, "outbox") != 0) return;
+    /* A payload naming the lowest new outbox id lets a late commit below the cursor be
+     * claimed at once instead of at the next sweep. */
+    if (payload && *payload) {
+        char *end;
+        long long id = strtoll(payload, &end, 10);
+        if (*end == '\0' && id > 0) rewind_cursor(r, id);
+    }
+    maybe_claim(r);
+}
+
+/* --- periodic work ------------------------------------------------------------------- */
+
+static void on_backlog(void *ud, const PGresult *res, const char *error)
+{
+    struct relay *r = ud;
+    r->backlog_inflight = false;
+    if (res && PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1)
+        metrics_gauge_set("ticketd_outbox_backlog", NULL, strtod(PQgetvalue(res, 0, 0), NULL));
+}
+
+static void on_tick(uv_timer_t *t)
+{
+    struct relay *r = t->data;
+    if (r->closing) return;
+    if (!r->rk && !r->fatal) {
+        /* a failed recreate: try again */
+        if (producer_create(r, r->brokers) != 0 || producer_bridge(r) != 0) return;
+    }
+    flush_marks(r);
+    flush_fails(r);
+    if (!r->active) {
+        try_lock(r);
+        return;
+    }
+    rewind_cursor(r, 1); /* sweep from the start: catches rows committed out of id order */
+    maybe_claim(r);
+    if (!r->backlog_inflight &&
+        dbp_query(r->session, backlog_sql, 0, NULL, on_backlog, r) == 0)
+        r->backlog_inflight = true;
+}
+
+static void on_retention(void *ud, const PGresult *res, const char *error)
+{
+    struct relay *r = ud;
+    r->retention_inflight = false;
+    if (!res || PQresultStatus(res) != PGRES_COMMAND_OK) {
+        log_warn("relay", "event=retention_failed err=\"%s\"",
+                 error ? error : (res ? PQresultErrorMessage(res) : "?"));
+        return;
+    }
+    long deleted = atol(PQcmdTuples((PGresult *)res));
+    if (deleted > 0) log_info("relay", "event=retention_deleted rows=%ld", deleted);
+    if (deleted >= RELAY_RETENTION_BATCH && !r->closing && r->active) {
+        char ms[24];
+        snprintf(ms, sizeof ms, "%" PRId64, r->cfg->outbox_retention_ms);
+        const char *params[1] = {ms};
+        if (dbp_query(r->session, retention_sql, 1, params, on_retention, r) == 0)
+            r->retention_inflight = true;
+    }
+}
+
+static void on_retention_timer(uv_timer_t *t)
+{
+    struct relay *r = t->data;
+    if (r->closing || !r->active || r->retention_inflight) return;
+    char ms[24];
+    snprintf(ms, sizeof ms, "%" PRId64, r->cfg->outbox_retention_ms);
+    const char *params[1] = {ms};
+    if (dbp_query(r->session, retention_sql, 1, params, on_retention, r) == 0)
+        r->retention_inflight = true;
+}
+
+/* --- lifecycle ----------------------------------------------------------------------- */
+
+static void free_relay(struct relay *r)
+{
+    free(r->rows.slots);
+    free(r->acks);
+    free(r->fails);
+    free(r->marked);
+    free(r->drs);
+    free(r->brokers);
+    free(r);
+}
+
+int relay_start(struct relay **out, uv_loop_t *loop, const struct cfg *cfg,
+                const char *brokers)
+{
+    struct relay *r = calloc(1, sizeof *r);
+    int rc;
+    if (!r) return -ENOMEM;
+    r->loop = loop;
+    r->cfg = cfg;
+    r->rewind_to = INT64_MAX;
+    r->brokers = strdup(brokers ? brokers : "");
+    if (!r->brokers) {
+        free(r);
+        return -ENOMEM;
+    }
+
+    metrics_describe("ticketd_relay_published_total", "counter",
+                     "Outbox rows acknowledged by Kafka (marked published)");
+    metrics_describe("ticketd_relay_failures_total", "counter",
+                     "Failed deliveries or produce calls (row left unpublished, retried)");
+    metrics_describe("ticketd_outbox_backlog", "gauge", "Unpublished outbox rows");
+    metrics_describe("ticketd_relay_commit_to_ack_seconds", "histogram",
+                     "Outbox row commit to broker acknowledgement");
+    metrics_describe("ticketd_relay_active", "gauge", "1 when this process holds the relay lock");
+    metrics_gauge_set("ticketd_relay_active", NULL, 0);
+
+    rc = producer_create(r, brokers);
+    if (rc != 0) goto fail;
+    rc = producer_bridge(r);
+    if (rc != 0) goto fail;
+
+    struct dbp_opts so = {.conninfo = cfg->database_url, .size = 1, .name = "relay",
+                          .reconnect_max_ms = 1000, .on_connect = on_session_connect,
+                          .on_disconnect = on_session_disconnect, .on_notify = on_notify,
+                          .ud = r};
+    rc = dbp_create(&r->session, loop, &so);
+    if (rc != 0) goto fail_bridge;
+    struct dbp_opts mo = {.conninfo = cfg->database_url, .size = 1, .name = "relay-mark",
+                          .reconnect_max_ms = 1000, .ud = r};
+    rc = dbp_create(&r->marker, loop, &mo);
+    if (rc != 0) goto fail_session;
+
+    uv_timer_init(loop, &r->tick_timer);
+    uv_timer_init(loop, &r->retry_timer);
+    uv_timer_init(loop, &r->retention_timer);
+    uv_timer_init(loop, &r->close_timer);
+    r->tick_timer.data = r->retry_timer.data = r->retention_timer.data = r->close_timer.data = r;
+    uint64_t interval = cfg->relay_interval_ms > 0 ? (uint64_t)cfg->relay_interval_ms : 1000;
+    uv_timer_start(&r->tick_timer, on_tick, interval, interval);
+    uv_timer_start(&r->retention_timer, on_retention_timer, RELAY_RETENTION_EVERY_MS,
+                   RELAY_RETENTION_EVERY_MS);
+    log_info("relay", "event=started topic=%s batch=%d inflight_max=%d interval_ms=%" PRIu64,
+             cfg->topic, cfg->relay_batch, cfg->relay_inflight_max, interval);
+    *out = r;
+    return 0;
+
+fail_session:
+    dbp_close(r->session, NULL, NULL);
+fail_bridge:
+    kafka_bridge_close(r->bridge);
+    rd_kafka_queue_destroy(r->mainq);
+fail:
+    if (r->rkt) rd_kafka_topic_destroy(r->rkt);
+    if (r->rk) rd_kafka_destroy(r->rk); /* start-up: blocking is allowed */
+    free_relay(r);
+    return rc < 0 ? rc : -1;
+}
+
+bool relay_kafka_ready(const struct relay *r)
+{
+    return r && r->kafka_ready;
+}
+
+bool relay_is_active(const struct relay *r)
+{
+    return r && r->active;
+}
+
+static void part_closed(struct relay *r)
+{
+    if (--r->closing_parts > 0) return;
+    void (*done)(void *) = r->done;
+    void *ud = r->done_ud;
+    log_info("relay", "event=closed");
+    free_relay(r);
+    if (done) done(ud);
+}
+
+static void on_pool_closed(void *ud)
+{
+    part_closed(ud);
+}
+
+static void on_timer_closed(uv_handle_t *h)
+{
+    part_closed(h->data);
+}
+
+static void on_final_destroy(uv_work_t *w, int status)
+{
+    struct relay *r = RELAY_CONTAINER_OF(w, struct relay, destroy_work);
+    (void)status;
+    part_closed(r);
+}
+
+/* Runs while closing, whenever something finished: tears down once nothing is pending
+ * or the deadline passed. */
+static void close_check(struct relay *r)
+{
+    if (r->teardown) return;
+    if (r->closing_parts > 0) return; /* a producer is being destroyed: its work holds r */
+    bool idle = r->inflight == 0 && r->nacks == 0 && r->nfails == 0 && !r->acks_sending &&
+                !r->fails_sending && !r->claim_inflight;
+    bool late = uv_now(r->loop) >= r->close_deadline;
+    if (!idle && !late) return;
+    if (!idle)
+        log_warn("relay", "event=close_deadline inflight=%d unmarked=%zu action=abandon "
+                 "note=\"rows stay unpublished and are sent again\"",
+                 r->inflight, r->nacks);
+    r->teardown = true;
+    set_active(r, false, "shutdown");
+
+    r->closing_parts = 1; /* held until every part below is started */
+    if (r->rk) {
+        rd_kafka_purge(r->rk, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
+        producer_retire(r, on_final_destroy);
+    }
+    uv_timer_t *timers[] = {&r->tick_timer, &r->retry_timer, &r->retention_timer, &r->close_timer};
+    for (size_t i = 0; i < sizeof timers / sizeof timers[0]; i++) {
+        r->closing_parts++;
+        uv_close((uv_handle_t *)timers[i], on_timer_closed);
+    }
+    r->closing_parts += 2;
+    dbp_close(r->session, on_pool_closed, r); /* closing the session releases the lock */
+    dbp_close(r->marker, on_pool_closed, r);
+    part_closed(r);
+}
+
+static void on_close_timer(uv_timer_t *t)
+{
+    close_check(t->data);
+}
+
+void relay_close(struct relay *r, void (*done)(void *ud), void *ud)
+{
+    if (!r || r->closing) return;
+    r->closing = true;
+    r->done = done;
+    r->done_ud = ud;
+    uv_timer_stop(&r->tick_timer);
+    uv_timer_stop(&r->retry_timer);
+    uv_timer_stop(&r->retention_timer);
+    int64_t wait = r->cfg->shutdown_grace_ms;
+    if (wait > RELAY_CLOSE_WAIT_MAX_MS || wait <= 0) wait = RELAY_CLOSE_WAIT_MAX_MS;
+    r->close_deadline = uv_now(r->loop) + (uint64_t)wait;
+    log_info("relay", "event=closing inflight=%d unmarked=%zu wait_ms=%" PRId64, r->inflight,
+             r->nacks, wait);
+    uv_timer_start(&r->close_timer, on_close_timer, RELAY_CLOSE_CHECK_MS, RELAY_CLOSE_CHECK_MS);
+    /* Nothing new is claimed; acks already collected are marked now. */
+    flush_marks(r);
+    flush_fails(r);
+}

@@ -1,0 +1,1007 @@
+/* trace: one phone's trail (see trace.h). Small by construction: at most TRACE_ROWS_MAX
+ * rows of each kind; the only unbounded-looking part, the topic scan, stops at the
+ * high watermarks read before it starts. */
+#include "trace.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "api.h"
+#include "app.h"
+#include "audit.h"
+#include "http_server.h"
+#include "kafka_common.h"
+#include "limits.h"
+#include "log.h"
+#include "validate.h"
+
+struct trace_ctx {
+    const struct cfg *cfg;
+    const struct trace_opts *opts;
+    char *err;
+    size_t errlen;
+    char phone[PHONE_DIGITS_MAX + 1];
+    PGconn *db;
+    rd_kafka_t *rk;      /* reader, assign only */
+    rd_kafka_t *group;   /* committed() of the service's group, never subscribes */
+    int nparts;
+    int64_t *committed;
+    bool need_scan;
+};
+
+static json_object *jstr(const char *s)
+{
+    return s ? json_object_new_string(s) : NULL;
+}
+
+static int64_t to_i64(const char *s, int64_t dflt)
+{
+    if (!s) return dflt;
+    char *end;
+    errno = 0;
+    long long v = strtoll(s, &end, 10);
+    if (errno || end == s) return dflt;
+    return (int64_t)v;
+}
+
+static const char *val(const PGresult *r, int row, int col)
+{
+    return PQgetisnull(r, row, col) ? NULL : PQgetvalue(r, row, col);
+}
+
+static bool is_true(const PGresult *r, int row, int col)
+{
+    const char *v = val(r, row, col);
+    return v && v[0] == 't';
+}
+
+static void add_str(json_object *o, const char *k, const char *v)
+{
+    json_object_object_add(o, k, jstr(v));
+}
+
+/* ------------------------------------------------------------------ the topic */
+
+/* Reads the record at partition/offset of the topic into a JSON object; sets *state to
+ * 0 found with this ce_id, 1 not there / another event, 2 expired (below the log start). */
+static int read_back(struct trace_ctx *t, int32_t partition, int64_t offset, const char *ce_id,
+                     json_object **out, int *state)
+{
+    json_object *o = json_object_new_object();
+    *out = o;
+    json_object_object_add(o, "topic", json_object_new_string(t->cfg->topic));
+    json_object_object_add(o, "partition", json_object_new_int(partition));
+    json_object_object_add(o, "offset", json_object_new_int64(offset));
+    if (partition < 0 || partition >= t->nparts) {
+        json_object_object_add(o, "found", json_object_new_boolean(false));
+        add_str(o, "reason", "the topic has no such partition");
+        *state = 1;
+        return 0;
+    }
+    int64_t low, high;
+    if (audit__watermarks(t->rk, t->cfg->topic, partition, &low, &high, t->err, t->errlen))
+        return -1;
+    json_object_object_add(o, "low_watermark", json_object_new_int64(low));
+    json_object_object_add(o, "high_watermark", json_object_new_int64(high));
+    char why[160];
+    if (offset < low) {
+        json_object_object_add(o, "found", json_object_new_boolean(false));
+        json_object_object_add(o, "expired", json_object_new_boolean(true));
+        snprintf(why, sizeof why,
+                 "expired: below the log start %" PRId64 " (deleted by retention; the DB's "
+                 "acknowledgement is the evidence)", low);
+        add_str(o, "reason", why);
+        *state = 2;
+        return 0;
+    }
+    if (offset >= high) {
+        json_object_object_add(o, "found", json_object_new_boolean(false));
+        snprintf(why, sizeof why, "no such message: the partition ends at offset %" PRId64,
+                 high);
+        add_str(o, "reason", why);
+        *state = 1;
+        return 0;
+    }
+    struct audit__reader rd;
+    if (audit__reader_open(&rd, t->rk, t->cfg->topic, partition, offset, low, high, t->err,
+                           t->errlen)) {
+        audit__reader_close(&rd);
+        return -1;
+    }
+    rd_kafka_message_t *m = NULL;
+    int mr = audit__reader_next(&rd, &m, t->err, t->errlen);
+    audit__reader_close(&rd);
+    if (mr < 0) return -1;
+    if (mr == 0 || m->offset != offset) {
+        if (m) rd_kafka_message_destroy(m);
+        json_object_object_add(o, "found", json_object_new_boolean(false));
+        add_str(o, "reason", "no message at that offset");
+        *state = 1;
+        return 0;
+    }
+    char key[64], ce[64], ts[40];
+    audit__key(m, key, sizeof key);
+    audit__header(m, CE_ID, ce, sizeof ce);
+    rd_kafka_timestamp_type_t tstype;
+    audit__format_ms(rd_kafka_message_timestamp(m, &tstype), ts, sizeof ts);
+    rd_kafka_message_destroy(m);
+    bool same = strcasecmp(ce, ce_id) == 0;
+    json_object_object_add(o, "found", json_object_new_boolean(same));
+    add_str(o, "timestamp", ts);
+    add_str(o, "key", key);
+    add_str(o, "ce_id", ce);
+    json_object_object_add(o, "matches", json_object_new_boolean(same));
+    if (!same) {
+        snprintf(why, sizeof why, "the message there is another event (ce_id %s)",
+                 ce[0] ? ce : "none");
+        add_str(o, "reason", why);
+    }
+    *state = same ? 0 : 1;
+    return 0;
+}
+
+/* Does the message's value name this phone (and show)? */
+static bool value_matches(const struct trace_ctx *t, const rd_kafka_message_t *m,
+                          json_object **value_out)
+{
+    *value_out = NULL;
+    if (!m->payload || m->len == 0) return false;
+    /* Cheap filter first: the digits must appear somewhere in the bytes. */
+    if (!memmem(m->payload, m->len, t->phone + 3, strlen(t->phone) - 3)) return false;
+    json_tokener *tok = json_tokener_new();
+    if (!tok) return false;
+    json_object *v = json_tokener_parse_ex(tok, m->payload, (int)m->len);
+    json_tokener_free(tok);
+    json_object *ph = NULL, *ev = NULL;
+    char norm[PHONE_DIGITS_MAX + 1];
+    bool ok = v && json_object_object_get_ex(v, "phone", &ph) &&
+              json_object_is_type(ph, json_type_string) &&
+              validate_phone(json_object_get_string(ph), (size_t)json_object_get_string_len(ph),
+                             norm) == 0 &&
+              strcmp(norm, t->phone) == 0;
+    if (ok && t->opts->event_id)
+        ok = json_object_object_get_ex(v, "event_id", &ev) &&
+             json_object_is_type(ev, json_type_string) &&
+             strcmp(json_object_get_string(ev), t->opts->event_id) == 0;
+    if (!ok) {
+        json_object_put(v);
+        return false;
+    }
+    *value_out = v;
+    return true;
+}
+
+static const char *const dlq_headers[] = {
+    "dlq_original_topic", "dlq_original_partition", "dlq_original_offset",
+    "dlq_original_timestamp", "dlq_consumer_group", "dlq_attempts", "dlq_error_class",
+    "dlq_error_message",
+};
+
+/* Searches every partition of topic (low..high) for the phone; appends to matches. */
+static int scan_topic(struct trace_ctx *t, const char *topic, bool dlq, json_object *matches)
+{
+    int n = audit__topic_partitions(t->rk, topic, t->err, t->errlen);
+    if (n < 0) return -1;
+    for (int p = 0; p < n; p++) {
+        int64_t low, high;
+        if (audit__watermarks(t->rk, topic, p, &low, &high, t->err, t->errlen)) return -1;
+        struct audit__reader rd;
+        if (audit__reader_open(&rd, t->rk, topic, p, low, low, high, t->err, t->errlen)) {
+            audit__reader_close(&rd);
+            return -1;
+        }
+        rd_kafka_message_t *m;
+        int mr;
+        while ((mr = audit__reader_next(&rd, &m, t->err, t->errlen)) == 1) {
+            json_object *value;
+            if (json_object_array_length(matches) < TRACE_ROWS_MAX &&
+                value_matches(t, m, &value)) {
+                json_object *o = json_object_new_object();
+                char key[64], ce[64], ts[40];
+                audit__key(m, key, sizeof key);
+                audit__header(m, CE_ID, ce, sizeof ce);
+                rd_kafka_timestamp_type_t tstype;
+                audit__format_ms(rd_kafka_message_timestamp(m, &tstype), ts, sizeof ts);
+                add_str(o, "topic", topic);
+                json_object_object_add(o, "dlq", json_object_new_boolean(dlq));
+                json_object_object_add(o, "partition", json_object_new_int(p));
+                json_object_object_add(o, "offset", json_object_new_int64(m->offset));
+                add_str(o, "timestamp", ts);
+                add_str(o, "key", key);
+                add_str(o, "ce_id", ce);
+                if (dlq) {
+                    for (size_t i = 0; i < sizeof dlq_headers / sizeof dlq_headers[0]; i++) {
+                        char hv[512];
+                        if (audit__header(m, dlq_headers[i], hv, sizeof hv))
+                            add_str(o, dlq_headers[i], hv);
+                    }
+                }
+                json_object_object_add(o, "value", value);
+                json_object_array_add(matches, o);
+            }
+            rd_kafka_message_destroy(m);
+        }
+        audit__reader_close(&rd);
+        if (mr < 0) return -1;
+    }
+    return 0;
+}
+
+/* For each topic match: does its ce_id have an outbox row (and where does it say)? */
+static int annotate_matches(struct trace_ctx *t, json_object *matches)
+{
+    size_t n = json_object_array_length(matches);
+    for (size_t i = 0; i < n; i++) {
+        json_object *o = json_object_array_get_idx(matches, i), *ce = NULL;
+        json_object_object_get_ex(o, "ce_id", &ce);
+        const char *id = json_object_get_string(ce);
+        bool in_outbox = false;
+        if (audit__is_uuid(id)) {
+            const char *params[1] = {id};
+            PGresult *r = audit__pg_exec(t->db,
+                                         "SELECT o.aggregate_id, o.kafka_partition, o.kafka_offset,"
+                                         " EXISTS (SELECT 1 FROM applications a WHERE a.id = o.aggregate_id)"
+                                         " FROM outbox o WHERE o.event_id = $1::uuid",
+                                         1, params, t->err, t->errlen);
+            if (!r) return -1;
+            if (PQntuples(r) == 1) {
+                in_outbox = true;
+                json_object_object_add(o, "application_id",
+                                       json_object_new_int64(to_i64(val(r, 0, 0), -1)));
+                json_object_object_add(o, "application_exists",
+                                       json_object_new_boolean(is_true(r, 0, 3)));
+                json_object_object_add(o, "recorded_partition",
+                                       val(r, 0, 1) ? json_object_new_int64(to_i64(val(r, 0, 1), -1)) : NULL);
+                json_object_object_add(o, "recorded_offset",
+                                       val(r, 0, 2) ? json_object_new_int64(to_i64(val(r, 0, 2), -1)) : NULL);
+            }
+            PQclear(r);
+        }
+        json_object_object_add(o, "in_outbox", json_object_new_boolean(in_outbox));
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ the DB */
+
+/* Consumer-side facts of one event: processed row, effects, points, dead letters. */
+static int consumer_facts(struct trace_ctx *t, const char *ce_id, json_object *o,
+                          bool *processed, bool *effects_open, json_object **open_dlq)
+{
+    const char *params[1] = {ce_id};
+    *processed = *effects_open = false;
+    *open_dlq = NULL;
+
+    PGresult *r = audit__pg_exec(t->db,
+                                 "SELECT processed_at, consumer_group, partition, \"offset\""
+                                 " FROM processed_events WHERE event_id = $1::uuid",
+                                 1, params, t->err, t->errlen);
+    if (!r) return -1;
+    if (PQntuples(r) == 1) {
+        *processed = true;
+        json_object *p = json_object_new_object();
+        add_str(p, "processed_at", val(r, 0, 0));
+        add_str(p, "consumer_group", val(r, 0, 1));
+        json_object_object_add(p, "partition", json_object_new_int64(to_i64(val(r, 0, 2), -1)));
+        json_object_object_add(p, "offset", json_object_new_int64(to_i64(val(r, 0, 3), -1)));
+        json_object_object_add(o, "processed", p);
+    } else {
+        json_object_object_add(o, "processed", NULL);
+    }
+    PQclear(r);
+
+    r = audit__pg_exec(t->db,
+                       "SELECT effect, done, attempts, last_error, updated_at FROM event_effects"
+                       " WHERE event_id = $1::uuid ORDER BY effect",
+                       1, params, t->err, t->errlen);
+    if (!r) return -1;
+    json_object *effects = json_object_new_array();
+    for (int i = 0; i < PQntuples(r); i++) {
+        json_object *e = json_object_new_object();
+        add_str(e, "effect", val(r, i, 0));
+        json_object_object_add(e, "done", json_object_new_boolean(is_true(r, i, 1)));
+        json_object_object_add(e, "attempts", json_object_new_int64(to_i64(val(r, i, 2), 0)));
+        add_str(e, "last_error", val(r, i, 3));
+        add_str(e, "updated_at", val(r, i, 4));
+        if (!is_true(r, i, 1)) *effects_open = true;
+        json_object_array_add(effects, e);
+    }
+    json_object_object_add(o, "effects", effects);
+    PQclear(r);
+
+    r = audit__pg_exec(t->db, "SELECT points, created_at FROM points_ledger WHERE event_id = $1::uuid",
+                       1, params, t->err, t->errlen);
+    if (!r) return -1;
+    if (PQntuples(r) == 1) {
+        json_object *p = json_object_new_object();
+        json_object_object_add(p, "points", json_object_new_int64(to_i64(val(r, 0, 0), 0)));
+        add_str(p, "granted_at", val(r, 0, 1));
+        json_object_object_add(o, "points", p);
+    } else {
+        json_object_object_add(o, "points", NULL);
+    }
+    PQclear(r);
+
+    r = audit__pg_exec(t->db,
+                       "SELECT id, error_class, error_message, attempts, dead_lettered_at,"
+                       " replayed_at, dlq_partition, dlq_offset FROM dead_letters"
+                       " WHERE event_id = $1::uuid ORDER BY id",
+                       1, params, t->err, t->errlen);
+    if (!r) return -1;
+    json_object *dls = json_object_new_array();
+    for (int i = 0; i < PQntuples(r); i++) {
+        json_object *d = json_object_new_object();
+        json_object_object_add(d, "id", json_object_new_int64(to_i64(val(r, i, 0), -1)));
+        add_str(d, "error_class", val(r, i, 1));
+        add_str(d, "error_message", val(r, i, 2));
+        json_object_object_add(d, "attempts", json_object_new_int64(to_i64(val(r, i, 3), 0)));
+        add_str(d, "dead_lettered_at", val(r, i, 4));
+        add_str(d, "replayed_at", val(r, i, 5));
+        json_object_object_add(d, "dlq_partition", json_object_new_int64(to_i64(val(r, i, 6), -1)));
+        json_object_object_add(d, "dlq_offset", json_object_new_int64(to_i64(val(r, i, 7), -1)));
+        if (!val(r, i, 5)) *open_dlq = d;
+        json_object_array_add(dls, d);
+    }
+    json_object_object_add(o, "dead_letters", dls);
+    PQclear(r);
+    return 0;
+}
+
+static void set_status(json_object *o, const char *status, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void set_status(json_object *o, const char *status, const char *fmt, ...)
+{
+    char story[768];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(story, sizeof story, fmt, ap);
+    va_end(ap);
+    json_object_object_add(o, "status", json_object_new_string(status));
+    json_object_object_add(o, "story", json_object_new_string(story));
+}
+
+static const char *effects_summary(json_object *o, char *buf, size_t len)
+{
+    json_object *effects = NULL;
+    json_object_object_get_ex(o, "effects", &effects);
+    size_t n = effects ? json_object_array_length(effects) : 0, used = 0;
+    buf[0] = '\0';
+    for (size_t i = 0; i < n && used < len; i++) {
+        json_object *e = json_object_array_get_idx(effects, i), *f, *d, *a, *le;
+        json_object_object_get_ex(e, "effect", &f);
+        json_object_object_get_ex(e, "done", &d);
+        json_object_object_get_ex(e, "attempts", &a);
+        bool has_err = json_object_object_get_ex(e, "last_error", &le) && le;
+        int w = snprintf(buf + used, len - used, "%s%s %s (attempts %d%s%s)", i ? "; " : "",
+                         json_object_get_string(f),
+                         json_object_get_boolean(d) ? "done" : "NOT done",
+                         json_object_get_int(a), has_err ? ", last error: " : "",
+                         has_err ? json_object_get_string(le) : "");
+        if (w < 0) break;
+        used += (size_t)w;
+    }
+    return n ? buf : "none recorded";
+}
+
+/* One outbox row: the topic record, the consumer status and the story. */
+static int outbox_entry(struct trace_ctx *t, const PGresult *r, int i, json_object **out)
+{
+    json_object *o = json_object_new_object();
+    *out = o;
+    const char *ce_id = val(r, i, 0);
+    int64_t app_id = to_i64(val(r, i, 1), -1);
+    add_str(o, "event_id", ce_id);
+    json_object_object_add(o, "application_id", json_object_new_int64(app_id));
+    add_str(o, "created_at", val(r, i, 2));
+    add_str(o, "published_at", val(r, i, 3));
+    bool has_pos = val(r, i, 4) && val(r, i, 5);
+    int32_t partition = (int32_t)to_i64(val(r, i, 4), -1);
+    int64_t offset = to_i64(val(r, i, 5), -1);
+    json_object_object_add(o, "partition", has_pos ? json_object_new_int(partition) : NULL);
+    json_object_object_add(o, "offset", has_pos ? json_object_new_int64(offset) : NULL);
+    json_object_object_add(o, "attempts", json_object_new_int64(to_i64(val(r, i, 6), 0)));
+    add_str(o, "last_error", val(r, i, 7));
+    bool overdue = is_true(r, i, 8);
+
+    bool processed, effects_open;
+    json_object *dlq;
+    if (consumer_facts(t, ce_id, o, &processed, &effects_open, &dlq)) return -1;
+
+    int64_t committed = has_pos && partition >= 0 && partition < t->nparts
+                            ? t->committed[partition]
+                            : -1;
+    json_object_object_add(o, "group_committed_offset",
+                           committed >= 0 ? json_object_new_int64(committed) : NULL);
+
+    if (!val(r, i, 3)) {
+        json_object_object_add(o, "topic_record", NULL);
+        if (overdue)
+            set_status(o, "unpublished",
+                       "committed at %s but NOT published past the grace window (%d attempts%s%s): "
+                       "the relay has not delivered it",
+                       val(r, i, 2), (int)to_i64(val(r, i, 6), 0),
+                       val(r, i, 7) ? ", last error: " : "", val(r, i, 7) ? val(r, i, 7) : "");
+        else
+            set_status(o, "awaiting_relay",
+                       "committed at %s; the relay has not published it yet (within the grace window)",
+                       val(r, i, 2));
+        return 0;
+    }
+    if (!has_pos) {
+        json_object_object_add(o, "topic_record", NULL);
+        t->need_scan = true;
+        set_status(o, "not_in_topic", "marked published at %s without a partition/offset",
+                   val(r, i, 3));
+        return 0;
+    }
+    json_object *rec;
+    int state;
+    if (read_back(t, partition, offset, ce_id, &rec, &state)) {
+        json_object_object_add(o, "topic_record", rec);
+        return -1;
+    }
+    json_object_object_add(o, "topic_record", rec);
+    json_object *reason = NULL;
+    json_object_object_get_ex(rec, "reason", &reason);
+    if (state == 1) {
+        t->need_scan = true;
+        json_object *ce = NULL;
+        bool other = json_object_object_get_ex(rec, "ce_id", &ce);
+        set_status(o, other ? "wrong_offset" : "not_in_topic",
+                   "MISSING FROM THE TOPIC: marked published at %s to %s/%d@%" PRId64 ", but %s",
+                   val(r, i, 3), t->cfg->topic, (int)partition, offset,
+                   json_object_get_string(reason));
+        return 0;
+    }
+    char where[160];
+    snprintf(where, sizeof where, "published to %s/%d@%" PRId64 "%s", t->cfg->topic,
+             (int)partition, offset, state == 2 ? " (since expired from the topic)" : "");
+    char eff[1024];
+    if (processed && !effects_open) {
+        json_object *p = NULL, *at = NULL;
+        json_object_object_get_ex(o, "processed", &p);
+        json_object_object_get_ex(p, "processed_at", &at);
+        set_status(o, "processed", "%s; processed at %s; effects: %s", where,
+                   json_object_get_string(at), effects_summary(o, eff, sizeof eff));
+        return 0;
+    }
+    if (dlq) {
+        json_object *cls, *msg, *at, *att;
+        json_object_object_get_ex(dlq, "error_class", &cls);
+        json_object_object_get_ex(dlq, "error_message", &msg);
+        json_object_object_get_ex(dlq, "dead_lettered_at", &at);
+        json_object_object_get_ex(dlq, "attempts", &att);
+        set_status(o, "dead_lettered",
+                   "%s; DEAD-LETTERED at %s after %d attempts: %s: %s (replay: ticketd dlq "
+                   "replay --event-id %s)",
+                   where, json_object_get_string(at), json_object_get_int(att),
+                   json_object_get_string(cls), json_object_get_string(msg), ce_id);
+        return 0;
+    }
+    if (committed >= 0 && offset < committed) {
+        if (processed)
+            set_status(o, "effects_not_done",
+                       "%s; processed, but the group committed past it (offset %" PRId64
+                       ") with effects not done: %s",
+                       where, committed, effects_summary(o, eff, sizeof eff));
+        else
+            set_status(o, "lost",
+                       "%s; LOST BY THE CONSUMER: the group committed past it (offset %" PRId64
+                       ") but it is neither processed nor dead-lettered",
+                       where, committed);
+        return 0;
+    }
+    if (committed >= 0)
+        set_status(o, "pending", "%s; not consumed yet (the group's committed offset is %" PRId64
+                   ")%s%s", where, committed, processed ? "; effects so far: " : "",
+                   processed ? effects_summary(o, eff, sizeof eff) : "");
+    else
+        set_status(o, "pending", "%s; not consumed yet (the group has committed nothing on "
+                   "partition %d)", where, (int)partition);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ the run */
+
+static int trace_collect(struct trace_ctx *t, json_object *root)
+{
+    char grace[32];
+    snprintf(grace, sizeof grace, "%" PRId64, t->cfg->audit_grace_ms);
+
+    const char *p2[2] = {t->phone, t->opts->event_id};
+    PGresult *apps = audit__pg_exec(t->db,
+                                    "SELECT id, event_id, name, email, seats, idempotency_key, created_at"
+                                    " FROM applications WHERE phone = $1"
+                                    " AND ($2::text IS NULL OR event_id = $2) ORDER BY id LIMIT 100",
+                                    2, p2, t->err, t->errlen);
+    if (!apps) return -1;
+    int napps = PQntuples(apps);
+    /* "{1,2,3}" for the outbox query. */
+    char *ids = malloc((size_t)napps * 21 + 3);
+    if (!ids) {
+        PQclear(apps);
+        return -1;
+    }
+    size_t len = 0;
+    ids[len++] = '{';
+    for (int i = 0; i < napps; i++)
+        len += (size_t)sprintf(ids + len, "%s%s", i ? "," : "", PQgetvalue(apps, i, 0));
+    ids[len++] = '}';
+    ids[len] = '\0';
+    const char *p4[4] = {t->phone, t->opts->event_id, grace, ids};
+    PGresult *ob = audit__pg_exec(
+        t->db,
+        "SELECT o.event_id::text, o.aggregate_id, o.created_at, o.published_at, o.kafka_partition,"
+        " o.kafka_offset, o.attempts, o.last_error,"
+        " o.created_at < now() - $3::bigint * interval '1 millisecond',"
+        " EXISTS (SELECT 1 FROM applications a WHERE a.id = o.aggregate_id)"
+        " FROM outbox o WHERE o.aggregate_id = ANY($4::bigint[])"
+        " OR (o.payload->>'phone' = $1 AND ($2::text IS NULL OR o.payload->>'event_id' = $2))"
+        " ORDER BY o.id LIMIT 200",
+        4, p4, t->err, t->errlen);
+    free(ids);
+    if (!ob) {
+        PQclear(apps);
+        return -1;
+    }
+
+    int ret = -1;
+    json_object *japps = json_object_new_array();
+    json_object_object_add(root, "applications", japps);
+    for (int i = 0; i < napps; i++) {
+        json_object *a = json_object_new_object();
+        json_object_array_add(japps, a);
+        const char *id = PQgetvalue(apps, i, 0);
+        json_object_object_add(a, "id", json_object_new_int64(to_i64(id, -1)));
+        add_str(a, "event_id", val(apps, i, 1));
+        add_str(a, "name", val(apps, i, 2));
+        add_str(a, "email", val(apps, i, 3));
+        json_object_object_add(a, "seats", json_object_new_int64(to_i64(val(apps, i, 4), 1)));
+        add_str(a, "idempotency_key", val(apps, i, 5));
+        add_str(a, "created_at", val(apps, i, 6));
+        json_object *rows = json_object_new_array();
+        json_object_object_add(a, "outbox", rows);
+        for (int j = 0; j < PQntuples(ob); j++) {
+            if (strcmp(PQgetvalue(ob, j, 1), id) != 0) continue;
+            json_object *e;
+            int rc = outbox_entry(t, ob, j, &e);
+            json_object_array_add(rows, e);
+            if (rc) goto out;
+        }
+        if (json_object_array_length(rows) == 0) {
+            set_status(a, "no_outbox",
+                       "LOST BEFORE PUBLISHING: the application row exists (created %s) but it "
+                       "has no outbox row, so it was never sent to %s",
+                       val(apps, i, 6), t->cfg->topic);
+            t->need_scan = true;
+        } else {
+            /* The application's status is its latest event's. */
+            json_object *last = json_object_array_get_idx(rows, json_object_array_length(rows) - 1);
+            json_object *st, *story;
+            json_object_object_get_ex(last, "status", &st);
+            json_object_object_get_ex(last, "story", &story);
+            json_object_object_add(a, "status", json_object_get(st));
+            json_object_object_add(a, "story", json_object_get(story));
+        }
+    }
+    /* Outbox rows of this phone whose application row is gone. */
+    json_object *orphans = json_object_new_array();
+    json_object_object_add(root, "outbox_without_application", orphans);
+    for (int j = 0; j < PQntuples(ob); j++) {
+        if (is_true(ob, j, 9)) continue;
+        json_object *e;
+        int rc = outbox_entry(t, ob, j, &e);
+        json_object_array_add(orphans, e);
+        if (rc) goto out;
+        json_object *story;
+        json_object_object_get_ex(e, "story", &story);
+        char buf[1024];
+        snprintf(buf, sizeof buf, "NO APPLICATION ROW (application %s is gone); the outbox row: %s",
+                 PQgetvalue(ob, j, 1), json_object_get_string(story));
+        json_object_object_add(e, "story", json_object_new_string(buf));
+    }
+    ret = napps + (int)json_object_array_length(orphans);
+out:
+    PQclear(apps);
+    PQclear(ob);
+    return ret;
+}
+
+static void render_human(json_object *root, FILE *out);
+
+int trace_run(const struct cfg *cfg, const char *brokers, const struct trace_opts *opts,
+              FILE *human_out, json_object **json_out, char *err, size_t errlen)
+{
+    struct trace_ctx t;
+    memset(&t, 0, sizeof t);
+    t.cfg = cfg;
+    t.opts = opts;
+    t.err = err;
+    t.errlen = errlen;
+    if (!opts->phone || validate_phone(opts->phone, strlen(opts->phone), t.phone) != 0) {
+        snprintf(err, errlen, "bad phone: a Korean mobile number such as 010-1234-5678");
+        return -2;
+    }
+    if (opts->event_id && !validate_event_id(opts->event_id, strlen(opts->event_id))) {
+        snprintf(err, errlen, "bad event id (1-64 characters of [A-Za-z0-9._-])");
+        return -2;
+    }
+    if (!brokers || !*brokers) {
+        snprintf(err, errlen, "no Kafka brokers to read the topic from");
+        return -1;
+    }
+    char masked[32];
+    log_mask_phone(t.phone, masked, sizeof masked);
+    log_info("trace", "event=trace phone=%s", masked);
+
+    int ret = -1;
+    json_object *root = json_object_new_object();
+    add_str(root, "phone", t.phone);
+    add_str(root, "event_id", opts->event_id);
+    add_str(root, "topic", cfg->topic);
+    add_str(root, "dlq_topic", cfg->dlq_topic);
+    add_str(root, "consumer_group", cfg->consumer_group);
+
+    if (!(t.db = audit__pg_connect(cfg, "ticketd-trace", err, errlen))) goto out;
+    if (!(t.rk = audit__kafka_consumer(cfg, brokers, "ticketd-trace-reader", err, errlen))) goto out;
+    if (!(t.group = audit__kafka_consumer(cfg, brokers, cfg->consumer_group, err, errlen))) goto out;
+    t.nparts = audit__topic_partitions(t.rk, cfg->topic, err, errlen);
+    if (t.nparts < 0) goto out;
+    t.committed = calloc((size_t)t.nparts + 1, sizeof *t.committed);
+    if (!t.committed) goto out;
+    for (int p = 0; p < t.nparts; p++) t.committed[p] = -1;
+    if (audit__committed(t.group, cfg->topic, t.nparts, t.committed, err, errlen)) goto out;
+
+    int found = trace_collect(&t, root);
+    if (found < 0) goto out;
+    if (found == 0) t.need_scan = true;
+
+    json_object *matches = json_object_new_array();
+    json_object_object_add(root, "topic_matches", matches);
+    json_object_object_add(root, "scanned", json_object_new_boolean(t.need_scan || opts->scan));
+    if (t.need_scan || opts->scan) {
+        if (scan_topic(&t, cfg->topic, false, matches)) goto out;
+        if (scan_topic(&t, cfg->dlq_topic, true, matches)) goto out;
+        if (annotate_matches(&t, matches)) goto out;
+        found += (int)json_object_array_length(matches);
+    }
+    if (human_out) render_human(root, human_out);
+    if (json_out) {
+        *json_out = root;
+        root = NULL;
+    }
+    ret = found;
+out:
+    json_object_put(root);
+    free(t.committed);
+    if (t.rk) {
+        rd_kafka_consumer_close(t.rk);
+        rd_kafka_destroy(t.rk);
+    }
+    if (t.group) rd_kafka_destroy(t.group);
+    PQfinish(t.db);
+    return ret;
+}
+
+/* ------------------------------------------------------------------ human output */
+
+static const char *g(json_object *o, const char *k)
+{
+    json_object *v = NULL;
+    if (!json_object_object_get_ex(o, k, &v) || !v) return NULL;
+    return json_object_get_string(v);
+}
+
+static const char *or_dash(const char *s)
+{
+    return s ? s : "-";
+}
+
+static void render_outbox(json_object *e, FILE *out)
+{
+    fprintf(out, "  outbox     event %s, created %s, ", or_dash(g(e, "event_id")),
+            or_dash(g(e, "created_at")));
+    if (g(e, "published_at"))
+        fprintf(out, "published %s at partition %s offset %s\n", g(e, "published_at"),
+                or_dash(g(e, "partition")), or_dash(g(e, "offset")));
+    else
+        fprintf(out, "NOT published (attempts %s%s%s)\n", or_dash(g(e, "attempts")),
+                g(e, "last_error") ? ", last error: " : "", or_dash(g(e, "last_error")));
+    json_object *rec = NULL;
+    if (json_object_object_get_ex(e, "topic_record", &rec) && rec) {
+        json_object *found = NULL;
+        json_object_object_get_ex(rec, "found", &found);
+        if (json_object_get_boolean(found))
+            fprintf(out, "  topic      %s/%s@%s: timestamp %s, key %s, ce_id %s (this event)\n",
+                    g(rec, "topic"), g(rec, "partition"), g(rec, "offset"),
+                    or_dash(g(rec, "timestamp")), or_dash(g(rec, "key")), or_dash(g(rec, "ce_id")));
+        else
+            fprintf(out, "  topic      %s/%s@%s: %s\n", g(rec, "topic"), g(rec, "partition"),
+                    g(rec, "offset"), or_dash(g(rec, "reason")));
+    }
+    json_object *p = NULL;
+    if (json_object_object_get_ex(e, "processed", &p) && p)
+        fprintf(out, "  consumer   processed at %s by group %s\n", or_dash(g(p, "processed_at")),
+                or_dash(g(p, "consumer_group")));
+    else
+        fprintf(out, "  consumer   not processed (group committed offset: %s)\n",
+                or_dash(g(e, "group_committed_offset")));
+    json_object *effects = NULL;
+    if (json_object_object_get_ex(e, "effects", &effects) && effects) {
+        for (size_t i = 0; i < json_object_array_length(effects); i++) {
+            json_object *f = json_object_array_get_idx(effects, i), *d = NULL;
+            json_object_object_get_ex(f, "done", &d);
+            fprintf(out, "  effect     %s: %s (attempts %s%s%s)\n", or_dash(g(f, "effect")),
+                    json_object_get_boolean(d) ? "done" : "NOT done", or_dash(g(f, "attempts")),
+                    g(f, "last_error") ? ", last error: " : "", or_dash(g(f, "last_error")));
+        }
+    }
+    json_object *pts = NULL;
+    if (json_object_object_get_ex(e, "points", &pts) && pts)
+        fprintf(out, "  points     %s granted at %s\n", or_dash(g(pts, "points")),
+                or_dash(g(pts, "granted_at")));
+    json_object *dls = NULL;
+    if (json_object_object_get_ex(e, "dead_letters", &dls) && dls) {
+        for (size_t i = 0; i < json_object_array_length(dls); i++) {
+            json_object *d = json_object_array_get_idx(dls, i);
+            fprintf(out, "  DLQ        %s after %s attempts: %s: %s (DLQ %s@%s)%s%s\n",
+                    or_dash(g(d, "dead_lettered_at")), or_dash(g(d, "attempts")),
+                    or_dash(g(d, "error_class")), or_dash(g(d, "error_message")),
+                    or_dash(g(d, "dlq_partition")), or_dash(g(d, "dlq_offset")),
+                    g(d, "replayed_at") ? ", replayed " : "", g(d, "replayed_at") ? g(d, "replayed_at") : "");
+        }
+    }
+    fprintf(out, "  => %s: %s\n", or_dash(g(e, "status")), or_dash(g(e, "story")));
+}
+
+static void render_human(json_object *root, FILE *out)
+{
+    fprintf(out, "trace of phone %s%s%s (topic %s, DLQ %s, group %s)\n", g(root, "phone"),
+            g(root, "event_id") ? ", event " : "", g(root, "event_id") ? g(root, "event_id") : "",
+            g(root, "topic"), g(root, "dlq_topic"), g(root, "consumer_group"));
+    json_object *apps = NULL, *orphans = NULL, *matches = NULL, *scanned = NULL;
+    json_object_object_get_ex(root, "applications", &apps);
+    json_object_object_get_ex(root, "outbox_without_application", &orphans);
+    json_object_object_get_ex(root, "topic_matches", &matches);
+    json_object_object_get_ex(root, "scanned", &scanned);
+    size_t napps = apps ? json_object_array_length(apps) : 0;
+    if (napps == 0) fprintf(out, "\nno application row for this phone in the database\n");
+    for (size_t i = 0; i < napps; i++) {
+        json_object *a = json_object_array_get_idx(apps, i), *rows = NULL;
+        fprintf(out, "\napplication %s: event %s, name %s, email %s, seats %s, created %s\n",
+                g(a, "id"), or_dash(g(a, "event_id")), or_dash(g(a, "name")),
+                or_dash(g(a, "email")), or_dash(g(a, "seats")), or_dash(g(a, "created_at")));
+        json_object_object_get_ex(a, "outbox", &rows);
+        for (size_t j = 0; rows && j < json_object_array_length(rows); j++)
+            render_outbox(json_object_array_get_idx(rows, j), out);
+        if (!rows || json_object_array_length(rows) == 0)
+            fprintf(out, "  => %s: %s\n", or_dash(g(a, "status")), or_dash(g(a, "story")));
+    }
+    for (size_t j = 0; orphans && j < json_object_array_length(orphans); j++) {
+        json_object *e = json_object_array_get_idx(orphans, j);
+        fprintf(out, "\noutbox row without an application (application %s):\n",
+                or_dash(g(e, "application_id")));
+        render_outbox(e, out);
+    }
+    if (json_object_get_boolean(scanned)) {
+        size_t n = matches ? json_object_array_length(matches) : 0;
+        fprintf(out, "\nsearched %s and %s for this phone: %zu message(s)\n", g(root, "topic"),
+                g(root, "dlq_topic"), n);
+        for (size_t i = 0; i < n; i++) {
+            json_object *m = json_object_array_get_idx(matches, i), *in = NULL;
+            json_object_object_get_ex(m, "in_outbox", &in);
+            fprintf(out, "  %s/%s@%s: timestamp %s, key %s, ce_id %s", g(m, "topic"),
+                    g(m, "partition"), g(m, "offset"), or_dash(g(m, "timestamp")),
+                    or_dash(g(m, "key")), or_dash(g(m, "ce_id")));
+            if (g(m, "dlq_error_class"))
+                fprintf(out, ", dead-lettered: %s: %s", g(m, "dlq_error_class"),
+                        or_dash(g(m, "dlq_error_message")));
+            if (json_object_get_boolean(in))
+                fprintf(out, "; outbox row of application %s%s\n", or_dash(g(m, "application_id")),
+                        g(m, "recorded_offset") ? "" : " (not marked published)");
+            else
+                fprintf(out, "; NO OUTBOX ROW in the database\n");
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ CLI */
+
+static void trace_usage(FILE *out)
+{
+    fprintf(out,
+            "usage: ticketd trace --phone P [--event-id E] [--scan] [--json] [settings flags]\n"
+            "  One customer's trail: application, outbox row, the topic record, consumer\n"
+            "  status, effects, dead letters. Searches the topic and the DLQ by phone when the\n"
+            "  DB has no row (or --scan). The output shows the phone asked for; logs mask it.\n"
+            "  exit status: 0 found, 1 nothing found anywhere, 2 error\n");
+}
+
+static bool take_flag(int argc, char **argv, int *i, const char *name, const char **value,
+                      bool *bad)
+{
+    size_t n = strlen(name);
+    const char *arg = argv[*i];
+    if (strncmp(arg, name, n) != 0) return false;
+    if (arg[n] == '=') {
+        *value = arg + n + 1;
+        return true;
+    }
+    if (arg[n] != '\0') return false;
+    if (*i + 1 >= argc) {
+        fprintf(stderr, "ticketd: %s needs a value\n", name);
+        *bad = true;
+        return true;
+    }
+    *value = argv[++*i];
+    return true;
+}
+
+int trace_main(struct cfg *loaded, int argc, char **argv)
+{
+    (void)loaded; /* reloaded below, with the settings flags that follow our own */
+    struct trace_opts opts = {0};
+    bool json = false, bad = false;
+    char **rest = calloc((size_t)argc + 1, sizeof *rest);
+    if (!rest) return 2;
+    int nrest = 0;
+    rest[nrest++] = "trace";
+    for (int i = 0; i < argc && !bad; i++) {
+        if (take_flag(argc, argv, &i, "--phone", &opts.phone, &bad)) continue;
+        if (take_flag(argc, argv, &i, "--event-id", &opts.event_id, &bad)) continue;
+        if (strcmp(argv[i], "--json") == 0) {
+            json = true;
+            continue;
+        }
+        if (strcmp(argv[i], "--scan") == 0) {
+            opts.scan = true;
+            continue;
+        }
+        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
+            trace_usage(stdout);
+            free(rest);
+            return 0;
+        }
+        rest[nrest++] = argv[i];
+    }
+    if (bad || !opts.phone) {
+        if (!bad) trace_usage(stderr);
+        free(rest);
+        return 2;
+    }
+    struct cfg cfg;
+    int argi = 1;
+    int r = cfg_load(&cfg, nrest, rest, &argi);
+    if (r != 0) {
+        free(rest);
+        return r > 0 ? 0 : 2;
+    }
+    int status = 2;
+    if (argi < nrest) {
+        fprintf(stderr, "ticketd trace: unexpected argument %s\n", rest[argi]);
+        trace_usage(stderr);
+        goto out;
+    }
+    log_set_level(cfg.log_level);
+    if (!cfg.kafka_brokers || !*cfg.kafka_brokers) {
+        fprintf(stderr,
+                "ticketd trace: KAFKA_BROKERS is empty. The embedded mock cluster lives inside the\n"
+                "serving process, so this command cannot reach it: run the mock standalone with\n"
+                "`ticketd kafka-mock` and point both `ticketd serve` and this command at its\n"
+                "bootstrap address (KAFKA_BROKERS=...), or ask the running service:\n"
+                "  curl -H \"Authorization: Bearer $ADMIN_TOKEN\" 'http://HOST:PORT/admin/trace?phone=...'\n");
+        goto out;
+    }
+    json_object *report = NULL;
+    char err[512] = "";
+    r = trace_run(&cfg, cfg.kafka_brokers, &opts, json ? NULL : stdout, json ? &report : NULL, err,
+                  sizeof err);
+    if (r < 0) {
+        fprintf(stderr, "ticketd trace: error: %s\n", err);
+        goto out;
+    }
+    if (json) {
+        fprintf(stdout, "%s\n", json_object_to_json_string_ext(report, JSON_C_TO_STRING_PRETTY |
+                                                                       JSON_C_TO_STRING_NOSLASHESCAPE));
+        json_object_put(report);
+    }
+    fflush(stdout);
+    status = r > 0 ? 0 : 1;
+out:
+    cfg_free(&cfg);
+    free(rest);
+    return status;
+}
+
+/* ------------------------------------------------------------------ HTTP */
+
+struct trace_job {
+    const struct cfg *cfg;
+    char *brokers;
+    struct trace_opts opts;
+    char phone[32];
+    char event_id[EVENT_ID_MAX_CHARS + 1];
+};
+
+static char *error_body(const char *code, const char *message)
+{
+    json_object *o = json_object_new_object();
+    json_object_object_add(o, "error", json_object_new_string(code));
+    json_object_object_add(o, "message", json_object_new_string(message));
+    char *s = strdup(json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN));
+    json_object_put(o);
+    return s;
+}
+
+static int trace_job_run(void *arg, char **body)
+{
+    struct trace_job *job = arg;
+    json_object *report = NULL;
+    char err[512] = "";
+    int r = trace_run(job->cfg, job->brokers, &job->opts, NULL, &report, err, sizeof err);
+    if (r < 0) {
+        log_warn("trace", "event=trace_failed error=\"%s\"", err);
+        *body = error_body(r == -2 ? "bad_request" : "trace_failed", err);
+        return r == -2 ? 400 : 503;
+    }
+    *body = strdup(json_object_to_json_string_ext(report, JSON_C_TO_STRING_PLAIN |
+                                                              JSON_C_TO_STRING_NOSLASHESCAPE));
+    json_object_put(report);
+    return 200;
+}
+
+static void trace_job_free(void *arg)
+{
+    struct trace_job *job = arg;
+    free(job->brokers);
+    free(job);
+}
+
+void trace_handle_http(struct app *app, struct http_request *req)
+{
+    if (!api_admin_authorized(app, req)) return;
+    struct trace_job *job = calloc(1, sizeof *job);
+    if (!job) {
+        api_respond_error(req, 503, "unavailable", "out of memory", NULL);
+        return;
+    }
+    const char *q = req->query ? req->query : "";
+    char digits[PHONE_DIGITS_MAX + 1];
+    int n = api_query_param(q, "phone", job->phone, sizeof job->phone);
+    if (n <= 0 || validate_phone(job->phone, (size_t)n, digits) != 0) {
+        api_respond_error(req, 400, "bad_request",
+                          "phone: a Korean mobile number such as 010-1234-5678", NULL);
+        free(job);
+        return;
+    }
+    job->opts.phone = job->phone;
+    n = api_query_param(q, "event_id", job->event_id, sizeof job->event_id);
+    if (n > 0) {
+        if (!validate_event_id(job->event_id, (size_t)n)) {
+            api_respond_error(req, 400, "bad_request",
+                              "event_id: 1-64 characters of [A-Za-z0-9._-]", NULL);
+            free(job);
+            return;
+        }
+        job->opts.event_id = job->event_id;
+    }
+    char scan[8];
+    if (api_query_param(q, "scan", scan, sizeof scan) > 0)
+        job->opts.scan = strcmp(scan, "1") == 0 || strcmp(scan, "true") == 0;
+    if (!app->kafka_brokers || !*app->kafka_brokers) {
+        api_respond_error(req, 503, "unavailable", "no Kafka brokers known yet", NULL);
+        free(job);
+        return;
+    }
+    job->cfg = app->cfg;
+    job->brokers = strdup(app->kafka_brokers);
+    if (!job->brokers) {
+        api_respond_error(req, 503, "unavailable", "out of memory", NULL);
+        free(job);
+        return;
+    }
+    api_run_blocking(app, req, trace_job_run, job, trace_job_free);
+}

@@ -1,0 +1,206 @@
+"""The outbox relay (issue 3): every committed application reaches topic ticket-applied, and
+its outbox row is marked published only from the broker's acknowledgement, with the
+partition and offset where kcat (an independent client) finds the message.
+
+Kafka is `ticketd kafka-mock` (librdkafka's mock cluster); broker reconnects after `up`
+take several seconds there (KAFKA-MOCK.md), hence the generous bounded waits."""
+import json
+import os
+import sys
+import time
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import (Ticketd, KafkaMock, TicketdTestCase, kcat_consume, parallel,  # noqa: E402
+                     phone_for, wait_until)
+
+TOPIC = "ticket-applied"
+RELAY_ENV = {"ROLE": "api,relay", "RELAY_RETRY_BACKOFF": "200ms"}
+RECONNECT_WAIT = 60  # s: broker back up -> delivered takes ~9 s on the mock; keep margin
+
+
+class RelayTest(TicketdTestCase):
+
+    def setUp(self):
+        self.reset_db()
+        self.kafka = self.track(KafkaMock(partitions=4))
+
+    # ---------------------------------------------------------------- helpers
+
+    def start(self, env=None, name="ticketd"):
+        e = dict(RELAY_ENV)
+        e.update(env or {})
+        return self.track(Ticketd(self.pg, brokers=self.kafka.brokers, env=e, name=name))
+
+    def apply_many(self, t, event_id, n, start=0):
+        """n applications in parallel; asserts every one got 201; returns their ids."""
+        def one(i):
+            return t.apply(event_id=event_id, phone=phone_for(i), name=f"Relay Tester {i}",
+                           email=f"user{i}@example.com" if i % 2 else None, seats=1 + i % 4)
+        rs = parallel(one, range(start, start + n), workers=16)
+        for r in rs:
+            self.assertEqual(r.status, 201, r)
+        return [r.json()["id"] for r in rs]
+
+    def unpublished(self):
+        return self.pg.count("outbox WHERE published_at IS NULL")
+
+    def wait_all_published(self, timeout=RECONNECT_WAIT):
+        wait_until(lambda: self.pg.count("outbox") > 0 and self.unpublished() == 0,
+                   timeout=timeout, interval=0.2,
+                   what=f"every outbox row published (unpublished={self.unpublished()})")
+
+    def outbox_rows(self):
+        """{ce_id: row} for every outbox row."""
+        rows = self.pg.query(
+            "SELECT event_id::text, aggregate_id, payload::text, kafka_partition, kafka_offset,"
+            " to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),"
+            " published_at IS NOT NULL, attempts, last_error FROM outbox")
+        out = {}
+        for ce_id, agg, payload, part, off, created, published, attempts, err in rows:
+            out[ce_id] = {"aggregate_id": agg, "payload": json.loads(payload),
+                          "partition": None if part is None else int(part),
+                          "offset": None if off is None else int(off), "created_at": created,
+                          "published": published == "t", "attempts": int(attempts),
+                          "last_error": err}
+        return out
+
+    def assert_topic_matches_outbox(self, expect_n, allow_duplicates=False):
+        """kcat reads the topic; every outbox row's event is there exactly once (or, with
+        allow_duplicates, repeats carry the same ce_id, key and value), with the right key,
+        headers and value, and the row's partition/offset point at a copy of it."""
+        rows = self.outbox_rows()
+        self.assertEqual(len(rows), expect_n)
+        msgs = kcat_consume(self.kafka.brokers, TOPIC, expect=expect_n, timeout=RECONNECT_WAIT)
+        by_pos = {(m["partition"], m["offset"]): m for m in msgs}
+        by_id = {}
+        for m in msgs:
+            by_id.setdefault(m["headers"].get("ce_id"), []).append(m)
+        self.assertEqual(set(by_id), set(rows), "the topic's ce_ids are not the outbox's")
+        if not allow_duplicates:
+            self.assertEqual(len(msgs), expect_n, "a message was produced more than once")
+        for ce_id, row in rows.items():
+            self.assertTrue(row["published"], ce_id)
+            for m in by_id[ce_id]:
+                self.assertEqual(m["key"], row["aggregate_id"])
+                self.assertEqual(json.loads(m["value"]), row["payload"])
+                self.assertEqual(m["headers"], {
+                    "ce_specversion": "1.0", "ce_id": ce_id, "ce_source": "/ticketd",
+                    "ce_type": "TicketApplied", "ce_time": row["created_at"],
+                    "content-type": "application/json"})
+            at = by_pos.get((row["partition"], row["offset"]))
+            self.assertIsNotNone(at, f"row {ce_id} points at {row['partition']}/{row['offset']},"
+                                     " where kcat found nothing")
+            self.assertEqual(at["headers"]["ce_id"], ce_id,
+                             f"row {ce_id} points at another event's message")
+        return msgs
+
+    def metric(self, t, name):
+        return t.metrics().get(name, 0.0)
+
+    # ---------------------------------------------------------------- tests
+
+    def test_every_application_reaches_the_topic_where_its_row_says(self):
+        t = self.start()
+        n = 40
+        ids = self.apply_many(t, "relay-basic", n)
+        self.wait_all_published(timeout=30)
+        self.assert_topic_matches_outbox(n)
+        # The payload is the application as stored.
+        rows = self.outbox_rows()
+        for row in rows.values():
+            self.assertIn(int(row["aggregate_id"]), ids)
+            self.assertEqual(row["payload"]["id"], int(row["aggregate_id"]))
+            self.assertEqual(row["payload"]["event_id"], "relay-basic")
+        # GET shows published with the row's partition and offset.
+        some = ids[0]
+        body = t.request("GET", f"/v1/applications/{some}").json()
+        self.assertEqual(body["status"], "published")
+        row = [r for r in rows.values() if int(r["aggregate_id"]) == some][0]
+        self.assertEqual(body["outbox"]["partition"], row["partition"])
+        self.assertEqual(body["outbox"]["offset"], row["offset"])
+        self.assertEqual(self.metric(t, "ticketd_relay_published_total"), n)
+        self.assertEqual(self.metric(t, "ticketd_relay_active"), 1)
+
+    def test_brokers_down_during_a_burst_nothing_marked_until_acknowledged(self):
+        t = self.start()
+        self.kafka.down()
+        n = 30
+        self.apply_many(t, "relay-down", n)  # 201s go on: the outbox decouples ingest
+        time.sleep(3)  # the relay has claimed and produced by now; nothing can be acked
+        self.assertEqual(self.pg.count("outbox WHERE published_at IS NOT NULL"), 0,
+                         "a row was marked published while every broker was down")
+        self.assertEqual(self.pg.count("outbox"), n)
+        up_at = self.pg.scalar("SELECT now()")
+        self.kafka.up()
+        self.wait_all_published()
+        self.assertEqual(self.pg.count(f"outbox WHERE published_at < '{up_at}'"), 0,
+                         "a row was marked published before the brokers came back")
+        self.assert_topic_matches_outbox(n, allow_duplicates=True)
+
+    def test_a_delivery_that_keeps_failing_is_never_marked_published(self):
+        t = self.start()
+        # The mock fails every Produce request with TOPIC_AUTHORIZATION_FAILED (29), a
+        # non-retriable error: librdkafka reports the delivery as failed.
+        self.kafka.command("produce-errors 100000 29")
+        ids = self.apply_many(t, "relay-fail", 3)
+        wait_until(lambda: self.pg.count("outbox WHERE attempts >= 2") == 3, timeout=30,
+                   what="failed deliveries recorded and retried")
+        rows = self.outbox_rows()
+        for row in rows.values():
+            self.assertFalse(row["published"], "a failed delivery was marked published")
+            self.assertIsNone(row["partition"])
+            self.assertIsNone(row["offset"])
+            self.assertIn("authoriz", (row["last_error"] or "").lower())
+        self.assertEqual(kcat_consume(self.kafka.brokers, TOPIC), [])
+        self.assertGreaterEqual(self.metric(t, "ticketd_relay_failures_total"), 6)
+        body = t.request("GET", f"/v1/applications/{ids[0]}").json()
+        self.assertEqual(body["status"], "applied")
+        # Once the broker accepts again, the retries get through.
+        self.kafka.command("clear-errors")
+        self.wait_all_published(timeout=RECONNECT_WAIT)
+        self.assert_topic_matches_outbox(3)
+
+    def test_sigkill_mid_relay_then_restart_loses_nothing(self):
+        t = self.start()
+        self.apply_many(t, "relay-kill", 20)
+        self.wait_all_published(timeout=30)
+        # Brokers down: the next rows are produced and wait for acknowledgements that
+        # cannot come; the process dies with them in flight.
+        self.kafka.down()
+        self.apply_many(t, "relay-kill", 30, start=20)
+        time.sleep(1.5)  # claimed and produced (NOTIFY wakes the relay at once)
+        t.kill()
+        self.assertEqual(self.unpublished(), 30)
+        self.kafka.up()
+        t2 = self.start(name="ticketd-restarted")
+        self.apply_many(t2, "relay-kill", 10, start=50)
+        self.wait_all_published()
+        self.assert_topic_matches_outbox(60, allow_duplicates=True)
+
+    def test_two_processes_one_relays_at_a_time_and_the_other_takes_over(self):
+        a = self.start(name="ticketd-a")
+        wait_until(lambda: self.metric(a, "ticketd_relay_active") == 1, timeout=15,
+                   what="a active")
+        b = self.start(name="ticketd-b")
+        # b stays standby while a holds the lock (b retries every RELAY_INTERVAL).
+        for _ in range(6):
+            self.assertEqual(self.metric(b, "ticketd_relay_active"), 0)
+            self.assertEqual(self.metric(a, "ticketd_relay_active"), 1)
+            time.sleep(0.5)
+        self.apply_many(b, "relay-ha", 20)  # b's API takes applications; a publishes them
+        self.wait_all_published(timeout=30)
+        self.assertEqual(self.metric(a, "ticketd_relay_published_total"), 20)
+        self.assertEqual(self.metric(b, "ticketd_relay_published_total"), 0)
+        a.kill()
+        wait_until(lambda: self.metric(b, "ticketd_relay_active") == 1, timeout=15,
+                   what="b takes over after a died")
+        self.assertIn("became_active", b.log_text())
+        self.apply_many(b, "relay-ha", 20, start=20)
+        self.wait_all_published(timeout=30)
+        self.assertGreaterEqual(self.metric(b, "ticketd_relay_published_total"), 20)
+        self.assert_topic_matches_outbox(40)
+
+
+if __name__ == "__main__":
+    unittest.main()
