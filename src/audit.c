@@ -1107,6 +1107,8 @@ static int stage2_merge(struct audit_ctx *a, const char *const *params)
         }
         audit__reader_close(&rd);
         if (flush_cands(a)) goto out;
+        log_debug("audit", "event=partition_done partition=%d rows=%" PRId64 " messages=%" PRId64
+                  " at_ms=%" PRId64, p, ps->rows, ps->messages, now_ms());
         continue;
     part_fail:
         if (m) rd_kafka_message_destroy(m);
@@ -1426,16 +1428,20 @@ int audit_run(const struct cfg *cfg, const char *brokers, const struct audit_opt
     /* Order matters (audit.h): committed offsets, then the snapshot, then the watermarks. */
     for (int p = 0; p < a.nparts; p++) committed[p] = -1;
     if (audit__committed(a.group, cfg->topic, a.nparts, committed, err, errlen)) goto out;
+    log_debug("audit", "event=committed_read elapsed_ms=%" PRIu64, (uint64_t)now_ms() - started);
     for (int p = 0; p < a.nparts; p++) a.parts[p].committed = committed[p];
 
     if (pg_cmd(a.db, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", err, errlen)) goto out;
     if (pg_cmd(a.db, "SET LOCAL work_mem = '64MB'", err, errlen)) goto out;
     if (stage1(&a, params)) goto out;
+    log_debug("audit", "event=stage_done stage=1 elapsed_ms=%" PRIu64, (uint64_t)now_ms() - started);
     if (stage2_unpublished(&a, params)) goto out;
+    log_debug("audit", "event=stage_done stage=2_unpublished elapsed_ms=%" PRIu64, (uint64_t)now_ms() - started);
     for (int p = 0; p < a.nparts; p++)
         if (audit__watermarks(a.rk, cfg->topic, p, &a.parts[p].low, &a.parts[p].high, err, errlen))
             goto out;
     if (stage2_merge(&a, params)) goto out;
+    log_debug("audit", "event=stage_done stage=2_merge elapsed_ms=%" PRIu64, (uint64_t)now_ms() - started);
     if (pg_cmd(a.db, "COMMIT", err, errlen)) goto out;
     if (stage3_dlq_topic(&a)) goto out;
     stage3_settle(&a);

@@ -861,6 +861,31 @@ static void lag_collect(void *ud)
     }
 }
 
+/* rdkafka's own log lines. With log.queue they are served by our polls, on the loop.
+ * An offset reset caused by an error (out of range, log truncation) is logged by rdkafka
+ * at warning level with facility OFFSET ("<topic> [<partition>]: offset reset (at offset
+ * ..."); resets for a missing committed offset (a new group) only at debug level. */
+static void on_rdkafka_log(const rd_kafka_t *rk, int level, const char *fac, const char *buf)
+{
+    int lvl = level <= 3 ? LOG_ERROR : level == 4 ? LOG_WARN : level <= 6 ? LOG_INFO : LOG_DEBUG;
+    char quoted[512];
+    log_quote(buf, quoted, sizeof quoted);
+    struct consumer *c = rd_kafka_opaque(rk);
+    if (c && rk == c->rk && level <= 4 && strcmp(fac, "OFFSET") == 0 &&
+        strstr(buf, "offset reset")) {
+        const char *br = strstr(buf, " [");
+        long partition = br ? strtol(br + 2, NULL, 10) : -1;
+        char labels[48];
+        snprintf(labels, sizeof labels, "partition=\"%ld\"", partition);
+        metrics_counter_add("ticketd_consumer_offset_out_of_range_total", labels, 1);
+        log_error("consumer", "event=offset_out_of_range partition=%ld detail=\"%s\""
+                  " action=continue_at_log_start note=\"events below the log start were"
+                  " deleted before being handled; run ticketd audit\"", partition, quoted);
+        return;
+    }
+    log_at(lvl, "rdkafka", "event=log fac=%s msg=\"%s\"", fac, quoted);
+}
+
 /* ---- start ---- */
 
 static rd_kafka_conf_t *conf_for(const struct cfg *cfg, const char *brokers,
@@ -879,6 +904,7 @@ static rd_kafka_conf_t *conf_for(const struct cfg *cfg, const char *brokers,
             return NULL;
         }
     }
+    rd_kafka_conf_set_log_cb(conf, on_rdkafka_log);
     return conf;
 }
 
@@ -923,7 +949,7 @@ int consumer_start(struct consumer **out, uv_loop_t *loop, const struct cfg *cfg
 
     /* DLQ producer: acks=all + idempotence; delivery reports served on the loop. */
     const char *pkv[] = {"acks", "all", "enable.idempotence", "true", "linger.ms", "5",
-                         "client.id", "ticketd-dlq"};
+                         "client.id", "ticketd-dlq", "log.queue", "true"};
     rd_kafka_conf_t *pconf = conf_for(cfg, brokers, pkv, sizeof pkv / sizeof *pkv);
     if (!pconf) goto fail;
     rd_kafka_conf_set_dr_msg_cb(pconf, dlq_dr_cb);
@@ -934,13 +960,15 @@ int consumer_start(struct consumer **out, uv_loop_t *loop, const struct cfg *cfg
         log_error("consumer", "event=dlq_producer_failed err=\"%s\"", err);
         goto fail;
     }
+    rd_kafka_set_log_queue(c->dlq, NULL); /* logs to the main queue, served on the loop */
     c->dlq_q = rd_kafka_queue_get_main(c->dlq);
     if (kafka_bridge_start(&c->dlq_bridge, loop, c->dlq_q, on_dlq_ready, c) != 0) goto fail;
 
-    /* The consumer. auto.offset.reset=error: see consumer.h (never a silent reset). */
+    /* The consumer. auto.offset.reset=earliest, and every reset caused by an error is
+     * reported (on_rdkafka_log): see consumer.h. */
     const char *ckv[] = {"group.id", cfg->consumer_group, "enable.auto.commit", "false",
-                         "enable.auto.offset.store", "false", "auto.offset.reset", "error",
-                         "client.id", "ticketd-consumer"};
+                         "enable.auto.offset.store", "false", "auto.offset.reset", "earliest",
+                         "client.id", "ticketd-consumer", "log.queue", "true"};
     rd_kafka_conf_t *cconf = conf_for(cfg, brokers, ckv, sizeof ckv / sizeof *ckv);
     if (!cconf) goto fail;
     rd_kafka_conf_set_rebalance_cb(cconf, rebalance_cb);
@@ -952,6 +980,7 @@ int consumer_start(struct consumer **out, uv_loop_t *loop, const struct cfg *cfg
         log_error("consumer", "event=consumer_failed err=\"%s\"", err);
         goto fail;
     }
+    rd_kafka_set_log_queue(c->rk, NULL); /* main queue -> consumer queue -> the loop */
     rd_kafka_poll_set_consumer(c->rk);
     c->cq = rd_kafka_queue_get_consumer(c->rk);
     if (kafka_bridge_start(&c->cbridge, loop, c->cq, on_consumer_ready, c) != 0) goto fail;

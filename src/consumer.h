@@ -24,11 +24,17 @@
  *   finished offset is committed, its queued messages are dropped (the next owner reads
  *   them again), then the partitions are unassigned. A run still in flight finishes but
  *   commits nothing; the next owner redoes it idempotently.
- * - "Offset out of range" is never silent: auto.offset.reset=error, and the resulting
- *   RD_KAFKA_RESP_ERR__AUTO_OFFSET_RESET is logged at error level, counted in
- *   ticketd_consumer_offset_out_of_range_total{partition}, then the partition is explicitly
- *   seeked to the log start (the events below it are gone; the audit names them). A group's
- *   first start (no committed offset) also comes this way and is logged at info level only.
+ * - "Offset out of range" is never silent. auto.offset.reset=earliest, and rdkafka's log
+ *   (log.queue: served by our polls on the loop) is watched: a reset caused by an error (the
+ *   position fell below the log start, or beyond its end) is logged at error level and
+ *   counted in ticketd_consumer_offset_out_of_range_total{partition}; the partition goes on
+ *   from the log start (the events below it are gone; the audit names them). A new group's
+ *   start (no committed offset) is not an error and is not counted.
+ *   Why not auto.offset.reset=error + an explicit seek: in librdkafka 2.0.2 the partition's
+ *   fetcher is stopped by that error and rd_kafka_seek_partitions() then fails with
+ *   RD_KAFKA_RESP_ERR__STATE (seen here); only a re-assign of the whole assignment would
+ *   restart it, and a new group would hit it for every partition. Should that error arrive all
+ *   the same (RD_KAFKA_RESP_ERR__AUTO_OFFSET_RESET), it is reported and counted the same.
  *
  * Metrics: ticketd_consumer_processed_total, ticketd_consumer_retries_total,
  * ticketd_dlq_produced_total, ticketd_sink_failures_total{effect},

@@ -419,6 +419,21 @@ static void conn_connect_step(struct dbp_conn *c)
     }
 }
 
+/* Server notices (and the FATAL a terminated session receives) go to the log, not stderr. */
+static void on_notice(void *arg, const char *message)
+{
+    struct dbp_conn *c = arg;
+    if (LOG_DEBUG < log_min_level) return;
+    char line[DBP_REASON_MAX];
+    size_t n = 0;
+    for (const char *p = message; *p && n + 1 < sizeof line; p++)
+        line[n++] = (*p == '\n' || *p == '\r') ? ' ' : *p;
+    line[n] = '\0';
+    char quoted[DBP_REASON_MAX + 8];
+    log_quote(line, quoted, sizeof quoted);
+    log_debug("db", "event=notice pool=%s conn=%d message=%s", c->pool->name, c->index, quoted);
+}
+
 static void conn_start_connect(struct dbp_conn *c)
 {
     struct dbp *pool = c->pool;
@@ -438,6 +453,7 @@ static void conn_start_connect(struct dbp_conn *c)
         conn_broken(c, PQerrorMessage(c->pg));
         return;
     }
+    PQsetNoticeProcessor(c->pg, on_notice, c);
     /* libpq does not time out a nonblocking connect by itself. */
     uv_timer_start(&c->timer, on_conn_timer, DBP_CONNECT_TIMEOUT_MS, 0);
     conn_watch(c, UV_WRITABLE); /* as if PQconnectPoll had said PGRES_POLLING_WRITING */
@@ -613,7 +629,11 @@ static void on_poll(uv_poll_t *h, int status, int events)
     struct dbp_conn *c = h->data;
     if (!c->poll || &c->poll->handle != h) return; /* a handle being replaced */
     if (status < 0) {
-        conn_broken(c, uv_strerror(status));
+        /* libuv reports POLLERR as UV_EBADF; libpq can usually say what happened. */
+        if (c->state != DBC_CONNECTING && !PQconsumeInput(c->pg))
+            conn_broken(c, PQerrorMessage(c->pg));
+        else
+            conn_broken(c, uv_strerror(status));
         return;
     }
     if (c->state == DBC_CONNECTING) conn_connect_step(c);

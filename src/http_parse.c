@@ -362,7 +362,7 @@ static int on_url(llhttp_t *p, const char *at, size_t len)
 static int on_header_field(llhttp_t *p, const char *at, size_t len)
 {
     struct http_session *s = SESSION(p);
-    if (count_head(s, len + 4)) return HPE_USER;
+    if (count_head(s, len)) return HPE_USER;
     /* Only short names matter (the ones captured); longer ones just overflow the count. */
     for (size_t i = 0; i < len && s->field_len < sizeof s->field; i++) s->field[s->field_len++] = at[i];
     if (s->field_len < sizeof s->field) return 0;
@@ -379,7 +379,8 @@ static bool field_is(const struct http_session *s, const char *name)
 static int on_header_field_complete(llhttp_t *p)
 {
     struct http_session *s = SESSION(p);
-    if (++s->nheaders > (unsigned)s->env->limits.max_headers) {
+    /* ": " and CRLF, counted once per header however the name was split across reads */
+    if (++s->nheaders > (unsigned)s->env->limits.max_headers || count_head(s, 4)) {
         s->error_status = 431;
         return -1;
     }

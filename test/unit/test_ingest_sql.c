@@ -29,6 +29,8 @@ static const char *db_url;
 static PGconn *pg;          /* blocking connection for assertions */
 static char run_id[32];     /* event_id prefix unique to this run */
 static uv_loop_t *loop;
+static char pool_name[32];  /* unique per run: sessions show up as application_name ticketd-<it> */
+static char app_name[48];
 
 #define CHECK(cond, ...)                                                                       \
     do {                                                                                       \
@@ -485,8 +487,10 @@ static PGconn *watcher;
 static bool committed;
 static void on_watch(uv_timer_t *t)
 {
-    PGresult *r = PQexec(watcher, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                                  " AND application_name = 'ticketd-test'");
+    const char *params[1] = {app_name};
+    PGresult *r = PQexecParams(watcher, "SELECT count(*) FROM pg_stat_activity WHERE"
+                               " wait_event_type = 'Lock' AND application_name = $1",
+                               1, NULL, params, NULL, NULL, 0);
     bool waiting = PQresultStatus(r) == PGRES_TUPLES_OK && atoi(PQgetvalue(r, 0, 0)) > 0;
     PQclear(r);
     if (waiting) {
@@ -639,8 +643,9 @@ static void test_pool(struct dbp *pool)
     struct qres s = {0};
     rc = dbp_query(pool, "SELECT pg_sleep(30)", 0, NULL, on_qres, &s);
     uv_sleep(200);
+    const char *app[1] = {app_name};
     PQclear(sqlq("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name ="
-                 " 'ticketd-test' AND query LIKE 'SELECT pg_sleep%'", 0, NULL));
+                 " $1 AND query LIKE 'SELECT pg_sleep%'", 1, app));
     run_until(qres_done, &s, 10000);
     CHECK(rc == 0 && s.null_res && strstr(s.error, "outcome unknown"),
           "killed backend: res NULL, outcome unknown (%s)", s.error);
@@ -688,6 +693,8 @@ int main(void)
     alarm(55);
     log_set_level(getenv("TICKETD_TEST_LOG") ? getenv("TICKETD_TEST_LOG") : "warn");
     snprintf(run_id, sizeof run_id, "t%d-%ld", (int)getpid(), (long)time(NULL));
+    snprintf(pool_name, sizeof pool_name, "ut%d", (int)getpid());
+    snprintf(app_name, sizeof app_name, "ticketd-%s", pool_name);
     loop = uv_default_loop();
 
     pg = PQconnectdb(db_url);
@@ -697,7 +704,7 @@ int main(void)
     if (failures) die("migrations failed");
 
     struct dbp *pool, *listener;
-    struct dbp_opts po = {.conninfo = db_url, .size = 2, .name = "test"};
+    struct dbp_opts po = {.conninfo = db_url, .size = 2, .name = pool_name};
     struct dbp_opts lo = {.conninfo = db_url, .size = 1, .name = "listen",
                           .on_connect = on_listener_connect, .on_notify = on_notify};
     CHECK(dbp_create(&pool, loop, &po) == 0, "dbp_create");
