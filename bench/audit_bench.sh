@@ -212,7 +212,7 @@ for N in "${SIZES[@]}"; do
 
     for run in 1 2; do
         set +e
-        CONSUMER_GROUP=$GROUP KAFKA_BROKERS=$BROKERS LOG_LEVEL=warn \
+        CONSUMER_GROUP=$GROUP KAFKA_BROKERS=$BROKERS LOG_LEVEL=${AUDIT_LOG_LEVEL:-warn} \
             /usr/bin/time -v "$BIN" audit >"$WORK/audit.out" 2>"$WORK/audit.err"
         rc=$?
         set -e
@@ -222,6 +222,7 @@ for N in "${SIZES[@]}"; do
         cpu_s=$(sed -n 's/.*System time (seconds): //p' "$WORK/audit.err")
         printf 'audit N=%d partitions=%d run=%d exit=%d wall=%s user=%ss sys=%ss peak_rss=%d MiB | %s\n' \
             "$N" "$PARTS" "$run" "$rc" "$wall" "$cpu_u" "$cpu_s" "$(( rss / 1024 ))" "$(tail -n 1 "$WORK/audit.out")"
+        [ "${AUDIT_LOG_LEVEL:-warn}" != debug ] || grep 'mod=audit' "$WORK/audit.err" >&2
         if [ "$rc" -ne 0 ]; then grep -E 'MISSING|expired|error' "$WORK/audit.out" "$WORK/audit.err" | head -20 >&2; fi
     done
 

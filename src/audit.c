@@ -376,8 +376,18 @@ int audit__reader_next(struct audit__reader *r, rd_kafka_message_t **msg, char *
         if (r->eof || r->next >= r->high) return 0;
         if (r->ibatch >= r->nbatch) {
             r->nbatch = r->ibatch = 0;
-            ssize_t n = rd_kafka_consume_batch_queue(r->queue, 200, r->batch,
-                                                     sizeof r->batch / sizeof r->batch[0]);
+            /* consume_batch waits for a full batch until its timeout: take what is queued
+             * (timeout 0), and when nothing is, wait for the first message alone. */
+            const size_t cap = sizeof r->batch / sizeof r->batch[0];
+            ssize_t n = rd_kafka_consume_batch_queue(r->queue, 0, r->batch, cap);
+            if (n == 0) {
+                rd_kafka_message_t *first = rd_kafka_consume_queue(r->queue, 200);
+                if (first) {
+                    r->batch[0] = first;
+                    n = rd_kafka_consume_batch_queue(r->queue, 0, r->batch + 1, cap - 1);
+                    n = n < 0 ? 1 : n + 1;
+                }
+            }
             if (n < 0) {
                 set_err(err, errlen, "kafka consume: %s", rd_kafka_err2str(rd_kafka_last_error()));
                 return -1;

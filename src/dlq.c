@@ -35,6 +35,14 @@ static int64_t mono_ms(void)
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+static void on_rdkafka_log(const rd_kafka_t *rk, int level, const char *fac, const char *buf)
+{
+    int lvl = level <= 3 ? LOG_ERROR : level == 4 ? LOG_WARN : level <= 6 ? LOG_INFO : LOG_DEBUG;
+    char quoted[512];
+    log_quote(buf, quoted, sizeof quoted);
+    log_at(lvl, "rdkafka", "event=log fac=%s msg=\"%s\"", fac, quoted);
+}
+
 static rd_kafka_t *new_client(const struct cfg *cfg, const char *brokers, rd_kafka_type_t type,
                               const char *const *kv, size_t n, char *err, size_t errlen)
 {
@@ -46,6 +54,7 @@ static rd_kafka_t *new_client(const struct cfg *cfg, const char *brokers, rd_kaf
             return NULL;
         }
     }
+    rd_kafka_conf_set_log_cb(conf, on_rdkafka_log);
     rd_kafka_t *rk = rd_kafka_new(type, conf, err, errlen);
     if (!rk) rd_kafka_conf_destroy(conf);
     return rk;
@@ -562,6 +571,7 @@ int dlq_replay(const struct cfg *cfg, const char *brokers, const char *event_id,
         goto out;
     }
     rd_kafka_conf_set_dr_msg_cb(conf, replay_dr);
+    rd_kafka_conf_set_log_cb(conf, on_rdkafka_log);
     ctx.producer = rd_kafka_new(RD_KAFKA_PRODUCER, conf, err, errlen);
     if (!ctx.producer) {
         rd_kafka_conf_destroy(conf);

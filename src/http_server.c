@@ -87,6 +87,7 @@ static void conn_service(struct conn *c);
 static void conn_close(struct conn *c);
 static void on_idle(uv_idle_t *h);
 static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf);
+static void on_timer(uv_timer_t *t);
 static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf);
 
 /* ---- dirty list ---- */
@@ -207,7 +208,7 @@ static void conn_finish(struct conn *c)
     }
     c->lingering = true;
     c->tmode = TM_LINGER;
-    uv_timer_start(&c->timer, NULL, HTTP_LINGER_MS, 0);
+    uv_timer_start(&c->timer, on_timer, HTTP_LINGER_MS, 0);
     if (!c->reading && uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) == 0)
         c->reading = true;
 }

@@ -6,21 +6,8 @@
 #include <unistd.h>
 
 #include "config.h"
+#include "check.h"
 
-static int passed, failed;
-
-#define CHECK(cond, ...)                                                                       \
-    do {                                                                                       \
-        if (cond) {                                                                            \
-            passed++;                                                                          \
-            printf("ok   ");                                                                   \
-        } else {                                                                               \
-            failed++;                                                                          \
-            printf("FAIL %s:%d ", __FILE__, __LINE__);                                         \
-        }                                                                                      \
-        printf(__VA_ARGS__);                                                                   \
-        printf("\n");                                                                          \
-    } while (0)
 
 static const char *const all_env[] = {
     "DATABASE_URL", "KAFKA_BROKERS", "KAFKA_CONFIG", "KAFKA_PARTITIONS", "KAFKA_TOPIC",

@@ -5,21 +5,8 @@
 #include <string.h>
 
 #include "metrics.h"
+#include "check.h"
 
-static int passed, failed;
-
-#define CHECK(cond, ...)                                                                       \
-    do {                                                                                       \
-        if (cond) {                                                                            \
-            passed++;                                                                          \
-            printf("ok   ");                                                                   \
-        } else {                                                                               \
-            failed++;                                                                          \
-            printf("FAIL %s:%d ", __FILE__, __LINE__);                                         \
-        }                                                                                      \
-        printf(__VA_ARGS__);                                                                   \
-        printf("\n");                                                                          \
-    } while (0)
 
 static int count_of(const char *haystack, const char *needle)
 {

@@ -5,21 +5,8 @@
 #include <string.h>
 
 #include "validate.h"
+#include "check.h"
 
-static int passed, failed;
-
-#define CHECK(cond, ...)                                                                       \
-    do {                                                                                       \
-        if (cond) {                                                                            \
-            passed++;                                                                          \
-            printf("ok   ");                                                                   \
-        } else {                                                                               \
-            failed++;                                                                          \
-            printf("FAIL %s:%d ", __FILE__, __LINE__);                                         \
-        }                                                                                      \
-        printf(__VA_ARGS__);                                                                   \
-        printf("\n");                                                                          \
-    } while (0)
 
 static struct application_in app;
 static struct field_error err;
