@@ -220,8 +220,11 @@ for N in "${SIZES[@]}"; do
         rss=$(sed -n 's/.*Maximum resident set size (kbytes): //p' "$WORK/audit.err")
         cpu_u=$(sed -n 's/.*User time (seconds): //p' "$WORK/audit.err")
         cpu_s=$(sed -n 's/.*System time (seconds): //p' "$WORK/audit.err")
-        printf 'audit N=%d partitions=%d run=%d exit=%d wall=%s user=%ss sys=%ss peak_rss=%d MiB | %s\n' \
-            "$N" "$PARTS" "$run" "$rc" "$wall" "$cpu_u" "$cpu_s" "$(( rss / 1024 ))" "$(tail -n 1 "$WORK/audit.out")"
+        verified=$(sed -n 's/^ *verified (ce_id found at the recorded offset) *//p' "$WORK/audit.out")
+        expired=$(sed -n 's/^ *expired from the topic ([^)]*) *//p' "$WORK/audit.out")
+        printf 'audit N=%d partitions=%d run=%d exit=%d wall=%s user=%ss sys=%ss peak_rss=%d MiB verified=%s expired=%s | %s\n' \
+            "$N" "$PARTS" "$run" "$rc" "$wall" "$cpu_u" "$cpu_s" "$(( rss / 1024 ))" "$verified" "$expired" \
+            "$(tail -n 1 "$WORK/audit.out")"
         [ "${AUDIT_LOG_LEVEL:-warn}" != debug ] || grep 'mod=audit' "$WORK/audit.err" >&2
         if [ "$rc" -ne 0 ]; then grep -E 'MISSING|expired|error' "$WORK/audit.out" "$WORK/audit.err" | head -20 >&2; fi
     done

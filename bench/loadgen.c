@@ -104,7 +104,7 @@ struct conn {
     char body[BODY_MAX];
     size_t body_len;
     int status;
-    bool connected, busy, closing, done_msg;
+    bool connected, busy, closing, done_msg, connect_failed;
     struct request *req;
     int index;
 };
@@ -261,11 +261,17 @@ static void finish_request(struct conn *c) {
     inflight--;
 }
 
+static void on_retry_connect(uv_timer_t *t) { conn_start(t->data); }
+
 static void on_close(uv_handle_t *h) {
     struct conn *c = h->data;
     c->closing = false;
     c->connected = false;
-    if (!stopping) conn_start(c);
+    if (stopping) return;
+    if (c->connect_failed) /* server not there (yet): do not spin */
+        uv_timer_start(&c->timer, on_retry_connect, 100, 0);
+    else
+        conn_start(c);
 }
 
 static void conn_fail(struct conn *c, bool timed_out) {
@@ -385,6 +391,8 @@ static void dispatch(void) {
 
 static void on_connect(uv_connect_t *req, int status) {
     struct conn *c = req->data;
+    if (status == UV_ECANCELED || stopping) return; /* closed by stop_all */
+    c->connect_failed = status < 0;
     if (status < 0) {
         c->closing = true;
         uv_close((uv_handle_t *)&c->tcp, on_close);
@@ -407,6 +415,7 @@ static void conn_start(struct conn *c) {
     c->tcp.data = c;
     c->connect_req.data = c;
     if (uv_tcp_connect(&c->connect_req, &c->tcp, (const struct sockaddr *)&addr, on_connect) != 0) {
+        c->connect_failed = true;
         c->closing = true;
         uv_close((uv_handle_t *)&c->tcp, on_close);
     }

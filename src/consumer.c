@@ -16,6 +16,13 @@
 #include "log.h"
 #include "metrics.h"
 
+/* A logfmt-quoted copy of s in buf (free-form texts: remote replies, libpq errors). */
+static const char *lq(const char *s, char *buf, size_t n)
+{
+    log_quote(s ? s : "", buf, n);
+    return buf;
+}
+
 #define PART_QUEUE_PAUSE 500      /* fetched, unhandled messages per partition before pausing it */
 #define COMMIT_INTERVAL_MS 200    /* finished offsets are committed at most this often */
 #define POLL_INTERVAL_MS 1000     /* serve the consumer even when idle (max.poll.interval.ms) */
@@ -405,6 +412,7 @@ static void finish_event(struct cpart *p, bool processed)
 
 static void on_run_done(void *ud, const struct effects_outcome *o)
 {
+    char qb[600];
     struct cpart *p = ud;
     struct consumer *c = p->c;
 
@@ -436,24 +444,25 @@ static void on_run_done(void *ud, const struct effects_outcome *o)
         uint64_t delay = backoff_ms(c, p->attempts);
         metrics_counter_add("ticketd_consumer_retries_total", NULL, 1);
         log_warn("consumer", "event=retry partition=%" PRId32 " offset=%" PRId64
-                 " event_id=%s attempt=%d of=%d next_in_ms=%" PRIu64 " class=%s err=\"%s\"",
+                 " event_id=%s attempt=%d of=%d next_in_ms=%" PRIu64 " class=%s err=%s",
                  p->partition, p->cur->offset, p->ev.event_id, p->attempts,
-                 c->cfg->retry_max_attempts, delay, p->err_class, p->err_msg);
+                 c->cfg->retry_max_attempts, delay, p->err_class, lq(p->err_msg, qb, sizeof qb));
         p->state = P_BACKOFF;
         update_pause(p);
         uv_timer_start(&p->timer, on_retry_timer, delay, 0);
         return;
     }
     log_error("consumer", "event=attempts_exhausted partition=%" PRId32 " offset=%" PRId64
-              " event_id=%s attempts=%d class=%s err=\"%s\" action=dead_letter",
+              " event_id=%s attempts=%d class=%s err=%s action=dead_letter",
               p->partition, p->cur->offset, p->ev.event_id, p->attempts, p->err_class,
-              p->err_msg);
+              lq(p->err_msg, qb, sizeof qb));
     dlq_send(p);
 }
 
 /* Starts (or retries) the event in hand. */
 static void attempt(struct cpart *p)
 {
+    char qb[600];
     struct consumer *c = p->c;
     rd_kafka_message_t *m = p->cur;
 
@@ -473,7 +482,8 @@ static void attempt(struct cpart *p)
             snprintf(p->err_msg, sizeof p->err_msg, "%s", why);
             ascii_only(p->err_msg);
             log_error("consumer", "event=poison_message partition=%" PRId32 " offset=%" PRId64
-                      " err=\"%s\" action=dead_letter", p->partition, m->offset, p->err_msg);
+                      " err=%s action=dead_letter", p->partition, m->offset,
+                      lq(p->err_msg, qb, sizeof qb));
             dlq_send(p);
             return;
         }
@@ -585,6 +595,7 @@ static void dlq_send(struct cpart *p)
 
 static void on_recorded(void *ud, const PGresult *res, const char *error)
 {
+    char qb[600];
     struct cpart *p = ud;
     struct consumer *c = p->c;
     bool ok = res && PQresultStatus(res) == PGRES_COMMAND_OK;
@@ -595,8 +606,8 @@ static void on_recorded(void *ud, const PGresult *res, const char *error)
     }
     if (!ok) {
         log_error("consumer", "event=dead_letter_record_failed partition=%" PRId32
-                  " offset=%" PRId64 " err=\"%s\" action=%s", p->partition, p->cur->offset,
-                  error ? error : PQresultErrorMessage(res),
+                  " offset=%" PRId64 " err=%s action=%s", p->partition, p->cur->offset,
+                  lq(error ? error : PQresultErrorMessage(res), qb, sizeof qb),
                   c->phase == PH_RUNNING ? "retry" : "redeliver_later");
         if (c->phase != PH_RUNNING) {
             rd_kafka_message_destroy(p->cur);
@@ -708,6 +719,7 @@ static void on_dlq_ready(void *ud)
 
 static void on_offset_reset(struct consumer *c, rd_kafka_message_t *m)
 {
+    char qb[600];
     const char *why = rd_kafka_message_errstr(m);
     int32_t partition = m->partition;
     bool first_start = strstr(why, rd_kafka_err2str(RD_KAFKA_RESP_ERR__NO_OFFSET)) != NULL;
@@ -720,9 +732,9 @@ static void on_offset_reset(struct consumer *c, rd_kafka_message_t *m)
         snprintf(labels, sizeof labels, "partition=\"%" PRId32 "\"", partition);
         metrics_counter_add("ticketd_consumer_offset_out_of_range_total", labels, 1);
         log_error("consumer", "event=offset_out_of_range topic=%s partition=%" PRId32
-                  " offset=%" PRId64 " err=\"%s\" action=seek_to_log_start"
+                  " offset=%" PRId64 " err=%s action=seek_to_log_start"
                   " note=\"events below the log start were deleted before being handled;"
-                  " run ticketd audit\"", c->cfg->topic, partition, m->offset, why);
+                  " run ticketd audit\"", c->cfg->topic, partition, m->offset, lq(why, qb, sizeof qb));
     }
     struct cpart *p = part_get(c, partition);
     if (p) p->last_seen = -1;
@@ -738,11 +750,12 @@ static void on_offset_reset(struct consumer *c, rd_kafka_message_t *m)
 
 static void on_message(struct consumer *c, rd_kafka_message_t *m)
 {
+    char qb[600];
     if (m->err) {
         if (m->err == RD_KAFKA_RESP_ERR__AUTO_OFFSET_RESET) on_offset_reset(c, m);
         else if (m->err != RD_KAFKA_RESP_ERR__PARTITION_EOF)
-            log_warn("consumer", "event=consumer_error err=\"%s\" detail=\"%s\"",
-                     rd_kafka_err2str(m->err), rd_kafka_message_errstr(m));
+            log_warn("consumer", "event=consumer_error err=\"%s\" detail=%s",
+                     rd_kafka_err2str(m->err), lq(rd_kafka_message_errstr(m), qb, sizeof qb));
         rd_kafka_message_destroy(m);
         return;
     }
@@ -878,12 +891,12 @@ static void on_rdkafka_log(const rd_kafka_t *rk, int level, const char *fac, con
         char labels[48];
         snprintf(labels, sizeof labels, "partition=\"%ld\"", partition);
         metrics_counter_add("ticketd_consumer_offset_out_of_range_total", labels, 1);
-        log_error("consumer", "event=offset_out_of_range partition=%ld detail=\"%s\""
+        log_error("consumer", "event=offset_out_of_range partition=%ld detail=%s"
                   " action=continue_at_log_start note=\"events below the log start were"
                   " deleted before being handled; run ticketd audit\"", partition, quoted);
         return;
     }
-    log_at(lvl, "rdkafka", "event=log fac=%s msg=\"%s\"", fac, quoted);
+    log_at(lvl, "rdkafka", "event=log fac=%s msg=%s", fac, quoted);
 }
 
 /* ---- start ---- */

@@ -20,6 +20,13 @@
 #include "log.h"
 #include "validate.h"
 
+/* A logfmt-quoted copy of s in buf (free-form texts: remote replies, libpq errors). */
+static const char *lq(const char *s, char *buf, size_t n)
+{
+    log_quote(s ? s : "", buf, n);
+    return buf;
+}
+
 #define KAFKA_TIMEOUT_MS 5000
 #define VALUE_SHOWN_MAX 4096
 #define FLUSH_TIMEOUT_MS 30000
@@ -40,7 +47,7 @@ static void on_rdkafka_log(const rd_kafka_t *rk, int level, const char *fac, con
     int lvl = level <= 3 ? LOG_ERROR : level == 4 ? LOG_WARN : level <= 6 ? LOG_INFO : LOG_DEBUG;
     char quoted[512];
     log_quote(buf, quoted, sizeof quoted);
-    log_at(lvl, "rdkafka", "event=log fac=%s msg=\"%s\"", fac, quoted);
+    log_at(lvl, "rdkafka", "event=log fac=%s msg=%s", fac, quoted);
 }
 
 static rd_kafka_t *new_client(const struct cfg *cfg, const char *brokers, rd_kafka_type_t type,
@@ -142,6 +149,7 @@ static int read_dlq(const struct cfg *cfg, const char *brokers, visit_fn visit, 
         }
         rd_kafka_message_t *m = rd_kafka_consumer_poll(rk, 200);
         if (!m) continue;
+        char qb[600];
         int32_t p = m->partition;
         bool valid = p >= 0 && p < nparts && !done[p];
         if (m->err == RD_KAFKA_RESP_ERR__PARTITION_EOF) {
@@ -150,7 +158,7 @@ static int read_dlq(const struct cfg *cfg, const char *brokers, visit_fn visit, 
                 pending--;
             }
         } else if (m->err) {
-            log_warn("dlq", "event=read_error err=\"%s\"", rd_kafka_message_errstr(m));
+            log_warn("dlq", "event=read_error err=%s", lq(rd_kafka_message_errstr(m), qb, sizeof qb));
         } else if (valid) {
             if (m->offset < high[p]) visit(ud, m);
             if (m->offset + 1 >= high[p]) {
@@ -525,6 +533,7 @@ static const char insert_sql[] =
 
 static int mark_replayed(PGconn *db, const struct replay_rec *r)
 {
+    char qb[600];
     char part[16], off[24];
     snprintf(part, sizeof part, "%" PRId32, r->dlq_partition);
     snprintf(off, sizeof off, "%" PRId64, r->dlq_offset);
@@ -545,7 +554,8 @@ static int mark_replayed(PGconn *db, const struct replay_rec *r)
     int rc = PQresultStatus(res) == PGRES_COMMAND_OK ? 0 : -1;
     if (rc != 0)
         log_error("dlq", "event=mark_replayed_failed dlq_partition=%" PRId32 " dlq_offset=%" PRId64
-                  " err=\"%s\"", r->dlq_partition, r->dlq_offset, PQresultErrorMessage(res));
+                  " err=%s", r->dlq_partition, r->dlq_offset,
+                  lq(PQresultErrorMessage(res), qb, sizeof qb));
     PQclear(res);
     return rc;
 }
@@ -652,11 +662,12 @@ static char *json_body(json_object *o)
 
 static int list_work(void *arg, char **body)
 {
+    char qb[600];
     struct dlq_job *job = arg;
     json_object *o = NULL;
     char err[512];
     if (dlq_list(job->cfg, job->brokers, job->limit, &o, err, sizeof err) != 0) {
-        log_error("dlq", "event=list_failed err=\"%s\"", err);
+        log_error("dlq", "event=list_failed err=%s", lq(err, qb, sizeof qb));
         *body = error_body("unavailable", err);
         return 503;
     }
@@ -666,12 +677,13 @@ static int list_work(void *arg, char **body)
 
 static int replay_work(void *arg, char **body)
 {
+    char qb[600];
     struct dlq_job *job = arg;
     json_object *o = NULL;
     char err[512];
     if (dlq_replay(job->cfg, job->brokers, job->has_event ? job->event_id : NULL, &o, err,
                    sizeof err) != 0) {
-        log_error("dlq", "event=replay_failed err=\"%s\"", err);
+        log_error("dlq", "event=replay_failed err=%s", lq(err, qb, sizeof qb));
         *body = error_body("unavailable", err);
         return 503;
     }

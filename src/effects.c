@@ -16,6 +16,13 @@
 #include "log.h"
 #include "metrics.h"
 
+/* A logfmt-quoted copy of s in buf (free-form texts: remote replies, libpq errors). */
+static const char *lq(const char *s, char *buf, size_t n)
+{
+    log_quote(s ? s : "", buf, n);
+    return buf;
+}
+
 struct effects {
     uv_loop_t *loop;
     const struct cfg *cfg;
@@ -265,14 +272,15 @@ static const char *stage_effect(enum stage s)
 /* The done/failed mark of an external effect committed (or could not be written). */
 static void on_marked(void *ud, const PGresult *res, const char *error)
 {
+    char qb[600];
     struct run *r = ud;
     bool written = res && PQresultStatus(res) == PGRES_COMMAND_OK;
 
     if (r->fail_class) {
         if (!written)
-            log_warn("effects", "event=mark_failed_error event_id=%s effect=%s err=\"%s\"",
+            log_warn("effects", "event=mark_failed_error event_id=%s effect=%s err=%s",
                      r->ev.event_id, stage_effect(r->stage),
-                     error ? error : PQresultErrorMessage(res));
+                     lq(error ? error : PQresultErrorMessage(res), qb, sizeof qb));
         run_finish(r, r->fail_class, r->fail_msg);
         return;
     }
@@ -300,6 +308,7 @@ static void ascii_only(char *s)
 /* Records the outcome of the current external effect on its row, then continues. */
 static void mark(struct run *r, bool done, const char *error_class, const char *message)
 {
+    char qb[600];
     const char *effect = stage_effect(r->stage);
     if (!done) {
         r->fail_class = error_class;
@@ -308,8 +317,8 @@ static void mark(struct run *r, bool done, const char *error_class, const char *
         char labels[64];
         snprintf(labels, sizeof labels, "effect=\"%s\"", effect);
         metrics_counter_add("ticketd_sink_failures_total", labels, 1);
-        log_warn("effects", "event=effect_failed event_id=%s effect=%s class=%s err=\"%s\"",
-                 r->ev.event_id, effect, error_class, message);
+        log_warn("effects", "event=effect_failed event_id=%s effect=%s class=%s err=%s",
+                 r->ev.event_id, effect, error_class, lq(message, qb, sizeof qb));
     }
     const char *params[4] = {r->ev.event_id, effect, done ? "true" : "false",
                              done ? NULL : r->fail_msg};
@@ -468,6 +477,7 @@ static void run_next(struct run *r)
 
 static void on_points(void *ud, const PGresult *res, const char *error)
 {
+    char qb[600];
     struct run *r = ud;
     if (!res || PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1) {
         snprintf(r->fail_msg, sizeof r->fail_msg, "points: %s",
@@ -477,8 +487,8 @@ static void on_points(void *ud, const PGresult *res, const char *error)
         while (n && (r->fail_msg[n - 1] == '\n' || r->fail_msg[n - 1] == ' ')) r->fail_msg[--n] = 0;
         ascii_only(r->fail_msg);
         metrics_counter_add("ticketd_sink_failures_total", "effect=\"points\"", 1);
-        log_warn("effects", "event=effect_failed event_id=%s effect=points class=db err=\"%s\"",
-                 r->ev.event_id, r->fail_msg);
+        log_warn("effects", "event=effect_failed event_id=%s effect=points class=db err=%s",
+                 r->ev.event_id, lq(r->fail_msg, qb, sizeof qb));
         run_finish(r, "db", r->fail_msg);
         return;
     }

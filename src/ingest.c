@@ -54,9 +54,11 @@ const char *const ingest_batch_sql =
     " SELECT id, 'TicketApplied', jsonb_build_object('id', id, 'event_id', event_id,"
     "  'phone', phone, 'name', name, 'email', email, 'seats', seats, 'created_at', created)"
     " FROM ins ORDER BY id"
-    " RETURNING 1"
+    " RETURNING id"
+    /* The payload names the lowest new outbox id: batches on different connections can
+     * commit out of id order, and the relay moves its cursor back below a late commit. */
     "), notified AS ("
-    " SELECT pg_notify('outbox', '') FROM (SELECT 1 FROM ob LIMIT 1) AS inserted"
+    " SELECT pg_notify('outbox', min(id)::text) FROM ob HAVING count(*) > 0"
     ")"
     " SELECT 'c' AS kind, id, event_id, phone, NULL::text AS idempotency_key, created FROM ins"
     " UNION ALL"

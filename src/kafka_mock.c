@@ -35,7 +35,7 @@ static void mock_log_cb(const rd_kafka_t *rk, int level, const char *fac, const 
     int lvl = level <= 3 ? LOG_ERROR : level == 4 ? LOG_WARN : level <= 6 ? LOG_INFO : LOG_DEBUG;
     char quoted[512];
     log_quote(buf, quoted, sizeof quoted);
-    log_at(lvl, "kafka_mock", "event=rdkafka fac=%s msg=\"%s\"", fac, quoted);
+    log_at(lvl, "kafka_mock", "event=rdkafka fac=%s msg=%s", fac, quoted);
 }
 
 int kafka_mock_start(struct kafka_mock **out, int brokers, const char *const *topics,
@@ -50,7 +50,9 @@ int kafka_mock_start(struct kafka_mock **out, int brokers, const char *const *to
     m->rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errstr, sizeof errstr);
     conf = NULL; /* owned by rk on success; destroyed below on failure */
     if (!m->rk) {
-        log_error("kafka_mock", "event=start_failed err=\"%s\"", errstr);
+        char quoted[600];
+        log_quote(errstr, quoted, sizeof quoted);
+        log_error("kafka_mock", "event=start_failed err=%s", quoted);
         goto fail;
     }
     m->cluster = rd_kafka_mock_cluster_new(m->rk, brokers);

@@ -4,6 +4,7 @@
 #ifndef TICKETD_KAFKA_MOCK_H
 #define TICKETD_KAFKA_MOCK_H
 
+#include <librdkafka/rdkafka.h> /* rdkafka_mock.h needs it first */
 #include <librdkafka/rdkafka_mock.h>
 
 struct kafka_mock;

@@ -119,7 +119,9 @@ struct relay {
     struct dbp *marker;  /* mark published / record failures */
     uv_timer_t tick_timer, retry_timer, retention_timer, close_timer;
 
-    bool active, kafka_ready, fatal, closing, teardown;
+    bool active, fatal, closing, teardown;
+    bool kafka_up;   /* a broker is up now (statistics, delivery reports, errors) */
+    bool kafka_seen; /* kafka_up was true at least once since start: readiness */
     uint64_t session_gen;     /* bumps on every (dis)connect: stale answers are ignored */
     bool lock_inflight, claim_inflight, claim_again, retention_inflight, backlog_inflight;
     uint64_t lock_gen, claim_gen;
@@ -278,11 +280,33 @@ static void sb_array_text(struct sbuf *b, const char *s)
     sb_put(b, "\"", 1);
 }
 
+/* Why a query failed, quoted for a log value (the loop is single-threaded). */
+static const char *db_error(const char *error, const PGresult *res) /* also any text */
+{
+    static char buf[320];
+    log_quote(error ? error : res ? PQresultErrorMessage(res) : "?", buf, sizeof buf);
+    return buf;
+}
+
 static double now_epoch(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static void set_kafka_up(struct relay *r, bool up, const char *why)
+{
+    if (up != r->kafka_up) {
+        if (up)
+            log_info("relay", "event=kafka_reachable");
+        else
+            log_warn("relay", "event=kafka_unreachable why=%s note=\"rows wait in the outbox\"",
+                     why);
+        metrics_gauge_set("ticketd_relay_kafka_up", NULL, up ? 1 : 0);
+    }
+    r->kafka_up = up;
+    if (up) r->kafka_seen = true;
 }
 
 static void set_active(struct relay *r, bool active, const char *why)
@@ -304,6 +328,7 @@ static void flush_fails(struct relay *r);
 static void try_lock(struct relay *r);
 static void close_check(struct relay *r);
 static void on_retry_timer(uv_timer_t *t);
+static void on_retention_timer(uv_timer_t *t);
 
 /* --- marking ------------------------------------------------------------------------- */
 
@@ -315,8 +340,8 @@ static void on_mark_done(void *ud, const PGresult *res, const char *error)
 
     if (!res || PQresultStatus(res) != PGRES_COMMAND_OK) {
         /* Keep them: marked again on the next tick. Rows stay owned meanwhile. */
-        log_warn("relay", "event=mark_failed rows=%zu err=\"%s\"", n,
-                 error ? error : (res ? PQresultErrorMessage(res) : "?"));
+        log_warn("relay", "event=mark_failed rows=%zu err=%s", n,
+                 db_error(error, res));
         if (r->closing) close_check(r);
         return;
     }
@@ -330,7 +355,7 @@ static void on_mark_done(void *ud, const PGresult *res, const char *error)
         }
         r->marked[r->nmarked++] = (struct marked){r->acks[i].id, r->claim_seq_sent};
     }
-    memmove(r->acks, r->acks + n, (r->nacks - n) * sizeof *r->acks);
+    if (n) memmove(r->acks, r->acks + n, (r->nacks - n) * sizeof *r->acks);
     r->nacks -= n;
     log_debug("relay", "event=marked rows=%zu", n);
     flush_marks(r);
@@ -370,12 +395,12 @@ static void on_fail_done(void *ud, const PGresult *res, const char *error)
     size_t n = r->fails_sending;
     r->fails_sending = 0;
     if (!res || PQresultStatus(res) != PGRES_COMMAND_OK) {
-        log_warn("relay", "event=record_failure_failed rows=%zu err=\"%s\"", n,
-                 error ? error : (res ? PQresultErrorMessage(res) : "?"));
+        log_warn("relay", "event=record_failure_failed rows=%zu err=%s", n,
+                 db_error(error, res));
         if (r->closing) close_check(r);
         return;
     }
-    memmove(r->fails, r->fails + n, (r->nfails - n) * sizeof *r->fails);
+    if (n) memmove(r->fails, r->fails + n, (r->nfails - n) * sizeof *r->fails);
     r->nfails -= n;
     flush_fails(r);
     if (r->closing) close_check(r);
@@ -474,8 +499,7 @@ static void process_drs(struct relay *r)
     r->ndrs = 0;
     if (ok) {
         metrics_counter_add("ticketd_relay_published_total", NULL, (double)ok);
-        if (!r->kafka_ready) log_info("relay", "event=kafka_reachable");
-        r->kafka_ready = true;
+        set_kafka_up(r, true, NULL);
     }
     if (failed)
         log_warn("relay", "event=delivery_failed rows=%zu first_id=%" PRId64 " err=\"%s\"",
@@ -506,13 +530,7 @@ static int on_stats(rd_kafka_t *rk, char *json, size_t len, void *opaque)
         }
     }
     json_object_put(root);
-    if (up != r->kafka_ready) {
-        if (up)
-            log_info("relay", "event=kafka_reachable");
-        else
-            log_warn("relay", "event=kafka_unreachable why=no_broker_up");
-    }
-    r->kafka_ready = up;
+    set_kafka_up(r, up, "no_broker_up");
     return 0; /* librdkafka frees json */
 }
 
@@ -525,25 +543,30 @@ static void on_error(rd_kafka_t *rk, int err, const char *reason, void *opaque)
         char why[256];
         rd_kafka_resp_err_t orig = rd_kafka_fatal_error(rk, why, sizeof why);
         log_quote(why, quoted, sizeof quoted);
-        log_error("relay", "event=producer_fatal err=%s reason=\"%s\" action=recreate",
+        log_error("relay", "event=producer_fatal err=%s reason=%s action=recreate",
                   rd_kafka_err2name(orig), quoted);
         r->fatal = true;
         return;
     }
     if (err == RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN) {
-        if (r->kafka_ready) log_warn("relay", "event=kafka_unreachable why=all_brokers_down");
-        r->kafka_ready = false;
+        set_kafka_up(r, false, "all_brokers_down");
         return;
     }
-    log_warn("relay", "event=kafka_error err=%s reason=\"%s\"", rd_kafka_err2name(err), quoted);
+    /* Connection failures are already in librdkafka's own log line (warn). */
+    if (err == RD_KAFKA_RESP_ERR__TRANSPORT || err == RD_KAFKA_RESP_ERR__RESOLVE)
+        log_debug("relay", "event=kafka_error err=%s reason=%s", rd_kafka_err2name(err), quoted);
+    else
+        log_warn("relay", "event=kafka_error err=%s reason=%s", rd_kafka_err2name(err), quoted);
 }
 
 static void on_rdkafka_log(const rd_kafka_t *rk, int level, const char *fac, const char *buf)
 {
-    int lvl = level <= 3 ? LOG_ERROR : level == 4 ? LOG_WARN : level <= 6 ? LOG_INFO : LOG_DEBUG;
+    /* librdkafka logs a broker connection failure at LOG_ERR (3): for the service that is
+     * a warning (it reconnects by itself), so only levels 0-2 are errors here. */
+    int lvl = level <= 2 ? LOG_ERROR : level <= 4 ? LOG_WARN : level <= 6 ? LOG_INFO : LOG_DEBUG;
     char quoted[512];
     log_quote(buf, quoted, sizeof quoted);
-    log_at(lvl, "rdkafka", "event=log fac=%s msg=\"%s\"", fac, quoted);
+    log_at(lvl, "rdkafka", "event=log fac=%s msg=%s", fac, quoted);
 }
 
 static bool user_sets(const struct cfg *c, const char *prop)
@@ -556,7 +579,7 @@ static int producer_create(struct relay *r, const char *brokers)
     char errstr[512];
     rd_kafka_conf_t *conf = kafka_conf_new(brokers, r->cfg->kafka_config, errstr, sizeof errstr);
     if (!conf) {
-        log_error("relay", "event=kafka_config_invalid err=\"%s\"", errstr);
+        log_error("relay", "event=kafka_config_invalid err=%s", db_error(errstr, NULL));
         return -EINVAL;
     }
     /* The guarantees are not tunable: idempotence implies acks=all and ordered retries. */
@@ -566,7 +589,7 @@ static int producer_create(struct relay *r, const char *brokers)
          rd_kafka_conf_set(conf, "linger.ms", "5", errstr, sizeof errstr)) ||
         (!user_sets(r->cfg, "statistics.interval.ms") &&
          rd_kafka_conf_set(conf, "statistics.interval.ms", "1000", errstr, sizeof errstr))) {
-        log_error("relay", "event=kafka_config_invalid err=\"%s\"", errstr);
+        log_error("relay", "event=kafka_config_invalid err=%s", db_error(errstr, NULL));
         rd_kafka_conf_destroy(conf);
         return -EINVAL;
     }
@@ -578,7 +601,7 @@ static int producer_create(struct relay *r, const char *brokers)
     r->rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errstr, sizeof errstr);
     if (!r->rk) {
         rd_kafka_conf_destroy(conf);
-        log_error("relay", "event=producer_create_failed err=\"%s\"", errstr);
+        log_error("relay", "event=producer_create_failed err=%s", db_error(errstr, NULL));
         return -EINVAL;
     }
     r->rkt = rd_kafka_topic_new(r->rk, r->cfg->topic, NULL);
@@ -622,6 +645,7 @@ static void producer_recreate_done(uv_work_t *w, int status)
         maybe_claim(r);
     } else {
         log_error("relay", "event=producer_recreate_failed action=retry_next_tick");
+        r->fatal = false; /* lets on_tick create it again */
         if (r->rk && !r->bridge) {
             if (r->rkt) rd_kafka_topic_destroy(r->rkt);
             r->rkt = NULL;
@@ -674,6 +698,7 @@ static void drop_marked_before(struct relay *r, uint64_t claim_seq)
         if (row && row->state == ROW_MARKED) map_remove(&r->rows, r->marked[k].id);
         k++;
     }
+    if (!k) return;
     memmove(r->marked, r->marked + k, (r->nmarked - k) * sizeof *r->marked);
     r->nmarked -= k;
 }
@@ -719,8 +744,8 @@ static void on_claim(void *ud, const PGresult *res, const char *error)
         return;
     }
     if (!res || PQresultStatus(res) != PGRES_TUPLES_OK) {
-        log_warn("relay", "event=claim_failed err=\"%s\"",
-                 error ? error : (res ? PQresultErrorMessage(res) : "?"));
+        log_warn("relay", "event=claim_failed err=%s",
+                 db_error(error, res));
         return; /* the tick retries */
     }
     int n = PQntuples(res), produced = 0, failed = 0;
@@ -830,8 +855,8 @@ static void on_lock(void *ud, const PGresult *res, const char *error)
     r->lock_inflight = false;
     if (r->lock_gen != r->session_gen || r->closing) return;
     if (!res || PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1) {
-        log_warn("relay", "event=lock_query_failed err=\"%s\"",
-                 error ? error : (res ? PQresultErrorMessage(res) : "?"));
+        log_warn("relay", "event=lock_query_failed err=%s",
+                 db_error(error, res));
         return;
     }
     if (strcmp(PQgetvalue(res, 0, 0), "t") == 0) {
@@ -839,6 +864,7 @@ static void on_lock(void *ud, const PGresult *res, const char *error)
         r->rewind_to = INT64_MAX;
         set_active(r, true, "lock_acquired");
         maybe_claim(r);
+        on_retention_timer(&r->retention_timer); /* then every minute */
     } else if (!r->standby_logged) {
         r->standby_logged = true;
         metrics_gauge_set("ticketd_relay_active", NULL, 0);
@@ -859,8 +885,8 @@ static void try_lock(struct relay *r)
 static void on_listen(void *ud, const PGresult *res, const char *error)
 {
     if (!res || PQresultStatus(res) != PGRES_COMMAND_OK)
-        log_warn("relay", "event=listen_failed err=\"%s\"",
-                 error ? error : (res ? PQresultErrorMessage(res) : "?"));
+        log_warn("relay", "event=listen_failed err=%s",
+                 db_error(error, res));
 }
 
 static void on_session_connect(void *ud, struct dbp *pool)
@@ -932,8 +958,8 @@ static void on_retention(void *ud, const PGresult *res, const char *error)
     struct relay *r = ud;
     r->retention_inflight = false;
     if (!res || PQresultStatus(res) != PGRES_COMMAND_OK) {
-        log_warn("relay", "event=retention_failed err=\"%s\"",
-                 error ? error : (res ? PQresultErrorMessage(res) : "?"));
+        log_warn("relay", "event=retention_failed err=%s",
+                 db_error(error, res));
         return;
     }
     long deleted = atol(PQcmdTuples((PGresult *)res));
@@ -994,6 +1020,8 @@ int relay_start(struct relay **out, uv_loop_t *loop, const struct cfg *cfg,
     metrics_describe("ticketd_relay_commit_to_ack_seconds", "histogram",
                      "Outbox row commit to broker acknowledgement");
     metrics_describe("ticketd_relay_active", "gauge", "1 when this process holds the relay lock");
+    metrics_describe("ticketd_relay_kafka_up", "gauge", "1 when the producer sees a broker up");
+    metrics_gauge_set("ticketd_relay_kafka_up", NULL, 0);
     metrics_gauge_set("ticketd_relay_active", NULL, 0);
 
     rc = producer_create(r, brokers);
@@ -1040,7 +1068,7 @@ fail:
 
 bool relay_kafka_ready(const struct relay *r)
 {
-    return r && r->kafka_ready;
+    return r && r->kafka_seen;
 }
 
 bool relay_is_active(const struct relay *r)

@@ -33,8 +33,12 @@ int relay_start(struct relay **out, uv_loop_t *loop, const struct cfg *cfg,
  * unpublished and are sent again by the next active relay. */
 void relay_close(struct relay *r, void (*done)(void *ud), void *ud);
 
-/* Kafka reachable: the producer knows at least one broker from metadata (refreshed by
- * librdkafka's statistics every second) or had a delivery acknowledged. Nonblocking. */
+/* Readiness: the producer has seen a broker up (librdkafka's statistics, every second) or
+ * had a delivery acknowledged, at least once since start. It stays true through a later
+ * Kafka outage on purpose: the outbox absorbs it (rows wait, 201s go on), and taking the
+ * API out of rotation would turn a Kafka outage into an ingest outage. The current state
+ * is the gauge ticketd_relay_kafka_up and the kafka_reachable/unreachable log lines.
+ * Nonblocking. */
 bool relay_kafka_ready(const struct relay *r);
 
 /* This process holds the relay lock and publishes. */

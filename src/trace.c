@@ -700,6 +700,11 @@ static const char *or_dash(const char *s)
     return s ? s : "-";
 }
 
+static const char *or_empty(const char *s)
+{
+    return s ? s : "";
+}
+
 static void render_outbox(json_object *e, FILE *out)
 {
     fprintf(out, "  outbox     event %s, created %s, ", or_dash(g(e, "event_id")),
@@ -709,7 +714,7 @@ static void render_outbox(json_object *e, FILE *out)
                 or_dash(g(e, "partition")), or_dash(g(e, "offset")));
     else
         fprintf(out, "NOT published (attempts %s%s%s)\n", or_dash(g(e, "attempts")),
-                g(e, "last_error") ? ", last error: " : "", or_dash(g(e, "last_error")));
+                g(e, "last_error") ? ", last error: " : "", or_empty(g(e, "last_error")));
     json_object *rec = NULL;
     if (json_object_object_get_ex(e, "topic_record", &rec) && rec) {
         json_object *found = NULL;
@@ -736,7 +741,7 @@ static void render_outbox(json_object *e, FILE *out)
             json_object_object_get_ex(f, "done", &d);
             fprintf(out, "  effect     %s: %s (attempts %s%s%s)\n", or_dash(g(f, "effect")),
                     json_object_get_boolean(d) ? "done" : "NOT done", or_dash(g(f, "attempts")),
-                    g(f, "last_error") ? ", last error: " : "", or_dash(g(f, "last_error")));
+                    g(f, "last_error") ? ", last error: " : "", or_empty(g(f, "last_error")));
         }
     }
     json_object *pts = NULL;

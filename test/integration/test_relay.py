@@ -12,7 +12,7 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (Ticketd, KafkaMock, TicketdTestCase, kcat_consume, parallel,  # noqa: E402
-                     phone_for, wait_until)
+                     phone_for, run_ticketd, wait_until)
 
 TOPIC = "ticket-applied"
 RELAY_ENV = {"ROLE": "api,relay", "RELAY_RETRY_BACKOFF": "200ms"}
@@ -200,6 +200,43 @@ class RelayTest(TicketdTestCase):
         self.wait_all_published(timeout=30)
         self.assertGreaterEqual(self.metric(b, "ticketd_relay_published_total"), 20)
         self.assert_topic_matches_outbox(40)
+
+    def test_retention_deletes_old_published_rows_only(self):
+        r = run_ticketd(["migrate"], env={"DATABASE_URL": self.pg.url})
+        self.assertEqual(r.returncode, 0, r.stderr)
+        # 2,500 published rows older than the retention (more than two delete batches),
+        # one old unpublished row, one recent published row.
+        self.pg.execute(
+            "INSERT INTO outbox (aggregate_id, event_type, payload, created_at, published_at,"
+            " kafka_partition, kafka_offset)"
+            " SELECT g, 'TicketApplied', '{}'::jsonb, now() - interval '9 days',"
+            "  now() - interval '8 days', 0, g FROM generate_series(1, 2500) g")
+        self.pg.execute(
+            "INSERT INTO outbox (aggregate_id, event_type, payload, created_at, published_at,"
+            " kafka_partition, kafka_offset) VALUES"
+            " (900001, 'TicketApplied', '{}'::jsonb, now() - interval '9 days', now(), 0, 1)")
+        # Old and never published: must survive retention (the relay publishes it instead).
+        self.pg.execute(
+            "INSERT INTO outbox (aggregate_id, event_type, payload, created_at)"
+            " VALUES (900002, 'TicketApplied', '{\"id\":900002}'::jsonb, now() - interval '30 days')")
+        old_unpublished = self.pg.scalar("SELECT event_id FROM outbox WHERE aggregate_id = 900002")
+        self.start(env={"OUTBOX_RETENTION": "7d"})
+        wait_until(lambda: self.pg.count("outbox WHERE published_at < now() - interval '7 days'") == 0,
+                   timeout=30, what="old published rows deleted")
+        self.assertEqual(self.pg.count("outbox WHERE aggregate_id = 900001"), 1)
+        self.wait_all_published(timeout=30)
+        self.assertEqual(self.pg.count(f"outbox WHERE event_id = '{old_unpublished}'"), 1)
+        self.assertEqual(self.pg.count("outbox"), 2)
+
+    def test_kafka_config_errors_name_the_property_never_the_value(self):
+        r = run_ticketd(["serve"], env={
+            "DATABASE_URL": self.pg.url, "KAFKA_BROKERS": self.kafka.brokers, "ROLE": "api,relay",
+            "LISTEN": "127.0.0.1:0", "KAFKA_CONFIG": "sasl.password=s3cr3t-value,no.such.prop=hunter2"},
+            timeout=60)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("no.such.prop", r.stderr)
+        self.assertNotIn("hunter2", r.stderr + r.stdout)
+        self.assertNotIn("s3cr3t-value", r.stderr + r.stdout)
 
 
 if __name__ == "__main__":

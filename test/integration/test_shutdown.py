@@ -202,14 +202,13 @@ class ShutdownUnderLoad(harness.TicketdTestCase):
             if probes[-1] != 200:
                 break
             time.sleep(0.1)
-        not_ready_at = time.monotonic()
         print(f"readyz after SIGTERM: {probes}", file=sys.stderr)
         self.assertNotIn(200, probes, "/readyz still 200 after SIGTERM")
-        self.assertTrue(t.alive(), "ticketd exited while requests were in flight")
-        self.assertEqual([r for r in in_flight if r["done_at"] and r["done_at"] < not_ready_at
-                          and r["status"] == 201], [],
-                         "in-flight requests were answered 201 before the lock was released?")
 
+        # The drain waits for them: a second later the process still runs, nothing answered.
+        time.sleep(1.0)
+        self.assertTrue(t.alive(), "ticketd exited while requests were in flight")
+        self.assertEqual(in_flight, [], "in-flight requests answered while their commit waits")
         lock.release()
         for th in threads:
             th.join(timeout=60)
