@@ -13,7 +13,9 @@ WORKDIR /src
 COPY deps/install-packages.sh deps/install-packages.sh
 RUN deps/install-packages.sh --build && rm -rf /var/lib/apt/lists/*
 COPY . .
-RUN cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DTICKETD_WERROR=ON \
+# The configuration of test/run's release stage (the one the test suite runs against).
+RUN cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+          -DTICKETD_WERROR=ON -DTICKETD_SANITIZE=OFF -DTICKETD_FUZZ=OFF \
  && cmake --build build -j"$(nproc)" --target ticketd \
  && strip build/ticketd \
  && build/ticketd config-table > /dev/null

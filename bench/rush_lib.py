@@ -604,6 +604,13 @@ def run_once(bins, cfg, rundir, label):
             time.sleep(1.0)  # one more sample at zero; the consumer's offset commit (<= 200 ms)
         sampler.stop()
         res["samples"] = sampler.samples
+        try:
+            m = stack.metrics()
+            res["metrics_end"] = {k: v for k, v in m.items()
+                                  if k.startswith("ticketd_") and "partition=" not in k
+                                  and "_bucket{" not in k}
+        except OSError:
+            res["metrics_end"] = {}
         if not canned:
             res["db"] = db_figures(stack.pg, base_id, t0, peak_end, t_load_end)
             res["audit"] = run_audit(bins, stack, event_id, rundir)
@@ -677,6 +684,16 @@ def run_audit(bins, stack, event_id, rundir):
     return {"rc": r.returncode, "verdict": verdict, "output": os.path.join(rundir, "audit.txt")}
 
 
+def client_unanswered(loadgen):
+    """Requests sent that got neither an answer nor a transport error: in flight when loadgen
+    stopped (it stops two timeouts after the schedule ends, whatever is still open). Such a
+    request may have committed; the client never learned its id."""
+    t = loadgen["totals"]
+    sent = sum(s["sent"] for s in loadgen["seconds"])
+    answered = t["201"] + t["409"] + t["400"] + t["503"] + t["429"] + t["other"]
+    return max(0, sent - answered - t["errors"]), sent
+
+
 def check_ids(pg, ids_path, event_id, loadgen):
     """DB rows of the event == distinct ids answered 201, and every such id has its row."""
     with open(ids_path) as f:
@@ -690,9 +707,12 @@ def check_ids(pg, ids_path, event_id, loadgen):
                    f"(SELECT count(*) FROM applications a JOIN outbox o ON o.aggregate_id = a.id "
                    f"WHERE a.event_id = '{event_id}')")[0]
     db_rows, found, outbox_rows = (int(x) for x in rows)
+    unanswered, sent = client_unanswered(loadgen)
     return {"answers_201": len(ids), "distinct_201_ids": distinct, "db_rows": db_rows,
             "ids_with_row": found, "ids_without_row": distinct - found,
-            "outbox_rows": outbox_rows, "client_errors": loadgen["totals"]["errors"]}
+            "outbox_rows": outbox_rows, "client_errors": loadgen["totals"]["errors"],
+            "client_unanswered": unanswered, "sent": sent,
+            "scheduled_never_sent": max(0, loadgen["totals"]["scheduled"] - sent)}
 
 
 def evaluate(res, canned):
@@ -707,12 +727,14 @@ def evaluate(res, canned):
         if ids["ids_without_row"]:
             p.append(f"{ids['ids_without_row']} ids answered 201 have no application row")
         extra = ids["db_rows"] - ids["distinct_201_ids"]
-        if extra < 0 or (extra > 0 and extra > ids["client_errors"]):
+        unknown = ids["client_errors"] + ids["client_unanswered"]
+        if extra < 0 or extra > unknown:
             p.append(f"DB rows {ids['db_rows']} != distinct 201 ids {ids['distinct_201_ids']}")
         elif extra > 0:
             res.setdefault("notes", []).append(
-                f"{extra} rows committed for requests the client gave up on (transport errors/"
-                f"timeouts: {ids['client_errors']}); no 201 without a row")
+                f"{extra} rows committed for requests whose answer the client never read "
+                f"({ids['client_unanswered']} in flight when loadgen stopped, {ids['client_errors']} "
+                f"transport errors); no 201 without a row")
         if ids["outbox_rows"] != ids["db_rows"]:
             p.append(f"outbox rows {ids['outbox_rows']} != application rows {ids['db_rows']}")
     if res.get("t_drained") is None:

@@ -316,7 +316,8 @@ static void mark(struct run *r, bool done, const char *error_class, const char *
         ascii_only(r->fail_msg);
         char labels[64];
         snprintf(labels, sizeof labels, "effect=\"%s\"", effect);
-        metrics_counter_add("ticketd_sink_failures_total", labels, 1);
+        if (strcmp(error_class, "closing") != 0) /* shutdown aborts are not sink failures */
+            metrics_counter_add("ticketd_sink_failures_total", labels, 1);
         log_warn("effects", "event=effect_failed event_id=%s effect=%s class=%s err=%s",
                  r->ev.event_id, effect, error_class, lq(message, qb, sizeof qb));
     }

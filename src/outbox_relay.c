@@ -64,7 +64,9 @@ static const char *const retention_sql =
     "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE published_at IS NOT NULL "
     "AND published_at < now() - $1::bigint * interval '1 millisecond' LIMIT 1000)";
 
-static const char *const backlog_sql = "SELECT count(*) FROM outbox WHERE published_at IS NULL";
+static const char *const backlog_sql =
+    "SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)"
+    " FROM outbox WHERE published_at IS NULL";
 
 enum row_state { ROW_INFLIGHT = 1, ROW_ACKED, ROW_MARKED, ROW_COOLDOWN };
 
@@ -928,8 +930,11 @@ static void on_backlog(void *ud, const PGresult *res, const char *error)
 {
     struct relay *r = ud;
     r->backlog_inflight = false;
-    if (res && PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1)
+    if (res && PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1) {
         metrics_gauge_set("ticketd_outbox_backlog", NULL, strtod(PQgetvalue(res, 0, 0), NULL));
+        metrics_gauge_set("ticketd_outbox_oldest_unpublished_age_seconds", NULL,
+                          strtod(PQgetvalue(res, 0, 1), NULL));
+    }
 }
 
 static void on_tick(uv_timer_t *t)
@@ -1017,6 +1022,9 @@ int relay_start(struct relay **out, uv_loop_t *loop, const struct cfg *cfg,
     metrics_describe("ticketd_relay_failures_total", "counter",
                      "Failed deliveries or produce calls (row left unpublished, retried)");
     metrics_describe("ticketd_outbox_backlog", "gauge", "Unpublished outbox rows");
+    metrics_describe("ticketd_outbox_oldest_unpublished_age_seconds", "gauge",
+                     "Age of the oldest unpublished outbox row (0 when none)");
+    metrics_counter_add("ticketd_relay_failures_total", NULL, 0);
     metrics_describe("ticketd_relay_commit_to_ack_seconds", "histogram",
                      "Outbox row commit to broker acknowledgement");
     metrics_describe("ticketd_relay_active", "gauge", "1 when this process holds the relay lock");

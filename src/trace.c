@@ -511,12 +511,16 @@ static int trace_collect(struct trace_ctx *t, json_object *root)
     char grace[32];
     snprintf(grace, sizeof grace, "%" PRId64, t->cfg->audit_grace_ms);
 
-    const char *p2[2] = {t->phone, t->opts->event_id};
-    PGresult *apps = audit__pg_exec(t->db,
-                                    "SELECT id, event_id, name, email, seats, idempotency_key, created_at"
-                                    " FROM applications WHERE phone = $1"
-                                    " AND ($2::text IS NULL OR event_id = $2) ORDER BY id LIMIT 100",
-                                    2, p2, t->err, t->errlen);
+    char retention[32];
+    snprintf(retention, sizeof retention, "%" PRId64, t->cfg->outbox_retention_ms);
+    const char *p3[3] = {t->phone, t->opts->event_id, retention};
+    PGresult *apps = audit__pg_exec(
+        t->db,
+        "SELECT id, event_id, name, email, seats, idempotency_key, created_at,"
+        " $3::bigint > 0 AND created_at < now() - $3::bigint * interval '1 millisecond'"
+        " FROM applications WHERE phone = $1"
+        " AND ($2::text IS NULL OR event_id = $2) ORDER BY id LIMIT 100",
+        3, p3, t->err, t->errlen);
     if (!apps) return -1;
     int napps = PQntuples(apps);
     /* "{1,2,3}" for the outbox query. */
@@ -571,7 +575,14 @@ static int trace_collect(struct trace_ctx *t, json_object *root)
             json_object_array_add(rows, e);
             if (rc) goto out;
         }
-        if (json_object_array_length(rows) == 0) {
+        if (json_object_array_length(rows) == 0 && is_true(apps, i, 7)) {
+            set_status(a, "outbox_pruned",
+                       "the application row exists (created %s); its outbox row is older than "
+                       "OUTBOX_RETENTION and was pruned, so the DB no longer proves it was "
+                       "published: see the topic search below",
+                       val(apps, i, 6));
+            t->need_scan = true;
+        } else if (json_object_array_length(rows) == 0) {
             set_status(a, "no_outbox",
                        "LOST BEFORE PUBLISHING: the application row exists (created %s) but it "
                        "has no outbox row, so it was never sent to %s",

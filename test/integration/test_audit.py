@@ -226,6 +226,21 @@ class AuditTest(TicketdTestCase):
         self.assertEqual([m["ce_id"] for m in found], [self.apps[lost]["ce_id"]])
         self.assertFalse(found[0]["in_outbox"])
 
+    def test_outbox_row_pruned_after_retention_is_not_missing(self):
+        self.healthy(3)
+        self.commit_group()
+        old = self.new_application(age_s=8 * 86400)   # OUTBOX_RETENTION defaults to 7 days
+        self.pg.execute(f"DELETE FROM outbox WHERE aggregate_id = {old}")
+        rc, report = self.audit()
+        self.assertEqual(rc, 0, json.dumps(report))
+        self.assertEqual(report["stages"]["applications_outbox"]["outbox_pruned"], 1)
+        _, app, _ = self.trace_entry(old)
+        self.assertEqual(app["status"], "outbox_pruned")
+        # With a longer retention the same row is missing.
+        rc, report = self.audit(env={"OUTBOX_RETENTION": "30d"})
+        self.assertEqual(rc, 1)
+        self.assert_only(report, "applications_outbox", "without_outbox", [old])
+
     def test_marked_published_but_not_in_topic(self):
         self.healthy(5)
         ghost = self.new_application()

@@ -238,6 +238,23 @@ class ConsumerTest(h.TicketdTestCase):
         self.assertEqual(len(got), 2, "re-delivered and posted again under the same key")
         self.assertEqual(got[0]["body"], got[1]["body"])
 
+    def test_graceful_stop_with_an_effect_in_flight(self):
+        td = self.start(env={"SHUTDOWN_GRACE": "2s"})
+        self.wait_assigned(td)
+        self.sink.hold()
+        app_id = self.apply(td, 350)
+        ev = self.event(app_id)
+        self.sink.wait_for(1, timeout=30)
+        # SIGTERM while the sink keeps its reply back: the bounded wait runs out, the request
+        # is abandoned, nothing is committed for the event, and the process exits cleanly
+        self.assertEqual(td.terminate(timeout=40), 0)
+        self.assertIn("event=closed", td.log_text())
+        self.assertEqual(self.pg.count("event_effects WHERE effect = 'data_platform' AND done"), 0)
+        self.sink.ok()
+        td2 = self.start(name="ticketd-2")
+        self.wait_status(td2, app_id, "processed", timeout=60)
+        self.assertEqual(self.points_of(ev["event_id"]), 1)
+
     def test_two_consumers_one_killed_mid_batch(self):
         api = self.start(name="ticketd-api", role="api,relay")
         b = self.start(name="consumer-b", role="consumer")

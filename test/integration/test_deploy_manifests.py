@@ -139,11 +139,9 @@ def help_commands():
         if inside:
             if not line.strip():
                 break
-            m = re.match(r"\s+([a-z][a-z-]*)(?:\s+([a-z][a-z-]*))?", line)
+            m = re.match(r"\s+([a-z][a-z-]*)", line)
             if m:
                 names.add(m.group(1))
-                if m.group(2):
-                    names.add(f"{m.group(1)} {m.group(2)}")
     return names
 
 
@@ -357,6 +355,20 @@ class DockerfileChecks(unittest.TestCase):
         build_runs = " ".join(a for i, a in build if i == "RUN")
         self.assertRegex(build_runs, r"cmake -S \S+ -B \S+")
         self.assertRegex(build_runs, r"cmake --build")
+        # Built with the configuration test/run tests (its release stage, build/).
+        run_script = os.path.join(harness.SOURCE_DIR, "test", "run")
+        if os.path.exists(run_script):
+            with open(run_script, encoding="utf-8") as f:
+                script = f.read()
+            configure = [ln for ln in script.splitlines() if re.search(r"\bcmake -S ", ln)]
+            self.assertTrue(configure, "test/run: no cmake -S line")
+            flags = [f.strip('"') for ln in configure for f in re.findall(r"-D[A-Z_]+=\S+", ln)]
+            m = re.search(r"^\s*if configure_build build (.*?); then", script, re.M)
+            self.assertIsNotNone(m, "test/run: release stage not found")
+            flags += re.findall(r"-D[A-Z_]+=\S+", m.group(1))
+            self.assertTrue(flags)
+            for flag in flags:
+                self.assertIn(flag, build_runs, "Dockerfile build differs from test/run")
         # The final stage compiles nothing and copies only the binary from the build stage.
         final_runs = " ".join(a for i, a in final if i == "RUN")
         self.assertNotIn("cmake", final_runs)
