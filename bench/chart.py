@@ -25,10 +25,11 @@ def nice_ticks(lo, hi, n=5):
     step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
     first = math.floor(lo / step) * step
     ticks, v = [], first
-    while v <= hi + step * 0.5:
+    while True:
         ticks.append(round(v, 10))
+        if v >= hi - step * 1e-9:
+            return ticks
         v += step
-    return ticks
 
 
 def log_ticks(lo, hi):

@@ -163,7 +163,11 @@ int effects_parse(const char *ce_id, size_t ce_id_len, const char *ce_time, size
     }
     json_tokener_set_flags(tok, JSON_TOKENER_STRICT | JSON_TOKENER_VALIDATE_UTF8);
     json_object *obj = json_tokener_parse_ex(tok, value, (int)value_len);
-    if (!obj || json_tokener_get_parse_end(tok) != value_len) {
+    size_t end = obj ? json_tokener_get_parse_end(tok) : 0;
+    while (end < value_len && (value[end] == ' ' || value[end] == '\t' || value[end] == '\r' ||
+                               value[end] == '\n'))
+        end++;
+    if (!obj || end != value_len) {
         snprintf(err, errlen, "value is not JSON");
         goto out;
     }
