@@ -316,6 +316,12 @@ class KafkaMock(_Proc):
             except subprocess.TimeoutExpired:
                 pass
         super().close()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            try:
+                if pipe:
+                    pipe.close()
+            except OSError:
+                pass
 
 
 class Response:
