@@ -17,8 +17,9 @@
 #include <string.h>
 #include <time.h>
 
+#include "admin_common.h"
 #include "api.h"
-#include "app.h"
+#include "effects.h"
 #include "http_server.h"
 #include "kafka_common.h"
 #include "limits.h"
@@ -29,79 +30,8 @@
 #define AUDIT_LOOKUP_BATCH 512        /* unmatched messages looked up per query */
 #define AUDIT_DLQ_CHECK_MAX 100000    /* unhandled events checked against the DLQ topic */
 #define AUDIT_HUMAN_DETAILS 20        /* items printed per category in the human report */
-#define KAFKA_TIMEOUT_MS 10000        /* metadata, watermarks, committed */
-#define KAFKA_STALL_MS 20000          /* no message while below the high watermark: error */
 
 /* ------------------------------------------------------------------ small helpers */
-
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (!err || !errlen) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
-
-/* libpq messages end with a newline and may span lines: keep the first line. */
-static void pg_message(const char *msg, char *out, size_t outlen)
-{
-    snprintf(out, outlen, "%s", msg ? msg : "unknown error");
-    char *nl = strchr(out, '\n');
-    if (nl) *nl = '\0';
-}
-
-bool audit__is_uuid(const char *s)
-{
-    if (!s || strlen(s) != UUID_STR_LEN) return false;
-    for (int i = 0; i < UUID_STR_LEN; i++) {
-        if (i == 8 || i == 13 || i == 18 || i == 23) {
-            if (s[i] != '-') return false;
-        } else if (!isxdigit((unsigned char)s[i])) {
-            return false;
-        }
-    }
-    return true;
-}
-
-void audit__format_ms(int64_t ms, char *out, size_t outlen)
-{
-    if (ms < 0) {
-        snprintf(out, outlen, "unknown");
-        return;
-    }
-    time_t secs = (time_t)(ms / 1000);
-    struct tm tm;
-    gmtime_r(&secs, &tm);
-    char buf[32];
-    strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%S", &tm);
-    snprintf(out, outlen, "%s.%03dZ", buf, (int)(ms % 1000));
-}
-
-bool audit__header(const rd_kafka_message_t *m, const char *name, char *out, size_t outlen)
-{
-    out[0] = '\0';
-    rd_kafka_headers_t *hdrs = NULL;
-    if (rd_kafka_message_headers(m, &hdrs) != RD_KAFKA_RESP_ERR_NO_ERROR || !hdrs) return false;
-    const void *val = NULL;
-    size_t size = 0;
-    if (rd_kafka_header_get_last(hdrs, name, &val, &size) != RD_KAFKA_RESP_ERR_NO_ERROR)
-        return false;
-    size_t n = size < outlen - 1 ? size : outlen - 1;
-    if (val && n) memcpy(out, val, n);
-    out[n] = '\0';
-    return true;
-}
-
-void audit__key(const rd_kafka_message_t *m, char *out, size_t outlen)
-{
-    size_t n = m->key_len < outlen - 1 ? m->key_len : outlen - 1;
-    const unsigned char *k = m->key;
-    for (size_t i = 0; i < n; i++) out[i] = (k[i] >= 0x20 && k[i] < 0x7f) ? (char)k[i] : '?';
-    out[n] = '\0';
-}
 
 static int64_t now_ms(void)
 {
@@ -110,41 +40,16 @@ static int64_t now_ms(void)
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+static bool is_uuid(const char *s)
+{
+    return effects_is_uuid(s, strlen(s));
+}
+
 /* ------------------------------------------------------------------ PostgreSQL */
-
-PGconn *audit__pg_connect(const struct cfg *cfg, const char *application_name, char *err,
-                          size_t errlen)
-{
-    /* Keywords before dbname are overridden by the expanded URL's own settings. */
-    const char *keys[] = {"connect_timeout", "application_name", "dbname", NULL};
-    const char *vals[] = {"10", application_name, cfg->database_url, NULL};
-    PGconn *c = PQconnectdbParams(keys, vals, 1);
-    if (!c || PQstatus(c) != CONNECTION_OK) {
-        char msg[256];
-        pg_message(c ? PQerrorMessage(c) : "out of memory", msg, sizeof msg);
-        set_err(err, errlen, "database unreachable: %s", msg);
-        PQfinish(c);
-        return NULL;
-    }
-    return c;
-}
-
-PGresult *audit__pg_exec(PGconn *c, const char *sql, int nparams, const char *const *params,
-                         char *err, size_t errlen)
-{
-    PGresult *r = PQexecParams(c, sql, nparams, NULL, params, NULL, NULL, 0);
-    ExecStatusType st = r ? PQresultStatus(r) : PGRES_FATAL_ERROR;
-    if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK) return r;
-    char msg[256];
-    pg_message(r ? PQresultErrorMessage(r) : PQerrorMessage(c), msg, sizeof msg);
-    set_err(err, errlen, "query failed (%.40s...): %s", sql, msg);
-    PQclear(r);
-    return NULL;
-}
 
 static int pg_cmd(PGconn *c, const char *sql, char *err, size_t errlen)
 {
-    PGresult *r = audit__pg_exec(c, sql, 0, NULL, err, errlen);
+    PGresult *r = admin_pg_exec(c, sql, 0, NULL, err, errlen);
     if (!r) return -1;
     PQclear(r);
     return 0;
@@ -169,7 +74,7 @@ static int cur_open(struct pgcur *k, PGconn *c, const char *name, const char *se
     char *sql = malloc(len);
     if (!sql) return -1;
     snprintf(sql, len, "DECLARE %s NO SCROLL CURSOR FOR %s", name, select);
-    PGresult *r = audit__pg_exec(c, sql, n, params, err, errlen);
+    PGresult *r = admin_pg_exec(c, sql, n, params, err, errlen);
     free(sql);
     if (!r) return -1;
     PQclear(r);
@@ -189,7 +94,7 @@ static int cur_next(struct pgcur *k, char *err, size_t errlen)
     k->res = NULL;
     char sql[96];
     snprintf(sql, sizeof sql, "FETCH " AUDIT_FETCH_ROWS " FROM %s", k->name);
-    k->res = audit__pg_exec(k->conn, sql, 0, NULL, err, errlen);
+    k->res = admin_pg_exec(k->conn, sql, 0, NULL, err, errlen);
     if (!k->res) return -1;
     k->nrows = PQntuples(k->res);
     if (k->nrows == 0) {
@@ -214,258 +119,6 @@ static void cur_close(struct pgcur *k)
         snprintf(sql, sizeof sql, "CLOSE %s", k->name);
         PQclear(PQexec(k->conn, sql));
     }
-}
-
-/* ------------------------------------------------------------------ Kafka */
-
-rd_kafka_t *audit__kafka_consumer(const struct cfg *cfg, const char *brokers, const char *group,
-                                  char *err, size_t errlen)
-{
-    char e[512];
-    rd_kafka_conf_t *conf = kafka_conf_new(brokers, cfg->kafka_config, e, sizeof e);
-    if (!conf) {
-        set_err(err, errlen, "kafka configuration: %s", e);
-        return NULL;
-    }
-    /* Read-only: no commits, no stored offsets, no reset past data (an out-of-range offset
-     * surfaces as an error the reader handles), bounded prefetch, big sequential fetches. */
-    const char *const props[][2] = {
-        {"group.id", group},
-        {"client.id", "ticketd-audit"},
-        {"enable.auto.commit", "false"},
-        {"enable.auto.offset.store", "false"},
-        {"enable.partition.eof", "true"},
-        {"auto.offset.reset", "error"},
-        {"fetch.max.bytes", "52428800"},
-        {"max.partition.fetch.bytes", "8388608"},
-        {"queued.max.messages.kbytes", "65536"},
-        {"queued.min.messages", "200000"},
-        {"fetch.wait.max.ms", "10"},
-        {"log.connection.close", "false"},
-    };
-    for (size_t i = 0; i < sizeof props / sizeof props[0]; i++) {
-        if (rd_kafka_conf_set(conf, props[i][0], props[i][1], e, sizeof e) != RD_KAFKA_CONF_OK) {
-            set_err(err, errlen, "kafka configuration %s: %s", props[i][0], e);
-            rd_kafka_conf_destroy(conf);
-            return NULL;
-        }
-    }
-    rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, e, sizeof e);
-    if (!rk) {
-        set_err(err, errlen, "kafka consumer: %s", e);
-        rd_kafka_conf_destroy(conf);
-        return NULL;
-    }
-    return rk;
-}
-
-int audit__topic_partitions(rd_kafka_t *rk, const char *topic, char *err, size_t errlen)
-{
-    rd_kafka_topic_t *rkt = rd_kafka_topic_new(rk, topic, NULL);
-    if (!rkt) {
-        set_err(err, errlen, "kafka topic %s: %s", topic, rd_kafka_err2str(rd_kafka_last_error()));
-        return -1;
-    }
-    const struct rd_kafka_metadata *md = NULL;
-    rd_kafka_resp_err_t e = rd_kafka_metadata(rk, 0, rkt, &md, KAFKA_TIMEOUT_MS);
-    rd_kafka_topic_destroy(rkt);
-    if (e) {
-        set_err(err, errlen, "kafka metadata for %s: %s (brokers reachable?)", topic,
-                rd_kafka_err2str(e));
-        return -1;
-    }
-    int n = -1;
-    if (md->topic_cnt < 1) {
-        n = 0;
-    } else if (md->topics[0].err == RD_KAFKA_RESP_ERR_NO_ERROR) {
-        n = md->topics[0].partition_cnt;
-    } else if (md->topics[0].err == RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART) {
-        n = 0;
-    } else {
-        set_err(err, errlen, "kafka metadata for %s: %s", topic,
-                rd_kafka_err2str(md->topics[0].err));
-    }
-    rd_kafka_metadata_destroy(md);
-    return n;
-}
-
-int audit__watermarks(rd_kafka_t *rk, const char *topic, int32_t partition, int64_t *low,
-                      int64_t *high, char *err, size_t errlen)
-{
-    rd_kafka_resp_err_t e =
-        rd_kafka_query_watermark_offsets(rk, topic, partition, low, high, KAFKA_TIMEOUT_MS);
-    if (e) {
-        set_err(err, errlen, "kafka watermarks of %s/%d: %s", topic, (int)partition,
-                rd_kafka_err2str(e));
-        return -1;
-    }
-    return 0;
-}
-
-int audit__committed(rd_kafka_t *rk, const char *topic, int n, int64_t *out, char *err,
-                     size_t errlen)
-{
-    if (n <= 0) return 0;
-    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(n);
-    for (int p = 0; p < n; p++) rd_kafka_topic_partition_list_add(l, topic, p);
-    rd_kafka_resp_err_t e = rd_kafka_committed(rk, l, KAFKA_TIMEOUT_MS);
-    if (e) {
-        set_err(err, errlen, "kafka committed offsets of the group: %s", rd_kafka_err2str(e));
-        rd_kafka_topic_partition_list_destroy(l);
-        return -1;
-    }
-    for (int i = 0; i < l->cnt; i++) {
-        const rd_kafka_topic_partition_t *tp = &l->elems[i];
-        if (tp->partition < 0 || tp->partition >= n) continue;
-        out[tp->partition] = (tp->err || tp->offset < 0) ? -1 : tp->offset;
-    }
-    rd_kafka_topic_partition_list_destroy(l);
-    return 0;
-}
-
-static int reader_assign(struct audit__reader *r, int64_t offset, char *err, size_t errlen)
-{
-    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(1);
-    rd_kafka_topic_partition_list_add(l, r->topic, r->partition)->offset = offset;
-    rd_kafka_resp_err_t e = rd_kafka_assign(r->rk, l);
-    rd_kafka_topic_partition_list_destroy(l);
-    if (e) {
-        set_err(err, errlen, "kafka assign %s/%d@%" PRId64 ": %s", r->topic, (int)r->partition,
-                offset, rd_kafka_err2str(e));
-        return -1;
-    }
-    r->next = offset;
-    r->eof = false;
-    return 0;
-}
-
-static void reader_drop_batch(struct audit__reader *r)
-{
-    while (r->ibatch < r->nbatch) rd_kafka_message_destroy(r->batch[r->ibatch++]);
-    r->nbatch = r->ibatch = 0;
-}
-
-int audit__reader_open(struct audit__reader *r, rd_kafka_t *rk, const char *topic,
-                       int32_t partition, int64_t start, int64_t low, int64_t high, char *err,
-                       size_t errlen)
-{
-    memset(r, 0, sizeof *r);
-    r->rk = rk;
-    r->topic = topic;
-    r->partition = partition;
-    r->low = low;
-    r->high = high;
-    r->queue = rd_kafka_queue_get_consumer(rk);
-    if (!r->queue) {
-        set_err(err, errlen, "kafka: no consumer queue");
-        return -1;
-    }
-    if (start >= high) {
-        r->eof = true;   /* nothing to read: do not assign at all */
-        r->next = start;
-        return 0;
-    }
-    return reader_assign(r, start, err, errlen);
-}
-
-int audit__reader_next(struct audit__reader *r, rd_kafka_message_t **msg, char *err,
-                       size_t errlen)
-{
-    int64_t idle_ms = 0;
-    for (;;) {
-        if (r->eof || r->next >= r->high) return 0;
-        if (r->ibatch >= r->nbatch) {
-            r->nbatch = r->ibatch = 0;
-            /* consume_batch waits for a full batch until its timeout: take what is queued
-             * (timeout 0), and when nothing is, wait for the first message alone. */
-            const size_t cap = sizeof r->batch / sizeof r->batch[0];
-            ssize_t n = rd_kafka_consume_batch_queue(r->queue, 0, r->batch, cap);
-            if (n == 0) {
-                rd_kafka_message_t *first = rd_kafka_consume_queue(r->queue, 200);
-                if (first) {
-                    r->batch[0] = first;
-                    n = rd_kafka_consume_batch_queue(r->queue, 0, r->batch + 1, cap - 1);
-                    n = n < 0 ? 1 : n + 1;
-                }
-            }
-            if (n < 0) {
-                set_err(err, errlen, "kafka consume: %s", rd_kafka_err2str(rd_kafka_last_error()));
-                return -1;
-            }
-            if (n == 0) {
-                idle_ms += 200;
-                if (idle_ms >= KAFKA_STALL_MS) {
-                    set_err(err, errlen,
-                            "kafka: no progress reading %s/%d at offset %" PRId64
-                            " (high watermark %" PRId64 ") for %d s",
-                            r->topic, (int)r->partition, r->next, r->high,
-                            KAFKA_STALL_MS / 1000);
-                    return -1;
-                }
-                continue;
-            }
-            r->nbatch = (int)n;
-            idle_ms = 0;
-        }
-        rd_kafka_message_t *m = r->batch[r->ibatch++];
-        /* Stale messages of an earlier assignment (another partition) are skipped. */
-        if (m->rkt && (m->partition != r->partition ||
-                       strcmp(rd_kafka_topic_name(m->rkt), r->topic) != 0)) {
-            rd_kafka_message_destroy(m);
-            continue;
-        }
-        if (m->err == RD_KAFKA_RESP_ERR__PARTITION_EOF) {
-            r->eof = true;
-            rd_kafka_message_destroy(m);
-            continue;
-        }
-        if (m->err == RD_KAFKA_RESP_ERR__AUTO_OFFSET_RESET ||
-            m->err == RD_KAFKA_RESP_ERR_OFFSET_OUT_OF_RANGE) {
-            /* Retention deleted the log under us: carry on from the new log start; the
-             * caller sees r->low move and counts the rows below it as expired. */
-            rd_kafka_message_destroy(m);
-            reader_drop_batch(r);
-            int64_t low, high;
-            if (audit__watermarks(r->rk, r->topic, r->partition, &low, &high, err, errlen))
-                return -1;
-            if (low <= r->next) {
-                set_err(err, errlen, "kafka: offset %" PRId64 " of %s/%d out of range (log %" PRId64
-                        "..%" PRId64 ")", r->next, r->topic, (int)r->partition, low, high);
-                return -1;
-            }
-            log_warn("audit", "event=log_start_moved topic=%s partition=%d from=%" PRId64
-                     " to=%" PRId64, r->topic, (int)r->partition, r->next, low);
-            r->low = low;
-            if (reader_assign(r, low, err, errlen)) return -1;
-            continue;
-        }
-        if (m->err) {
-            set_err(err, errlen, "kafka reading %s/%d: %s", r->topic, (int)r->partition,
-                    rd_kafka_message_errstr(m));
-            rd_kafka_message_destroy(m);
-            return -1;
-        }
-        if (m->offset < r->next) { /* a repeat after a re-assign */
-            rd_kafka_message_destroy(m);
-            continue;
-        }
-        if (m->offset >= r->high) { /* produced after the watermark was read */
-            rd_kafka_message_destroy(m);
-            r->eof = true;
-            return 0;
-        }
-        r->next = m->offset + 1;
-        *msg = m;
-        return 1;
-    }
-}
-
-void audit__reader_close(struct audit__reader *r)
-{
-    reader_drop_batch(r);
-    if (r->rk) rd_kafka_assign(r->rk, NULL);
-    if (r->queue) rd_kafka_queue_destroy(r->queue);
-    r->queue = NULL;
 }
 
 /* ------------------------------------------------------------------ report */
@@ -590,7 +243,6 @@ struct audit_ctx {
     PGconn *db;        /* the snapshot (REPEATABLE READ) */
     PGconn *lookup;    /* autocommit: sees rows committed after the snapshot */
     rd_kafka_t *rk;    /* reader (assign only) */
-    rd_kafka_t *group; /* committed() of the service's group; never subscribes */
 
     struct cat cats[C_COUNT];
     json_object *missing_ids;   /* verdict list of distinct ids, capped */
@@ -643,11 +295,6 @@ static void add(struct audit_ctx *a, int c, json_object *item, json_object *id)
         json_object_put(id);
 }
 
-static json_object *jstr(const char *s)
-{
-    return s ? json_object_new_string(s) : NULL;
-}
-
 static json_object *item_new(int64_t app_id, const char *event_id, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 static json_object *item_new(int64_t app_id, const char *event_id, const char *fmt, ...)
@@ -664,16 +311,6 @@ static json_object *item_new(int64_t app_id, const char *event_id, const char *f
     return o;
 }
 
-static int64_t to_i64(const char *s, int64_t dflt)
-{
-    if (!s) return dflt;
-    char *end;
-    errno = 0;
-    long long v = strtoll(s, &end, 10);
-    if (errno || end == s) return dflt;
-    return (int64_t)v;
-}
-
 /* The filter shared by every query: $1 the show's event_id, $2 since. */
 #define APP_FILTER "($1::text IS NULL OR a.event_id = $1) AND ($2::timestamptz IS NULL OR a.created_at >= $2)"
 #define OUTBOX_FILTER                                                                          \
@@ -684,19 +321,19 @@ static int64_t to_i64(const char *s, int64_t dflt)
 
 static int stage1(struct audit_ctx *a, const char *const *params)
 {
-    PGresult *r = audit__pg_exec(a->db, "SELECT count(*) FROM applications a WHERE " APP_FILTER,
-                                 2, params, a->err, a->errlen);
+    PGresult *r = admin_pg_exec(a->db, "SELECT count(*) FROM applications a WHERE " APP_FILTER,
+                                2, params, a->err, a->errlen);
     if (!r) return -1;
-    a->applications = to_i64(PQgetvalue(r, 0, 0), 0);
+    a->applications = admin_pg_i64(PQgetvalue(r, 0, 0), 0);
     PQclear(r);
 
-    r = audit__pg_exec(a->db,
-                       "SELECT count(*), count(*) FILTER (WHERE o.published_at IS NOT NULL) "
-                       "FROM outbox o WHERE " OUTBOX_FILTER,
-                       2, params, a->err, a->errlen);
+    r = admin_pg_exec(a->db,
+                      "SELECT count(*), count(*) FILTER (WHERE o.published_at IS NOT NULL) "
+                      "FROM outbox o WHERE " OUTBOX_FILTER,
+                      2, params, a->err, a->errlen);
     if (!r) return -1;
-    a->outbox_rows = to_i64(PQgetvalue(r, 0, 0), 0);
-    a->outbox_published = to_i64(PQgetvalue(r, 0, 1), 0);
+    a->outbox_rows = admin_pg_i64(PQgetvalue(r, 0, 0), 0);
+    a->outbox_published = admin_pg_i64(PQgetvalue(r, 0, 1), 0);
     PQclear(r);
 
     /* The relay prunes published rows after OUTBOX_RETENTION (0 = never): an application
@@ -721,7 +358,7 @@ static int stage1(struct audit_ctx *a, const char *const *params)
             a->pruned++;
             continue;
         }
-        int64_t id = to_i64(cur_get(&k, 0), -1);
+        int64_t id = admin_pg_i64(cur_get(&k, 0), -1);
         add(a, C_WITHOUT_OUTBOX,
             item_new(id, NULL, "application %" PRId64 " (created %s) has no outbox row", id,
                      cur_get(&k, 1)),
@@ -737,7 +374,7 @@ static int stage1(struct audit_ctx *a, const char *const *params)
                  2, params, a->err, a->errlen))
         return -1;
     while ((rc = cur_next(&k, a->err, a->errlen)) == 1) {
-        int64_t id = to_i64(cur_get(&k, 0), -1);
+        int64_t id = admin_pg_i64(cur_get(&k, 0), -1);
         const char *ev = cur_get(&k, 1);
         add(a, C_OUTBOX_ORPHAN,
             item_new(id, ev, "outbox row of event %s names application %" PRId64
@@ -769,15 +406,16 @@ static int stage2_unpublished(struct audit_ctx *a, const char *const *params)
             a->in_grace++;
             continue;
         }
-        int64_t id = to_i64(cur_get(&k, 0), -1);
+        int64_t id = admin_pg_i64(cur_get(&k, 0), -1);
         const char *ev = cur_get(&k, 1);
         const char *last_error = cur_get(&k, 4);
         json_object *it = item_new(id, ev, "application %" PRId64 ": event %s created %s, "
                                    "unpublished after %s attempts%s%s", id, ev, cur_get(&k, 2),
                                    cur_get(&k, 3), last_error ? ", last error: " : "",
                                    last_error ? last_error : "");
-        json_object_object_add(it, "attempts", json_object_new_int64(to_i64(cur_get(&k, 3), 0)));
-        json_object_object_add(it, "last_error", jstr(last_error));
+        json_object_object_add(it, "attempts",
+                               json_object_new_int64(admin_pg_i64(cur_get(&k, 3), 0)));
+        json_object_object_add(it, "last_error", admin_json_text(last_error));
         add(a, C_UNPUBLISHED, it, json_object_new_int64(id));
     }
     cur_close(&k);
@@ -798,7 +436,7 @@ static json_object *key_id(const char *key)
 static void orphan_or_retained(struct audit_ctx *a, const struct cand *c, const char *why)
 {
     char ts[40];
-    audit__format_ms(c->ts, ts, sizeof ts);
+    admin_format_ms(c->ts, ts, sizeof ts);
     /* Older than the outbox's own retention: the row was pruned on purpose. */
     if (c->ts >= 0 && a->cfg->outbox_retention_ms > 0 &&
         c->ts < now_ms() - a->cfg->outbox_retention_ms) {
@@ -823,13 +461,13 @@ static int flush_cands(struct audit_ctx *a)
     size_t cap = (size_t)a->ncands * (UUID_STR_LEN + 1) + 3;
     char *arr = malloc(cap);
     if (!arr) {
-        set_err(a->err, a->errlen, "out of memory");
+        admin_set_err(a->err, a->errlen, "out of memory");
         return -1;
     }
     size_t len = 0;
     arr[len++] = '{';
     for (int i = 0; i < a->ncands; i++) {
-        if (!audit__is_uuid(a->cands[i].ce_id)) continue;
+        if (!is_uuid(a->cands[i].ce_id)) continue;
         if (len > 1) arr[len++] = ',';
         memcpy(arr + len, a->cands[i].ce_id, UUID_STR_LEN);
         len += UUID_STR_LEN;
@@ -837,16 +475,16 @@ static int flush_cands(struct audit_ctx *a)
     arr[len++] = '}';
     arr[len] = '\0';
     const char *params[1] = {arr};
-    PGresult *r = audit__pg_exec(a->lookup,
-                                 "SELECT event_id::text, kafka_partition, kafka_offset FROM outbox"
-                                 " WHERE event_id = ANY($1::uuid[])",
-                                 1, params, a->err, a->errlen);
+    PGresult *r = admin_pg_exec(a->lookup,
+                                "SELECT event_id::text, kafka_partition, kafka_offset FROM outbox"
+                                " WHERE event_id = ANY($1::uuid[])",
+                                1, params, a->err, a->errlen);
     free(arr);
     if (!r) return -1;
     int n = PQntuples(r);
     for (int i = 0; i < a->ncands; i++) {
         struct cand *c = &a->cands[i];
-        if (!audit__is_uuid(c->ce_id)) {
+        if (!is_uuid(c->ce_id)) {
             orphan_or_retained(a, c, c->ce_id[0] ? "its ce_id is not an event id"
                                                  : "it has no ce_id header");
             continue;
@@ -866,8 +504,8 @@ static int flush_cands(struct audit_ctx *a)
             a->outside_scope++; /* the relay is marking it right now */
             continue;
         }
-        int32_t rp = (int32_t)to_i64(PQgetvalue(r, hit, 1), -1);
-        int64_t ro = to_i64(PQgetvalue(r, hit, 2), -1);
+        int32_t rp = (int32_t)admin_pg_i64(PQgetvalue(r, hit, 1), -1);
+        int64_t ro = admin_pg_i64(PQgetvalue(r, hit, 2), -1);
         if (rp == c->partition && ro == c->offset) {
             a->outside_scope++; /* its row is outside the filter or newer than the snapshot */
             continue;
@@ -910,8 +548,8 @@ static int unmatched_message(struct audit_ctx *a, const rd_kafka_message_t *m)
     c->partition = m->partition;
     c->offset = m->offset;
     c->ts = ts;
-    audit__key(m, c->key, sizeof c->key);
-    audit__header(m, CE_ID, c->ce_id, sizeof c->ce_id);
+    admin_key_text(m, c->key, sizeof c->key);
+    admin_header(m, CE_ID, c->ce_id, sizeof c->ce_id);
     if (a->ncands == AUDIT_LOOKUP_BATCH) return flush_cands(a);
     return 0;
 }
@@ -1010,10 +648,10 @@ static void row_from_cursor(const struct pgcur *k, struct outrow *r)
 {
     const char *p = cur_get(k, 0), *o = cur_get(k, 1);
     r->has_position = p && o;
-    r->partition = (int32_t)to_i64(p, -1);
-    r->offset = to_i64(o, -1);
+    r->partition = (int32_t)admin_pg_i64(p, -1);
+    r->offset = admin_pg_i64(o, -1);
     snprintf(r->ce_id, sizeof r->ce_id, "%s", cur_get(k, 2) ? cur_get(k, 2) : "");
-    r->app_id = to_i64(cur_get(k, 3), -1);
+    r->app_id = admin_pg_i64(cur_get(k, 3), -1);
     const char *pr = cur_get(k, 4);
     r->processed = pr && pr[0] == 't';
     r->effects_open = cur_get(k, 5);
@@ -1057,15 +695,15 @@ static int stage2_merge(struct audit_ctx *a, const char *const *params)
 
     for (int p = 0; p < a->nparts; p++) {
         struct part_stat *ps = &a->parts[p];
-        struct audit__reader rd;
-        if (audit__reader_open(&rd, a->rk, a->cfg->topic, p, ps->low, ps->low, ps->high, a->err,
-                               a->errlen)) {
-            audit__reader_close(&rd);
+        struct admin_reader rd;
+        if (admin_reader_open(&rd, a->rk, a->cfg->topic, p, ps->low, ps->low, ps->high, a->err,
+                              a->errlen)) {
+            admin_reader_close(&rd);
             goto out;
         }
         rd_kafka_message_t *m = NULL;
         bool matched = false;
-        int mr = audit__reader_next(&rd, &m, a->err, a->errlen);
+        int mr = admin_reader_next(&rd, &m, a->err, a->errlen);
         if (mr < 0) goto part_fail;
         if (mr == 1) ps->messages++;
 
@@ -1089,7 +727,7 @@ static int stage2_merge(struct audit_ctx *a, const char *const *params)
                     rd_kafka_message_destroy(m);
                     m = NULL;
                     matched = false;
-                    if ((mr = audit__reader_next(&rd, &m, a->err, a->errlen)) < 0) goto part_fail;
+                    if ((mr = admin_reader_next(&rd, &m, a->err, a->errlen)) < 0) goto part_fail;
                     if (mr == 1) ps->messages++;
                 }
                 if (row.offset < rd.low) { /* retention moved the log start while reading */
@@ -1102,7 +740,7 @@ static int stage2_merge(struct audit_ctx *a, const char *const *params)
                     consumer_check(a, &row);
                 } else if (m && m->offset == row.offset) {
                     char ce[64];
-                    audit__header(m, CE_ID, ce, sizeof ce);
+                    admin_header(m, CE_ID, ce, sizeof ce);
                     if (strcasecmp(ce, row.ce_id) == 0) {
                         matched = true;
                         ps->verified++;
@@ -1126,17 +764,17 @@ static int stage2_merge(struct audit_ctx *a, const char *const *params)
             rd_kafka_message_destroy(m);
             m = NULL;
             matched = false;
-            if ((mr = audit__reader_next(&rd, &m, a->err, a->errlen)) < 0) goto part_fail;
+            if ((mr = admin_reader_next(&rd, &m, a->err, a->errlen)) < 0) goto part_fail;
             if (mr == 1) ps->messages++;
         }
-        audit__reader_close(&rd);
+        admin_reader_close(&rd);
         if (flush_cands(a)) goto out;
         log_debug("audit", "event=partition_done partition=%d rows=%" PRId64 " messages=%" PRId64
                   " at_ms=%" PRId64, p, ps->rows, ps->messages, now_ms());
         continue;
     part_fail:
         if (m) rd_kafka_message_destroy(m);
-        audit__reader_close(&rd);
+        admin_reader_close(&rd);
         goto out;
     }
     /* Rows at partitions the topic does not have, or with no position at all. */
@@ -1160,36 +798,22 @@ static int cmp_unhandled(const void *x, const void *y)
     return strcmp(((const struct unhandled *)x)->ce_id, ((const struct unhandled *)y)->ce_id);
 }
 
+/* A message of the DLQ topic: marks the unhandled event it carries, if any. */
+static void dlq_message(void *ud, const rd_kafka_message_t *m)
+{
+    struct audit_ctx *a = ud;
+    struct unhandled key;
+    admin_header(m, CE_ID, key.ce_id, sizeof key.ce_id);
+    for (char *c = key.ce_id; *c; c++) *c = (char)tolower((unsigned char)*c);
+    struct unhandled *u = bsearch(&key, a->unh, a->nunh, sizeof *a->unh, cmp_unhandled);
+    if (u) u->in_dlq_topic = true;
+}
+
 static int stage3_dlq_topic(struct audit_ctx *a)
 {
     if (a->nunh == 0) return 0;
     qsort(a->unh, a->nunh, sizeof *a->unh, cmp_unhandled);
-    int n = audit__topic_partitions(a->rk, a->cfg->dlq_topic, a->err, a->errlen);
-    if (n < 0) return -1;
-    for (int p = 0; p < n; p++) {
-        int64_t low, high;
-        if (audit__watermarks(a->rk, a->cfg->dlq_topic, p, &low, &high, a->err, a->errlen))
-            return -1;
-        struct audit__reader rd;
-        if (audit__reader_open(&rd, a->rk, a->cfg->dlq_topic, p, low, low, high, a->err,
-                               a->errlen)) {
-            audit__reader_close(&rd);
-            return -1;
-        }
-        rd_kafka_message_t *m;
-        int mr;
-        while ((mr = audit__reader_next(&rd, &m, a->err, a->errlen)) == 1) {
-            struct unhandled key;
-            audit__header(m, CE_ID, key.ce_id, sizeof key.ce_id);
-            for (char *c = key.ce_id; *c; c++) *c = (char)tolower((unsigned char)*c);
-            struct unhandled *u = bsearch(&key, a->unh, a->nunh, sizeof *a->unh, cmp_unhandled);
-            if (u) u->in_dlq_topic = true;
-            rd_kafka_message_destroy(m);
-        }
-        audit__reader_close(&rd);
-        if (mr < 0) return -1;
-    }
-    return 0;
+    return admin_scan_topic(a->rk, a->cfg->dlq_topic, 0, dlq_message, a, a->err, a->errlen);
 }
 
 static void stage3_settle(struct audit_ctx *a)
@@ -1263,8 +887,8 @@ static json_object *report_json(const struct audit_ctx *a)
                            json_object_new_boolean(a->missing >
                                                    (int64_t)json_object_array_length(a->missing_ids)));
     json_object *filter = json_object_new_object();
-    json_object_object_add(filter, "event_id", jstr(a->opts->event_id));
-    json_object_object_add(filter, "since", jstr(a->opts->since));
+    json_object_object_add(filter, "event_id", admin_json_text(a->opts->event_id));
+    json_object_object_add(filter, "since", admin_json_text(a->opts->since));
     json_object_object_add(root, "filter", filter);
     json_object_object_add(root, "topic", json_object_new_string(a->cfg->topic));
     json_object_object_add(root, "dlq_topic", json_object_new_string(a->cfg->dlq_topic));
@@ -1412,48 +1036,44 @@ int audit_run(const struct cfg *cfg, const char *brokers, const struct audit_opt
     uint64_t started = (uint64_t)now_ms();
 
     if (opts->event_id && !validate_event_id(opts->event_id, strlen(opts->event_id))) {
-        set_err(err, errlen, "bad event id (1-64 characters of [A-Za-z0-9._-])");
+        admin_set_err(err, errlen, "bad event id (1-64 characters of [A-Za-z0-9._-])");
         ret = -2;
         goto out;
     }
     if (!brokers || !*brokers) {
-        set_err(err, errlen, "no Kafka brokers to read the topic from");
+        admin_set_err(err, errlen, "no Kafka brokers to read the topic from");
         goto out;
     }
-    if (!(a.db = audit__pg_connect(cfg, "ticketd-audit", err, errlen))) goto out;
+    if (!(a.db = admin_pg_connect(cfg, "ticketd-audit", err, errlen))) goto out;
     if (opts->since) {
         const char *p1[1] = {opts->since};
         PGresult *r = PQexecParams(a.db, "SELECT (extract(epoch FROM $1::timestamptz) * 1000)::bigint",
                                    1, NULL, p1, NULL, NULL, 0);
         if (PQresultStatus(r) != PGRES_TUPLES_OK) {
             char msg[200];
-            pg_message(PQresultErrorMessage(r), msg, sizeof msg);
-            set_err(err, errlen, "bad --since (a timestamp, e.g. 2026-11-26T19:00:00+09:00): %s",
-                    msg);
+            admin_pg_first_line(PQresultErrorMessage(r), msg, sizeof msg);
+            admin_set_err(err, errlen,
+                          "bad --since (a timestamp, e.g. 2026-11-26T19:00:00+09:00): %s", msg);
             PQclear(r);
             ret = -2;
             goto out;
         }
-        a.since_ms = to_i64(PQgetvalue(r, 0, 0), -1);
+        a.since_ms = admin_pg_i64(PQgetvalue(r, 0, 0), -1);
         PQclear(r);
     }
-    if (!(a.lookup = audit__pg_connect(cfg, "ticketd-audit-lookup", err, errlen))) goto out;
-    if (!(a.rk = audit__kafka_consumer(cfg, brokers, "ticketd-audit-reader", err, errlen)))
-        goto out;
-    if (!(a.group = audit__kafka_consumer(cfg, brokers, cfg->consumer_group, err, errlen)))
+    if (!(a.lookup = admin_pg_connect(cfg, "ticketd-audit-lookup", err, errlen))) goto out;
+    if (!(a.rk = admin_kafka_reader(cfg, brokers, "ticketd-audit-reader", "ticketd-audit", err,
+                                    errlen)))
         goto out;
 
-    a.nparts = audit__topic_partitions(a.rk, cfg->topic, err, errlen);
-    if (a.nparts < 0) goto out;
+    /* Order matters (audit.h): committed offsets, then the snapshot, then the watermarks. */
+    if (admin_group_offsets(cfg, brokers, "ticketd-audit", &a.nparts, &committed, err, errlen))
+        goto out;
     a.parts = calloc((size_t)a.nparts + 1, sizeof *a.parts);
-    committed = calloc((size_t)a.nparts + 1, sizeof *committed);
-    if (!a.parts || !committed) {
-        set_err(err, errlen, "out of memory");
+    if (!a.parts) {
+        admin_set_err(err, errlen, "out of memory");
         goto out;
     }
-    /* Order matters (audit.h): committed offsets, then the snapshot, then the watermarks. */
-    for (int p = 0; p < a.nparts; p++) committed[p] = -1;
-    if (audit__committed(a.group, cfg->topic, a.nparts, committed, err, errlen)) goto out;
     log_debug("audit", "event=committed_read elapsed_ms=%" PRIu64, (uint64_t)now_ms() - started);
     for (int p = 0; p < a.nparts; p++) a.parts[p].committed = committed[p];
 
@@ -1464,7 +1084,7 @@ int audit_run(const struct cfg *cfg, const char *brokers, const struct audit_opt
     if (stage2_unpublished(&a, params)) goto out;
     log_debug("audit", "event=stage_done stage=2_unpublished elapsed_ms=%" PRIu64, (uint64_t)now_ms() - started);
     for (int p = 0; p < a.nparts; p++)
-        if (audit__watermarks(a.rk, cfg->topic, p, &a.parts[p].low, &a.parts[p].high, err, errlen))
+        if (admin_watermarks(a.rk, cfg->topic, p, &a.parts[p].low, &a.parts[p].high, err, errlen))
             goto out;
     if (stage2_merge(&a, params)) goto out;
     log_debug("audit", "event=stage_done stage=2_merge elapsed_ms=%" PRIu64, (uint64_t)now_ms() - started);
@@ -1484,11 +1104,7 @@ out:
     free(a.distinct.slots);
     for (int c = 0; c < C_COUNT; c++) json_object_put(a.cats[c].items);
     json_object_put(a.missing_ids);
-    if (a.rk) {
-        rd_kafka_consumer_close(a.rk);
-        rd_kafka_destroy(a.rk);
-    }
-    if (a.group) rd_kafka_destroy(a.group);
+    admin_kafka_destroy(a.rk);
     PQfinish(a.lookup);
     PQfinish(a.db);
     return ret;
@@ -1508,140 +1124,45 @@ static void audit_usage(FILE *out)
             "  exit status: 0 nothing missing, 1 something missing, 2 error\n");
 }
 
-/* Takes "--name value" / "--name=value" at argv[*i]; true when it matched. */
-static bool take_flag(int argc, char **argv, int *i, const char *name, const char **value,
-                      bool *bad)
+static int audit_cli_run(const struct cfg *cfg, const void *opts, FILE *human_out,
+                         json_object **json_out, char *err, size_t errlen)
 {
-    size_t n = strlen(name);
-    const char *arg = argv[*i];
-    if (strncmp(arg, name, n) != 0) return false;
-    if (arg[n] == '=') {
-        *value = arg + n + 1;
-        return true;
-    }
-    if (arg[n] != '\0') return false;
-    if (*i + 1 >= argc) {
-        fprintf(stderr, "ticketd: %s needs a value\n", name);
-        *bad = true;
-        return true;
-    }
-    *value = argv[++*i];
-    return true;
+    return audit_run(cfg, cfg->kafka_brokers, opts, human_out, json_out, err, errlen);
 }
 
 int audit_main(struct cfg *loaded, int argc, char **argv)
 {
-    (void)loaded; /* reloaded below, with the settings flags that follow our own */
+    (void)loaded; /* reloaded by admin_cli_run, with the settings flags that follow our own */
     struct audit_opts opts = {0};
-    bool json = false, bad = false;
-    char **rest = calloc((size_t)argc + 1, sizeof *rest);
-    if (!rest) return 2;
-    int nrest = 0;
-    rest[nrest++] = "audit";
-    for (int i = 0; i < argc && !bad; i++) {
-        if (take_flag(argc, argv, &i, "--event-id", &opts.event_id, &bad)) continue;
-        if (take_flag(argc, argv, &i, "--since", &opts.since, &bad)) continue;
-        if (strcmp(argv[i], "--json") == 0) {
-            json = true;
-            continue;
-        }
-        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
-            audit_usage(stdout);
-            free(rest);
-            return 0;
-        }
-        rest[nrest++] = argv[i];
+    struct admin_cli cli;
+    if (admin_cli_init(&cli, "audit", audit_usage, argc)) return 2;
+    for (int i = 0; i < argc && cli.status < 0; i++) {
+        if (admin_cli_flag(&cli, argc, argv, &i, "--event-id", &opts.event_id)) continue;
+        if (admin_cli_flag(&cli, argc, argv, &i, "--since", &opts.since)) continue;
+        admin_cli_other(&cli, argv[i]);
     }
-    if (bad) {
-        free(rest);
-        return 2;
-    }
-    struct cfg cfg;
-    int argi = 1;
-    int r = cfg_load(&cfg, nrest, rest, &argi);
-    if (r != 0) {
-        free(rest);
-        return r > 0 ? 0 : 2;
-    }
-    int status = 2;
-    if (argi < nrest) {
-        fprintf(stderr, "ticketd audit: unexpected argument %s\n", rest[argi]);
-        audit_usage(stderr);
-        goto out;
-    }
-    log_set_level(cfg.log_level);
-    if (!cfg.kafka_brokers || !*cfg.kafka_brokers) {
-        fprintf(stderr,
-                "ticketd audit: KAFKA_BROKERS is empty. The embedded mock cluster lives inside the\n"
-                "serving process, so this command cannot reach it: run the mock standalone with\n"
-                "`ticketd kafka-mock` and point both `ticketd serve` and this command at its\n"
-                "bootstrap address (KAFKA_BROKERS=...), or ask the running service:\n"
-                "  curl -H \"Authorization: Bearer $ADMIN_TOKEN\" http://HOST:PORT/admin/audit\n");
-        goto out;
-    }
-    json_object *report = NULL;
-    char err[512] = "";
-    r = audit_run(&cfg, cfg.kafka_brokers, &opts, json ? NULL : stdout, json ? &report : NULL, err,
-                  sizeof err);
-    if (r < 0) {
-        fprintf(stderr, "ticketd audit: error: %s\n", err);
-        goto out;
-    }
-    if (json) {
-        fprintf(stdout, "%s\n", json_object_to_json_string_ext(report, JSON_C_TO_STRING_PRETTY |
-                                                                       JSON_C_TO_STRING_NOSLASHESCAPE));
-        json_object_put(report);
-    }
-    fflush(stdout);
-    status = r > 0 ? 1 : 0;
-out:
-    cfg_free(&cfg);
-    free(rest);
-    return status;
+    /* exit status 1 when something is missing */
+    return admin_cli_run(&cli, "http://HOST:PORT/admin/audit", audit_cli_run, &opts, 1, 0);
 }
 
 /* ------------------------------------------------------------------ HTTP */
 
 struct audit_job {
-    const struct cfg *cfg;
-    char *brokers;
+    struct admin_job base;   /* first */
     struct audit_opts opts;
     char event_id[EVENT_ID_MAX_CHARS + 1];
     char since[64];
 };
-
-static char *error_body(const char *code, const char *message)
-{
-    json_object *o = json_object_new_object();
-    json_object_object_add(o, "error", json_object_new_string(code));
-    json_object_object_add(o, "message", json_object_new_string(message));
-    char *s = strdup(json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN));
-    json_object_put(o);
-    return s;
-}
 
 static int audit_job_run(void *arg, char **body)
 {
     struct audit_job *job = arg;
     json_object *report = NULL;
     char err[512] = "";
-    int r = audit_run(job->cfg, job->brokers, &job->opts, NULL, &report, err, sizeof err);
-    if (r < 0) {
-        log_warn("audit", "event=audit_failed error=\"%s\"", err);
-        *body = error_body(r == -2 ? "bad_request" : "audit_failed", err);
-        return r == -2 ? 400 : 503;
-    }
-    *body = strdup(json_object_to_json_string_ext(report, JSON_C_TO_STRING_PLAIN |
-                                                              JSON_C_TO_STRING_NOSLASHESCAPE));
-    json_object_put(report);
-    return 200;
-}
-
-static void audit_job_free(void *arg)
-{
-    struct audit_job *job = arg;
-    free(job->brokers);
-    free(job);
+    int r = audit_run(job->base.cfg, job->base.brokers, &job->opts, NULL, &report, err,
+                      sizeof err);
+    if (r < 0) log_warn("audit", "event=audit_failed error=\"%s\"", err);
+    return admin_job_reply(r, report, "audit_failed", err, body);
 }
 
 /* Whether key appears in the query at all (api_query_param's -1 means absent or too long). */
@@ -1659,11 +1180,8 @@ static bool query_has(const char *query, const char *key)
 void audit_handle_http(struct app *app, struct http_request *req)
 {
     if (!api_admin_authorized(app, req)) return;
-    struct audit_job *job = calloc(1, sizeof *job);
-    if (!job) {
-        api_respond_error(req, 503, "unavailable", "out of memory", NULL);
-        return;
-    }
+    struct audit_job *job = admin_job_alloc(req, sizeof *job);
+    if (!job) return;
     const char *q = req->query ? req->query : "";
     int n = api_query_param(q, "event_id", job->event_id, sizeof job->event_id);
     if (n > 0) {
@@ -1680,19 +1198,7 @@ void audit_handle_http(struct app *app, struct http_request *req)
         free(job);
         return;
     }
-    if (!app->kafka_brokers || !*app->kafka_brokers) {
-        api_respond_error(req, 503, "unavailable", "no Kafka brokers known yet", NULL);
-        free(job);
-        return;
-    }
-    job->cfg = app->cfg;
-    job->brokers = strdup(app->kafka_brokers);
-    if (!job->brokers) {
-        api_respond_error(req, 503, "unavailable", "out of memory", NULL);
-        free(job);
-        return;
-    }
-    api_run_blocking(app, req, audit_job_run, job, audit_job_free);
+    admin_job_start(app, req, &job->base, audit_job_run);
     return;
 bad_event:
     api_respond_error(req, 400, "bad_request", "event_id: 1-64 characters of [A-Za-z0-9._-]",

@@ -29,10 +29,6 @@
 #define TICKETD_AUDIT_H
 
 #include <json-c/json.h>
-#include <libpq-fe.h>
-#include <librdkafka/rdkafka.h>
-#include <stdbool.h>
-#include <stdint.h>
 #include <stdio.h>
 
 #include "config.h"
@@ -68,58 +64,5 @@ int audit_main(struct cfg *loaded, int argc, char **argv);
  * thread pool against app->kafka_brokers; 200 with the JSON report (complete or not), 400 on
  * a bad parameter, 503 when the DB or Kafka cannot be read. */
 void audit_handle_http(struct app *app, struct http_request *req);
-
-/* ---- shared with trace.c (cross-file internals, not for other modules) ---------------- */
-/* Blocking connection for the admin tools (connect_timeout 10 s unless the URL says
- * otherwise). NULL with err filled on failure. */
-PGconn *audit__pg_connect(const struct cfg *cfg, const char *application_name, char *err,
-                          size_t errlen);
-/* PQexecParams that checks the status (PGRES_COMMAND_OK or PGRES_TUPLES_OK); NULL with err
- * filled (the SQL's first words and the server's message) on failure. */
-PGresult *audit__pg_exec(PGconn *c, const char *sql, int nparams, const char *const *params,
-                         char *err, size_t errlen);
-
-/* A consumer for reading topics by assign() (never subscribe: it never joins a group) and
- * for committed() of `group`; tuned for sequential throughput with bounded prefetch. */
-rd_kafka_t *audit__kafka_consumer(const struct cfg *cfg, const char *brokers, const char *group,
-                                  char *err, size_t errlen);
-/* Partition count of topic, 0 when the topic does not exist, -1 on error. */
-int audit__topic_partitions(rd_kafka_t *rk, const char *topic, char *err, size_t errlen);
-/* Low and high watermarks; 0 or -1 with err. */
-int audit__watermarks(rd_kafka_t *rk, const char *topic, int32_t partition, int64_t *low,
-                      int64_t *high, char *err, size_t errlen);
-/* Committed offsets of rk's group for partitions 0..n-1 into out (-1 = none); 0 or -1. */
-int audit__committed(rd_kafka_t *rk, const char *topic, int n, int64_t *out, char *err,
-                     size_t errlen);
-
-/* Sequential reader of one partition from `start` up to (not including) `high`. */
-struct audit__reader {
-    rd_kafka_t *rk;
-    rd_kafka_queue_t *queue;
-    const char *topic;
-    int32_t partition;
-    int64_t next;       /* offset expected next */
-    int64_t low;        /* log start; moves up if retention deletes while reading */
-    int64_t high;       /* stop here (the watermark read before) */
-    rd_kafka_message_t *batch[512];
-    int nbatch, ibatch;
-    bool eof;
-};
-int audit__reader_open(struct audit__reader *r, rd_kafka_t *rk, const char *topic,
-                       int32_t partition, int64_t start, int64_t low, int64_t high, char *err,
-                       size_t errlen);
-/* 1 and *msg (destroy it with rd_kafka_message_destroy) | 0 at the end | -1 with err. */
-int audit__reader_next(struct audit__reader *r, rd_kafka_message_t **msg, char *err,
-                       size_t errlen);
-void audit__reader_close(struct audit__reader *r);
-
-/* The value of header `name` copied into out as a string ("" when absent); true if present. */
-bool audit__header(const rd_kafka_message_t *m, const char *name, char *out, size_t outlen);
-/* The key as printable text (non-printable bytes as '?', cut to outlen-1). */
-void audit__key(const rd_kafka_message_t *m, char *out, size_t outlen);
-/* Milliseconds since the epoch as RFC 3339 UTC ("2026-11-26T19:40:00.123Z"). */
-void audit__format_ms(int64_t ms, char *out, size_t outlen);
-/* true when s is a canonical textual UUID (36 chars, hex and dashes). */
-bool audit__is_uuid(const char *s);
 
 #endif

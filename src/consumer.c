@@ -1,4 +1,5 @@
-/* consumer: the group consumer, per-partition order, retries, DLQ, offsets (see consumer.h). */
+/* consumer: the group consumer, per-partition order, batched effects, retries, DLQ, offsets
+ * (see consumer.h). */
 #include "consumer.h"
 
 #include <errno.h>
@@ -23,52 +24,86 @@ static const char *lq(const char *s, char *buf, size_t n)
     return buf;
 }
 
-#define PART_QUEUE_PAUSE 500      /* fetched, unhandled messages per partition before pausing it */
+#define PART_WINDOW 256           /* events per partition in hand (parsed, handed out) */
+#define PART_QUEUE_PAUSE 512      /* fetched, unfinished events per partition before pausing it */
+#define POINTS_BATCH_CUT 1024     /* events per points statement */
+#define MARKS_BATCH_CUT 2048      /* done marks per statement */
+#define STATEMENTS_INFLIGHT 2     /* points (and, separately, marks) statements in flight */
 #define COMMIT_INTERVAL_MS 200    /* finished offsets are committed at most this often */
-#define POLL_INTERVAL_MS 1000     /* serve the consumer even when idle (max.poll.interval.ms) */
-#define CLOSE_DRAIN_MAX_MS 10000  /* wait for runs in flight at shutdown, at most */
+#define POLL_INTERVAL_MS 100     /* serve the consumer even when idle (max.poll.interval.ms) */
+#define CLOSE_DRAIN_MAX_MS 10000  /* wait for work in flight at shutdown, at most */
 #define CLOSE_KAFKA_MAX_MS 10000  /* wait for the asynchronous consumer close, at most */
 #define BACKOFF_MAX_MS 60000      /* cap of the exponential backoff */
 #define CONSUMER_DB_POOL 4        /* PostgreSQL connections of the consumer */
 #define DLQ_MESSAGE_MAX 1000      /* bytes of error message kept in the DLQ header and row */
 
-enum pstate {
-    P_IDLE,          /* nothing in hand */
-    P_RUNNING,       /* effects run in flight */
-    P_BACKOFF,       /* waiting for the next attempt (partition paused) */
-    P_DLQ_PRODUCING, /* produced to the DLQ, waiting for the delivery report */
-    P_DLQ_RECORDING, /* acknowledged; dead_letters insert in flight */
-    P_DLQ_WAIT,      /* produce or insert failed; timer retries it (partition paused) */
+/* What a slot in backoff retries when its timer is due (bits: several can be pending). */
+enum retry_what {
+    RETRY_POINTS = 1,  /* the points statement */
+    RETRY_CALL = 2,    /* the external call at the head of its partition's chain */
+    RETRY_MARK = 4,    /* a done mark whose statement failed */
+    RETRY_DLQ = 8,     /* the DLQ produce, or the dead_letters insert once acknowledged */
 };
 
-struct qmsg {
+enum dlq_state { DLQ_NONE, DLQ_PRODUCING, DLQ_RECORDING, DLQ_WAIT, DLQ_DONE };
+
+/* Progress of one external effect (data platform, e-mail) of an event. */
+struct ext {
+    bool want;
+    bool called;          /* the call succeeded now, or the DB said done */
+    bool committed;       /* its done mark committed, or the DB said done */
+    int pending_tries;    /* a mark waiting to be sent: calls to add to attempts */
+    bool pending_done;    /* ... and whether one of them succeeded */
+    bool sent;            /* a marks statement with this effect is in flight */
+    int sent_tries;
+    bool sent_done;
+};
+
+/* One fetched event, from its fetch until its offset may be committed. */
+struct slot {
+    struct cpart *p;
+    struct slot *next;          /* partition list, offset order */
+    struct slot *rprev, *rnext; /* consumer's ready list (waiting for a points statement) */
+    struct slot *mprev, *mnext; /* consumer's marks list (marks waiting to be sent) */
+    bool in_ready, in_marks;
     rd_kafka_message_t *m;
-    struct qmsg *next;
+    struct effects_event ev;
+    bool active;                /* in the window: parsed and handed out */
+    bool poison;
+    bool in_points;             /* in a points statement */
+    bool points_ok;             /* the points statement committed */
+    bool calling;               /* an external call in flight */
+    enum effects_kind calling_kind;
+    struct ext ext[2];          /* by enum effects_kind */
+    unsigned retry;             /* enum retry_what bits while in backoff */
+    uint64_t retry_at;          /* uv_now() */
+    int fails;                  /* failed attempts (the DLQ's dlq_attempts) */
+    enum dlq_state dlq;
+    bool finished;              /* handled or dead-lettered: its offset may be committed */
+    unsigned ops;               /* callbacks still to come that refer to this slot */
+    int32_t dlq_partition;
+    int64_t dlq_offset;
+    char err_class[32];
+    char *err_msg;              /* the last failure (DLQ_MESSAGE_MAX), allocated on demand */
 };
 
 struct cpart {
     struct consumer *c;
     int32_t partition;
-    bool assigned;              /* false once revoked: a zombie until its callback arrives */
+    bool assigned;              /* false once revoked: a zombie until busy is 0 */
     struct cpart *next_zombie;
-    struct qmsg *head, *tail;   /* fetched, not yet handled, in offset order */
-    size_t qlen;
-    rd_kafka_message_t *cur;    /* the event in hand */
-    struct effects_event ev;
-    bool parsed;
-    int attempts;
-    enum pstate state;
+    struct slot *head, *tail;   /* fetched and not finished-and-released, in offset order */
+    struct slot *chain;         /* the first slot whose external calls are not all done */
+    struct slot *next_inactive; /* the first slot outside the window */
+    size_t nslots, nactive;
+    unsigned nbackoff;          /* slots waiting for a retry */
+    unsigned busy;              /* callbacks still to come for its slots */
     bool paused;
-    bool dlq_acked;             /* P_DLQ_WAIT: retry the insert (true) or the produce */
-    uv_timer_t timer;           /* retry backoff, DLQ retries */
+    uv_timer_t timer;           /* the earliest retry of its slots */
     int64_t last_seen;          /* offset of the last message queued */
     int64_t next_commit;        /* last finished offset + 1; -1 = none yet */
     int64_t commit_sent;        /* handed to rd_kafka_commit */
     int64_t commit_acked;       /* acknowledged by the coordinator */
-    int32_t dlq_partition;
-    int64_t dlq_offset;
-    char err_class[32];
-    char err_msg[DLQ_MESSAGE_MAX];
 };
 
 enum phase { PH_RUNNING, PH_DRAINING, PH_STOPPING_IO, PH_KAFKA_CLOSING, PH_DESTROYING, PH_DONE };
@@ -86,7 +121,14 @@ struct consumer {
     struct cpart **parts;       /* by partition number; NULL = not assigned */
     int32_t nparts;
     struct cpart *zombies;
+    struct slot *ready_head, *ready_tail;
+    struct slot *marks_head, *marks_tail;
+    size_t nready, nmarks_slots;
+    int points_inflight, marks_inflight;
+    unsigned dlq_inflight;      /* slots producing to the DLQ or recording the dead letter */
     uv_timer_t commit_timer, poll_timer, close_timer;
+    uv_check_t check;           /* cuts the batches after each poll phase */
+    uv_idle_t idle;             /* keeps the loop from blocking while a batch can be sent */
     bool commit_scheduled;
     unsigned open_handles;
     bool ready;
@@ -101,11 +143,10 @@ struct consumer {
 static struct consumer *lag_consumer;
 static bool lag_collector_added;
 
-static void pump(struct cpart *p);
-static void attempt(struct cpart *p);
-static void on_retry_timer(uv_timer_t *t);
-static void dlq_send(struct cpart *p);
-static void dlq_record(struct cpart *p);
+static void chain_pump(struct cpart *p);
+static void slot_check(struct slot *s);
+static void dlq_send(struct slot *s);
+static void dlq_record(struct slot *s);
 static void close_progress(struct consumer *c);
 
 static const char *const dlq_header_names[] = {
@@ -197,123 +238,10 @@ static void set_paused(struct cpart *p, bool want)
     p->paused = want;
 }
 
-/* Paused while waiting to retry (no point fetching more) or while its FIFO is long. */
-static void update_pause(struct cpart *p)
-{
-    bool want = p->assigned && (p->state == P_BACKOFF || p->state == P_DLQ_WAIT ||
-                                p->qlen >= PART_QUEUE_PAUSE);
-    set_paused(p, want);
-}
-
-/* ---- partitions ---- */
-
-static void part_on_timer_close(uv_handle_t *h)
-{
-    struct cpart *p = h->data;
-    struct consumer *c = p->c;
-    free(p);
-    c->open_handles--;
-    close_progress(c);
-}
-
-static void part_drop_messages(struct cpart *p)
-{
-    while (p->head) {
-        struct qmsg *q = p->head;
-        p->head = q->next;
-        rd_kafka_message_destroy(q->m);
-        free(q);
-    }
-    p->tail = NULL;
-    p->qlen = 0;
-    if (p->cur) {
-        rd_kafka_message_destroy(p->cur);
-        p->cur = NULL;
-    }
-    p->parsed = false;
-}
-
-static void part_free(struct cpart *p)
-{
-    part_drop_messages(p);
-    uv_timer_stop(&p->timer);
-    uv_close((uv_handle_t *)&p->timer, part_on_timer_close);
-}
-
 static struct cpart *part_get(struct consumer *c, int32_t partition)
 {
     if (partition < 0 || partition >= c->nparts) return NULL;
     return c->parts[partition];
-}
-
-static struct cpart *part_assign(struct consumer *c, int32_t partition)
-{
-    if (partition < 0) return NULL;
-    if (partition >= c->nparts) {
-        int32_t n = partition + 1;
-        struct cpart **np = realloc(c->parts, sizeof *np * (size_t)n);
-        if (!np) return NULL;
-        for (int32_t i = c->nparts; i < n; i++) np[i] = NULL;
-        c->parts = np;
-        c->nparts = n;
-    }
-    if (c->parts[partition]) return c->parts[partition];
-    struct cpart *p = calloc(1, sizeof *p);
-    if (!p) return NULL;
-    p->c = c;
-    p->partition = partition;
-    p->assigned = true;
-    p->last_seen = -1;
-    p->next_commit = p->commit_sent = p->commit_acked = -1;
-    uv_timer_init(c->loop, &p->timer);
-    p->timer.data = p;
-    c->open_handles++;
-    c->parts[partition] = p;
-    return p;
-}
-
-static void zombie_remove(struct cpart *p)
-{
-    struct consumer *c = p->c;
-    for (struct cpart **pp = &c->zombies; *pp; pp = &(*pp)->next_zombie) {
-        if (*pp == p) {
-            *pp = p->next_zombie;
-            return;
-        }
-    }
-}
-
-/* A revoked partition's callback arrived: nothing is committed for it; free it. */
-static void zombie_done(struct cpart *p)
-{
-    zombie_remove(p);
-    part_free(p);
-    close_progress(p->c);
-}
-
-static void part_revoke(struct consumer *c, int32_t partition)
-{
-    struct cpart *p = part_get(c, partition);
-    if (!p) return;
-    c->parts[partition] = NULL;
-    set_paused(p, false); /* pause flags could outlive the assignment */
-    p->assigned = false;
-    uv_timer_stop(&p->timer);
-    char labels[48];
-    snprintf(labels, sizeof labels, "partition=\"%" PRId32 "\"", partition);
-    metrics_gauge_set("ticketd_consumer_lag", labels, 0);
-    if (p->state == P_RUNNING || p->state == P_DLQ_PRODUCING || p->state == P_DLQ_RECORDING) {
-        /* keep the message its callback refers to; drop the rest */
-        rd_kafka_message_t *cur = p->cur;
-        p->cur = NULL;
-        part_drop_messages(p);
-        p->cur = cur;
-        p->next_zombie = c->zombies;
-        c->zombies = p;
-        log_info("consumer", "event=revoked_in_flight partition=%" PRId32, partition);
-        return;
-    }
-    part_free(p);
 }
 
 /* ---- commits ---- */
@@ -382,184 +310,726 @@ static void offset_commit_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
     commit_result(opaque, err, offsets);
 }
 
-/* ---- one event ---- */
-
-static void finish_event(struct cpart *p, bool processed)
+/* Paused while a slot waits to retry (no point fetching more) or while its list is long. */
+static void update_pause(struct cpart *p)
 {
-    struct consumer *c = p->c;
-    rd_kafka_message_t *m = p->cur;
-
-    p->next_commit = m->offset + 1;
-    if (processed) {
-        metrics_counter_add("ticketd_consumer_processed_total", NULL, 1);
-        rd_kafka_timestamp_type_t tstype;
-        int64_t ts = rd_kafka_message_timestamp(m, &tstype);
-        if (ts > 0) {
-            int64_t d = wall_ms() - ts;
-            metrics_observe("ticketd_consumer_publish_to_processed_seconds", NULL,
-                            d > 0 ? (double)d / 1000.0 : 0.0);
-        }
-    }
-    rd_kafka_message_destroy(m);
-    p->cur = NULL;
-    p->parsed = false;
-    p->state = P_IDLE;
-    schedule_commit(c);
-    update_pause(p);
-    if (c->phase != PH_RUNNING) close_progress(c);
-    else pump(p);
+    bool want = p->assigned && (p->nbackoff > 0 || p->nslots >= PART_QUEUE_PAUSE);
+    set_paused(p, want);
 }
 
-static void on_run_done(void *ud, const struct effects_outcome *o)
+/* ---- the ready and marks lists (intrusive, doubly linked) ---- */
+
+static void ready_push(struct slot *s)
+{
+    struct consumer *c = s->p->c;
+    if (s->in_ready) return;
+    s->in_ready = true;
+    s->rnext = NULL;
+    s->rprev = c->ready_tail;
+    if (c->ready_tail) c->ready_tail->rnext = s;
+    else c->ready_head = s;
+    c->ready_tail = s;
+    c->nready++;
+}
+
+static void ready_remove(struct slot *s)
+{
+    struct consumer *c = s->p->c;
+    if (!s->in_ready) return;
+    if (s->rprev) s->rprev->rnext = s->rnext;
+    else c->ready_head = s->rnext;
+    if (s->rnext) s->rnext->rprev = s->rprev;
+    else c->ready_tail = s->rprev;
+    s->in_ready = false;
+    c->nready--;
+}
+
+static void marks_push(struct slot *s)
+{
+    struct consumer *c = s->p->c;
+    if (s->in_marks) return;
+    s->in_marks = true;
+    s->mnext = NULL;
+    s->mprev = c->marks_tail;
+    if (c->marks_tail) c->marks_tail->mnext = s;
+    else c->marks_head = s;
+    c->marks_tail = s;
+    c->nmarks_slots++;
+}
+
+static void marks_remove(struct slot *s)
+{
+    struct consumer *c = s->p->c;
+    if (!s->in_marks) return;
+    if (s->mprev) s->mprev->mnext = s->mnext;
+    else c->marks_head = s->mnext;
+    if (s->mnext) s->mnext->mprev = s->mprev;
+    else c->marks_tail = s->mprev;
+    s->in_marks = false;
+    c->nmarks_slots--;
+}
+
+/* Wakes the loop's check handle soon (a batch may be cut). */
+static void on_idle(uv_idle_t *h)
+{
+    (void)h; /* only keeps the loop from blocking in poll; the check handle does the work */
+}
+
+static void kick(struct consumer *c)
+{
+    if (c->phase < PH_STOPPING_IO && !uv_is_active((uv_handle_t *)&c->idle))
+        uv_idle_start(&c->idle, on_idle);
+}
+
+/* ---- partitions and slots ---- */
+
+static void slot_free(struct slot *s)
+{
+    if (s->m) rd_kafka_message_destroy(s->m);
+    free(s->err_msg);
+    free(s);
+}
+
+static void part_on_timer_close(uv_handle_t *h)
+{
+    struct cpart *p = h->data;
+    struct consumer *c = p->c;
+    free(p);
+    c->open_handles--;
+    close_progress(c);
+}
+
+static void part_drop_slots(struct cpart *p)
+{
+    while (p->head) {
+        struct slot *s = p->head;
+        p->head = s->next;
+        ready_remove(s);
+        marks_remove(s);
+        slot_free(s);
+    }
+    p->tail = p->chain = p->next_inactive = NULL;
+    p->nslots = p->nactive = 0;
+    p->nbackoff = 0;
+}
+
+static void part_free(struct cpart *p)
+{
+    part_drop_slots(p);
+    uv_timer_stop(&p->timer);
+    uv_close((uv_handle_t *)&p->timer, part_on_timer_close);
+}
+
+static struct cpart *part_assign(struct consumer *c, int32_t partition)
+{
+    if (partition < 0) return NULL;
+    if (partition >= c->nparts) {
+        int32_t n = partition + 1;
+        struct cpart **np = realloc(c->parts, sizeof *np * (size_t)n);
+        if (!np) return NULL;
+        for (int32_t i = c->nparts; i < n; i++) np[i] = NULL;
+        c->parts = np;
+        c->nparts = n;
+    }
+    if (c->parts[partition]) return c->parts[partition];
+    struct cpart *p = calloc(1, sizeof *p);
+    if (!p) return NULL;
+    p->c = c;
+    p->partition = partition;
+    p->assigned = true;
+    p->last_seen = -1;
+    p->next_commit = p->commit_sent = p->commit_acked = -1;
+    uv_timer_init(c->loop, &p->timer);
+    p->timer.data = p;
+    c->open_handles++;
+    c->parts[partition] = p;
+    return p;
+}
+
+/* Revoked partitions whose callbacks all arrived are freed here (from the check handle, so
+ * that no batch callback is still walking their slots). */
+static void reap_zombies(struct consumer *c)
+{
+    for (struct cpart **pp = &c->zombies; *pp;) {
+        struct cpart *p = *pp;
+        if (p->busy == 0) {
+            *pp = p->next_zombie;
+            part_free(p);
+        } else {
+            pp = &p->next_zombie;
+        }
+    }
+}
+
+static void part_revoke(struct consumer *c, int32_t partition)
+{
+    struct cpart *p = part_get(c, partition);
+    if (!p) return;
+    c->parts[partition] = NULL;
+    set_paused(p, false); /* pause flags could outlive the assignment */
+    p->assigned = false;
+    uv_timer_stop(&p->timer);
+    char labels[48];
+    snprintf(labels, sizeof labels, "partition=\"%" PRId32 "\"", partition);
+    metrics_gauge_set("ticketd_consumer_lag", labels, 0);
+    /* Nothing more is handed out for it; what is in flight finishes but commits nothing
+     * (the next owner redoes it idempotently). */
+    for (struct slot *s = p->head; s; s = s->next) {
+        ready_remove(s);
+        marks_remove(s);
+    }
+    if (p->busy > 0) {
+        p->next_zombie = c->zombies;
+        c->zombies = p;
+        log_info("consumer", "event=revoked_in_flight partition=%" PRId32 " callbacks=%u",
+                 partition, p->busy);
+        return;
+    }
+    part_free(p);
+}
+
+/* A callback referring to s arrived. Returns false when s's partition was revoked (the
+ * result is dropped; the zombie is reaped once its last callback arrived). */
+static bool slot_release(struct slot *s)
+{
+    s->ops--;
+    s->p->busy--;
+    if (!s->p->assigned) {
+        kick(s->p->c); /* the check handle reaps it */
+        return false;
+    }
+    return true;
+}
+
+static void slot_hold(struct slot *s)
+{
+    s->ops++;
+    s->p->busy++;
+}
+
+static void set_error(struct slot *s, const char *error_class, const char *message)
+{
+    snprintf(s->err_class, sizeof s->err_class, "%s", error_class ? error_class : "unknown");
+    if (!s->err_msg) s->err_msg = malloc(DLQ_MESSAGE_MAX);
+    if (s->err_msg) {
+        snprintf(s->err_msg, DLQ_MESSAGE_MAX, "%s", message ? message : "");
+        ascii_only(s->err_msg);
+    }
+}
+
+static const char *err_msg(const struct slot *s)
+{
+    return s->err_msg ? s->err_msg : "";
+}
+
+/* Parses the slot and hands it out: poison straight to the DLQ, the rest to the points
+ * statement of the next tick. */
+static void activate(struct slot *s)
 {
     char qb[600];
-    struct cpart *p = ud;
+    struct consumer *c = s->p->c;
+    rd_kafka_message_t *m = s->m;
+    const char *id, *tm;
+    size_t id_len, tm_len;
+    char why[256];
+
+    s->active = true;
+    s->p->nactive++;
+    bool has_id = get_header(m, CE_ID, &id, &id_len);
+    get_header(m, CE_TIME, &tm, &tm_len);
+    if (effects_parse(has_id ? id : NULL, id_len, tm, tm_len, m->payload, m->len, &s->ev, why,
+                      sizeof why) != 0) {
+        s->poison = true;
+        s->fails = 1;
+        set_error(s, "unparseable", why);
+        log_error("consumer", "event=poison_message partition=%" PRId32 " offset=%" PRId64
+                  " err=%s action=dead_letter", s->p->partition, m->offset,
+                  lq(err_msg(s), qb, sizeof qb));
+        dlq_send(s);
+        return;
+    }
+    s->ev.topic = c->cfg->topic;
+    s->ev.partition = s->p->partition;
+    s->ev.offset = m->offset;
+    s->ext[EFFECTS_DATA_PLATFORM].want = effects_wants_data_platform(c->fx);
+    s->ext[EFFECTS_EMAIL].want = effects_wants_email(c->fx, &s->ev);
+    ready_push(s);
+    kick(c);
+}
+
+/* Fills the window with the next fetched slots. */
+static void part_activate(struct cpart *p)
+{
+    while (p->next_inactive && p->nactive < PART_WINDOW && p->assigned &&
+           p->c->phase == PH_RUNNING) {
+        struct slot *s = p->next_inactive;
+        p->next_inactive = s->next;
+        activate(s);
+    }
+}
+
+/* Releases the finished slots at the head of the list: their offsets may be committed. */
+static void part_release_finished(struct cpart *p)
+{
+    struct consumer *c = p->c;
+    bool moved = false;
+    while (p->head && p->head->finished && p->head->ops == 0) {
+        struct slot *s = p->head;
+        p->head = s->next;
+        if (!p->head) p->tail = NULL;
+        if (p->chain == s) p->chain = s->next;
+        if (p->next_inactive == s) p->next_inactive = s->next;
+        p->next_commit = s->m->offset + 1;
+        p->nslots--;
+        if (s->active) p->nactive--;
+        slot_free(s);
+        moved = true;
+    }
+    if (!moved) return;
+    schedule_commit(c);
+    part_activate(p);
+    update_pause(p);
+}
+
+/* The slot is finished when dead-lettered, or when its points and every enabled external
+ * effect (call and done mark) committed. */
+static void slot_check(struct slot *s)
+{
+    struct cpart *p = s->p;
+    struct consumer *c = p->c;
+    if (!s->finished) {
+        bool processed = false;
+        if (s->dlq == DLQ_DONE) {
+            s->finished = true;
+        } else if (s->dlq == DLQ_NONE && s->points_ok && !s->retry &&
+                   (!s->ext[0].want || s->ext[0].committed) &&
+                   (!s->ext[1].want || s->ext[1].committed)) {
+            s->finished = processed = true;
+        }
+        if (!s->finished) return;
+        if (processed) {
+            log_debug("consumer", "event=processed partition=%" PRId32 " offset=%" PRId64
+                      " event_id=%s", p->partition, s->m->offset, s->ev.event_id);
+            metrics_counter_add("ticketd_consumer_processed_total", NULL, 1);
+            rd_kafka_timestamp_type_t tstype;
+            int64_t ts = rd_kafka_message_timestamp(s->m, &tstype);
+            if (ts > 0) {
+                int64_t d = wall_ms() - ts;
+                metrics_observe("ticketd_consumer_publish_to_processed_seconds", NULL,
+                                d > 0 ? (double)d / 1000.0 : 0.0);
+            }
+        }
+    }
+    if (p->head == s) part_release_finished(p);
+    chain_pump(p);
+    if (c->phase != PH_RUNNING) close_progress(c);
+}
+
+/* ---- failures: retry or dead-letter, per event ---- */
+
+static void on_retry_timer(uv_timer_t *t);
+
+static void arm_timer(struct cpart *p)
+{
+    uint64_t first = UINT64_MAX;
+    for (struct slot *s = p->head; s; s = s->next)
+        if (s->retry && s->retry_at < first) first = s->retry_at;
+    if (first == UINT64_MAX) {
+        uv_timer_stop(&p->timer);
+        return;
+    }
+    uint64_t now = uv_now(p->c->loop);
+    uv_timer_start(&p->timer, on_retry_timer, first > now ? first - now : 0, 0);
+}
+
+static void backoff(struct slot *s, unsigned what, uint64_t delay)
+{
+    struct cpart *p = s->p;
+    if (!s->retry) p->nbackoff++;
+    s->retry |= what;
+    s->retry_at = uv_now(p->c->loop) + delay;
+    arm_timer(p);
+    update_pause(p);
+}
+
+static void clear_backoff(struct slot *s)
+{
+    if (!s->retry) return;
+    s->retry = 0;
+    s->p->nbackoff--;
+}
+
+/* A failed attempt of s (at the step `what`): retried after the backoff while attempts are
+ * left, else dead-lettered. While shutting down the event is left unfinished: its offset is
+ * not committed, so the next owner gets it again. */
+static void slot_fail(struct slot *s, unsigned what, const char *error_class, const char *msg)
+{
+    char qb[600];
+    struct cpart *p = s->p;
     struct consumer *c = p->c;
 
-    if (!p->assigned) {
-        zombie_done(p);
-        return;
-    }
-    if (o->ok) {
-        log_debug("consumer", "event=processed partition=%" PRId32 " offset=%" PRId64
-                  " event_id=%s points_granted=%d", p->partition, p->cur->offset,
-                  p->ev.event_id, o->points_granted);
-        finish_event(p, true);
-        return;
-    }
-    snprintf(p->err_class, sizeof p->err_class, "%s", o->error_class ? o->error_class : "unknown");
-    snprintf(p->err_msg, sizeof p->err_msg, "%s", o->error_message ? o->error_message : "");
-    ascii_only(p->err_msg);
-    if (c->phase != PH_RUNNING) {
-        /* Shutting down: the event stays unfinished; its offset is not committed, so the
-         * next owner gets it again. */
-        rd_kafka_message_destroy(p->cur);
-        p->cur = NULL;
-        p->parsed = false;
-        p->state = P_IDLE;
+    s->fails++;
+    set_error(s, error_class, msg);
+    if (c->phase != PH_RUNNING || s->dlq != DLQ_NONE) {
         close_progress(c);
         return;
     }
-    if (p->attempts < c->cfg->retry_max_attempts) {
-        uint64_t delay = backoff_ms(c, p->attempts);
+    if (s->fails < c->cfg->retry_max_attempts) {
+        uint64_t delay = backoff_ms(c, s->fails);
         metrics_counter_add("ticketd_consumer_retries_total", NULL, 1);
         log_warn("consumer", "event=retry partition=%" PRId32 " offset=%" PRId64
                  " event_id=%s attempt=%d of=%d next_in_ms=%" PRIu64 " class=%s err=%s",
-                 p->partition, p->cur->offset, p->ev.event_id, p->attempts,
-                 c->cfg->retry_max_attempts, delay, p->err_class, lq(p->err_msg, qb, sizeof qb));
-        p->state = P_BACKOFF;
-        update_pause(p);
-        uv_timer_start(&p->timer, on_retry_timer, delay, 0);
+                 p->partition, s->m->offset, s->ev.event_id, s->fails,
+                 c->cfg->retry_max_attempts, delay, s->err_class,
+                 lq(err_msg(s), qb, sizeof qb));
+        backoff(s, what, delay);
         return;
     }
     log_error("consumer", "event=attempts_exhausted partition=%" PRId32 " offset=%" PRId64
               " event_id=%s attempts=%d class=%s err=%s action=dead_letter",
-              p->partition, p->cur->offset, p->ev.event_id, p->attempts, p->err_class,
-              lq(p->err_msg, qb, sizeof qb));
-    dlq_send(p);
-}
-
-/* Starts (or retries) the event in hand. */
-static void attempt(struct cpart *p)
-{
-    char qb[600];
-    struct consumer *c = p->c;
-    rd_kafka_message_t *m = p->cur;
-
-    if (!p->assigned || c->phase != PH_RUNNING || !m) return;
-    p->state = P_RUNNING;
-    update_pause(p);
-    if (!p->parsed) {
-        const char *id, *tm;
-        size_t id_len, tm_len;
-        char why[256];
-        bool has_id = get_header(m, CE_ID, &id, &id_len);
-        get_header(m, CE_TIME, &tm, &tm_len);
-        if (effects_parse(has_id ? id : NULL, id_len, tm, tm_len, m->payload, m->len, &p->ev,
-                          why, sizeof why) != 0) {
-            p->attempts = 1;
-            snprintf(p->err_class, sizeof p->err_class, "unparseable");
-            snprintf(p->err_msg, sizeof p->err_msg, "%s", why);
-            ascii_only(p->err_msg);
-            log_error("consumer", "event=poison_message partition=%" PRId32 " offset=%" PRId64
-                      " err=%s action=dead_letter", p->partition, m->offset,
-                      lq(p->err_msg, qb, sizeof qb));
-            dlq_send(p);
-            return;
-        }
-        p->ev.topic = c->cfg->topic;
-        p->ev.partition = p->partition;
-        p->ev.offset = m->offset;
-        p->parsed = true;
-    }
-    p->attempts++;
-    int rc = effects_run(c->fx, &p->ev, on_run_done, p);
-    if (rc != 0) {
-        /* could not even start (database down, queue full): a failed attempt like any other */
-        struct effects_outcome o = {
-            .ok = false,
-            .error_class = "db",
-            .error_message = rc == -ENOTCONN ? "database unavailable" : strerror(-rc),
-        };
-        on_run_done(p, &o);
-    }
+              p->partition, s->m->offset, s->ev.event_id, s->fails, s->err_class,
+              lq(err_msg(s), qb, sizeof qb));
+    clear_backoff(s);
+    ready_remove(s);
+    dlq_send(s);
 }
 
 static void on_retry_timer(uv_timer_t *t)
 {
     struct cpart *p = t->data;
-    if (p->state == P_BACKOFF) attempt(p);
-    else if (p->state == P_DLQ_WAIT) {
-        if (p->dlq_acked) dlq_record(p);
-        else dlq_send(p);
+    struct consumer *c = p->c;
+    if (!p->assigned || c->phase != PH_RUNNING) return;
+    uint64_t now = uv_now(c->loop);
+    for (struct slot *s = p->head; s; s = s->next) {
+        if (!s->retry || s->retry_at > now) continue;
+        unsigned what = s->retry;
+        clear_backoff(s);
+        if (what & RETRY_DLQ) {
+            if (s->dlq == DLQ_WAIT && s->dlq_partition >= 0) dlq_record(s);
+            else if (s->dlq == DLQ_WAIT) dlq_send(s);
+            continue;
+        }
+        if (what & RETRY_POINTS) {
+            ready_push(s);
+            kick(c);
+        }
+        if (what & RETRY_MARK) {
+            for (int k = 0; k < 2; k++)
+                if (s->ext[k].pending_tries > 0 && !s->ext[k].sent) marks_push(s);
+            kick(c);
+        }
+        /* RETRY_CALL: the chain below starts the call again */
+    }
+    arm_timer(p);
+    update_pause(p);
+    chain_pump(p);
+}
+
+/* ---- external calls: in offset order per partition, one at a time ---- */
+
+static void on_call_done(void *ud, const struct effects_call_result *r);
+
+static bool calls_done(const struct slot *s)
+{
+    return (!s->ext[0].want || s->ext[0].called) && (!s->ext[1].want || s->ext[1].called);
+}
+
+/* A mark for effect k of s: one more call, done or failed. */
+static void add_mark(struct slot *s, enum effects_kind k, bool done)
+{
+    s->ext[k].pending_tries++;
+    if (done) s->ext[k].pending_done = true;
+    if (!s->ext[k].sent) marks_push(s);
+    kick(s->p->c);
+}
+
+/* Starts the next external call of the partition: the calls of one event in the fixed order
+ * data platform, e-mail; the next event only after both succeeded (so the sink receives a
+ * partition's events in offset order, retries included). */
+static void chain_pump(struct cpart *p)
+{
+    struct consumer *c = p->c;
+    while (p->chain && p->assigned) {
+        struct slot *s = p->chain;
+        if (s->finished || (s->dlq == DLQ_NONE && s->points_ok && calls_done(s))) {
+            p->chain = s->next;
+            continue;
+        }
+        if (!s->points_ok || s->calling || (s->retry & RETRY_CALL) || s->dlq != DLQ_NONE ||
+            c->phase != PH_RUNNING)
+            return;
+        enum effects_kind k = s->ext[EFFECTS_DATA_PLATFORM].want &&
+                                      !s->ext[EFFECTS_DATA_PLATFORM].called
+                                  ? EFFECTS_DATA_PLATFORM
+                                  : EFFECTS_EMAIL;
+        int rc = effects_call(c->fx, k, &s->ev, on_call_done, s);
+        if (rc != 0) {
+            char msg[128];
+            snprintf(msg, sizeof msg, "%s: could not start the request: %s",
+                     k == EFFECTS_DATA_PLATFORM ? "data_platform" : "email", strerror(-rc));
+            s->ext[k].pending_tries++; /* recorded like any failed call */
+            if (!s->ext[k].sent) marks_push(s);
+            slot_fail(s, RETRY_CALL,
+                      rc == -ECANCELED ? "closing"
+                      : k == EFFECTS_DATA_PLATFORM ? "sink_transport" : "smtp", msg);
+            return;
+        }
+        s->calling = true;
+        s->calling_kind = k;
+        slot_hold(s);
+        return;
     }
 }
 
-static void pump(struct cpart *p)
+static void on_call_done(void *ud, const struct effects_call_result *r)
 {
-    struct consumer *c = p->c;
-    if (p->state != P_IDLE || !p->assigned || c->phase != PH_RUNNING || !p->head) return;
-    struct qmsg *q = p->head;
-    p->head = q->next;
-    if (!p->head) p->tail = NULL;
-    p->qlen--;
-    p->cur = q->m;
-    free(q);
-    p->attempts = 0;
-    p->parsed = false;
-    p->dlq_acked = false;
-    attempt(p);
+    struct slot *s = ud;
+    s->calling = false;
+    if (!slot_release(s)) return;
+    struct cpart *p = s->p;
+    enum effects_kind k = s->calling_kind;
+    if (s->dlq != DLQ_NONE) { /* dead-lettered meanwhile (a done mark ran out of attempts) */
+        slot_check(s);
+        return;
+    }
+    if (r->ok) {
+        s->ext[k].called = true;
+        add_mark(s, k, true);
+        chain_pump(p);
+        return;
+    }
+    add_mark(s, k, false);
+    slot_fail(s, RETRY_CALL, r->error_class, r->error_message);
+}
+
+/* ---- batches: one points statement and one marks statement for many events ---- */
+
+struct batch {
+    struct consumer *c;
+    size_t n;
+    struct slot *slots[];
+};
+
+static void on_points(void *ud, const struct effects_points_result *res, const char *error)
+{
+    struct batch *b = ud;
+    struct consumer *c = b->c;
+    c->points_inflight--;
+    for (size_t i = 0; i < b->n; i++) {
+        struct slot *s = b->slots[i];
+        s->in_points = false;
+        if (!slot_release(s)) continue;
+        if (!res) {
+            slot_fail(s, RETRY_POINTS, "db", error);
+            continue;
+        }
+        s->points_ok = true;
+        for (int k = 0; k < 2; k++) {
+            bool done = k == EFFECTS_DATA_PLATFORM ? res[i].data_platform_done : res[i].email_done;
+            if (s->ext[k].want && done) s->ext[k].called = s->ext[k].committed = true;
+        }
+        if (res[i].points_granted)
+            log_debug("consumer", "event=points_granted partition=%" PRId32 " offset=%" PRId64
+                      " event_id=%s", s->p->partition, s->m->offset, s->ev.event_id);
+        struct cpart *p = s->p;
+        slot_check(s); /* may release s */
+        chain_pump(p);
+    }
+    free(b);
+    if (c->phase != PH_RUNNING) close_progress(c);
+}
+
+static void send_points(struct consumer *c)
+{
+    size_t n = c->nready < POINTS_BATCH_CUT ? c->nready : POINTS_BATCH_CUT;
+    struct batch *b = malloc(sizeof *b + n * sizeof b->slots[0]);
+    const struct effects_event **evs = malloc(n * sizeof *evs);
+    if (!b || !evs) {
+        free(b);
+        free(evs);
+        return; /* out of memory: the next tick tries again */
+    }
+    b->c = c;
+    b->n = n;
+    struct slot *s = c->ready_head;
+    for (size_t i = 0; i < n; i++, s = s->rnext) {
+        b->slots[i] = s;
+        evs[i] = &s->ev;
+    }
+    int rc = effects_points_batch(c->fx, evs, n, on_points, b);
+    free(evs);
+    for (size_t i = 0; i < n; i++) ready_remove(b->slots[i]);
+    if (rc != 0) {
+        /* could not even start (database down, queue full): a failed attempt like any other */
+        const char *why = rc == -ENOTCONN ? "points: database unavailable" : strerror(-rc);
+        for (size_t i = 0; i < n; i++) slot_fail(b->slots[i], RETRY_POINTS, "db", why);
+        free(b);
+        return;
+    }
+    c->points_inflight++;
+    for (size_t i = 0; i < n; i++) {
+        b->slots[i]->in_points = true;
+        slot_hold(b->slots[i]);
+    }
+}
+
+static void on_marks(void *ud, bool ok, const char *error)
+{
+    struct batch *b = ud;
+    struct consumer *c = b->c;
+    c->marks_inflight--;
+    for (size_t i = 0; i < b->n; i++) {
+        struct slot *s = b->slots[i];
+        bool done_failed = false;
+        const char *effect = "";
+        for (int k = 0; k < 2; k++) {
+            struct ext *e = &s->ext[k];
+            if (!e->sent) continue;
+            e->sent = false;
+            if (ok) {
+                if (e->sent_done) e->committed = true;
+            } else if (e->sent_done) {
+                /* the call happened but its done mark did not commit: the mark is retried
+                 * (not the call) */
+                e->pending_tries += e->sent_tries;
+                e->pending_done = true;
+                done_failed = true;
+                effect = k == EFFECTS_DATA_PLATFORM ? "data_platform" : "email";
+            } else {
+                char qb[600];
+                log_warn("effects", "event=mark_failed_error event_id=%s err=%s",
+                         s->ev.event_id, lq(error, qb, sizeof qb));
+            }
+        }
+        if (!slot_release(s)) continue;
+        if (done_failed) {
+            char msg[700];
+            snprintf(msg, sizeof msg, "recording %s done: %s", effect, error ? error : "");
+            slot_fail(s, RETRY_MARK, "db", msg);
+        } else {
+            for (int k = 0; k < 2; k++)
+                if (s->ext[k].pending_tries > 0 && !(s->retry & RETRY_MARK)) marks_push(s);
+        }
+        slot_check(s); /* may release s */
+    }
+    free(b);
+    if (c->phase != PH_RUNNING) close_progress(c);
+}
+
+static void send_marks(struct consumer *c)
+{
+    size_t cap = c->nmarks_slots < MARKS_BATCH_CUT / 2 ? c->nmarks_slots : MARKS_BATCH_CUT / 2;
+    struct batch *b = malloc(sizeof *b + cap * sizeof b->slots[0]);
+    struct effects_mark *marks = malloc(cap * 2 * sizeof *marks);
+    if (!b || !marks) {
+        free(b);
+        free(marks);
+        return;
+    }
+    b->c = c;
+    b->n = 0;
+    size_t nm = 0;
+    for (struct slot *s = c->marks_head; s && b->n < cap; s = s->mnext) {
+        b->slots[b->n++] = s;
+        for (int k = 0; k < 2; k++) {
+            struct ext *e = &s->ext[k];
+            if (e->pending_tries == 0 || e->sent) continue;
+            marks[nm++] = (struct effects_mark){
+                .event_id = s->ev.event_id, .effect = (enum effects_kind)k,
+                .done = e->pending_done, .tries = e->pending_tries,
+                .error = e->pending_done ? NULL : err_msg(s)};
+        }
+    }
+    int rc = nm ? effects_mark_batch(c->fx, marks, nm, on_marks, b) : -EINVAL;
+    free(marks);
+    if (rc != 0) {
+        /* not sent: the marks stay pending; a database that is down fails the events */
+        for (size_t i = 0; i < b->n; i++) {
+            struct slot *s = b->slots[i];
+            marks_remove(s);
+            bool done = s->ext[0].pending_done || s->ext[1].pending_done;
+            if (done) slot_fail(s, RETRY_MARK, "db", "recording done: database unavailable");
+        }
+        free(b);
+        return;
+    }
+    c->marks_inflight++;
+    for (size_t i = 0; i < b->n; i++) {
+        struct slot *s = b->slots[i];
+        for (int k = 0; k < 2; k++) {
+            struct ext *e = &s->ext[k];
+            if (e->pending_tries == 0 || e->sent) continue;
+            e->sent = true;
+            e->sent_tries = e->pending_tries;
+            e->sent_done = e->pending_done;
+            e->pending_tries = 0;
+            e->pending_done = false;
+        }
+        marks_remove(s);
+        slot_hold(s);
+    }
+}
+
+/* After each poll phase: cut the batches while a connection is idle (under load the lists
+ * grow while the statements run, so the next batch is bigger: one commit serves many). */
+static void on_check(uv_check_t *h)
+{
+    struct consumer *c = h->data;
+    if (c->zombies) reap_zombies(c);
+    if (c->phase >= PH_STOPPING_IO || !c->db) {
+        uv_idle_stop(&c->idle);
+        return;
+    }
+    while (c->marks_head && c->marks_inflight < STATEMENTS_INFLIGHT && dbp_idle(c->db) > 0) {
+        size_t before = c->nmarks_slots;
+        send_marks(c);
+        if (c->nmarks_slots >= before) break;
+    }
+    while (c->phase == PH_RUNNING && c->ready_head && c->points_inflight < STATEMENTS_INFLIGHT &&
+           dbp_idle(c->db) > 0) {
+        size_t before = c->nready;
+        send_points(c);
+        if (c->nready >= before) break;
+    }
+    bool more = (c->marks_head && c->marks_inflight < STATEMENTS_INFLIGHT) ||
+                (c->phase == PH_RUNNING && c->ready_head &&
+                 c->points_inflight < STATEMENTS_INFLIGHT);
+    /* stay awake only while something can be sent now; results wake the loop otherwise */
+    if (more && dbp_idle(c->db) > 0) uv_idle_start(&c->idle, on_idle);
+    else uv_idle_stop(&c->idle);
+    if (c->phase == PH_DRAINING) close_progress(c);
 }
 
 /* ---- dead letters ---- */
 
-static void dlq_wait(struct cpart *p)
+static void dlq_wait(struct slot *s)
 {
-    p->state = P_DLQ_WAIT;
-    update_pause(p);
-    uv_timer_start(&p->timer, on_retry_timer, backoff_ms(p->c, 1), 0);
+    s->dlq = DLQ_WAIT;
+    backoff(s, RETRY_DLQ, backoff_ms(s->p->c, 1));
 }
 
-static void dlq_send(struct cpart *p)
+/* Shutting down or revoked: the event is left unfinished (re-delivered to the next owner). */
+static void dlq_abandon(struct slot *s)
 {
+    s->dlq = DLQ_WAIT;
+    close_progress(s->p->c);
+}
+
+static void dlq_send(struct slot *s)
+{
+    struct cpart *p = s->p;
     struct consumer *c = p->c;
-    rd_kafka_message_t *m = p->cur;
+    rd_kafka_message_t *m = s->m;
     rd_kafka_headers_t *orig = NULL;
     char num[4][32];
 
     if (!p->assigned) return;
     if (c->phase != PH_RUNNING) {
-        /* shutting down: left unfinished, re-delivered to the next owner */
-        rd_kafka_message_destroy(p->cur);
-        p->cur = NULL;
-        p->parsed = false;
-        p->state = P_IDLE;
-        close_progress(c);
+        dlq_abandon(s);
         return;
     }
-    p->state = P_DLQ_PRODUCING;
-    p->dlq_acked = false;
-    update_pause(p);
+    s->dlq = DLQ_PRODUCING;
+    s->dlq_partition = -1;
 
     rd_kafka_headers_t *h =
         rd_kafka_message_headers(m, &orig) == RD_KAFKA_RESP_ERR_NO_ERROR && orig
@@ -571,71 +1041,69 @@ static void dlq_send(struct cpart *p)
     snprintf(num[0], sizeof num[0], "%" PRId32, m->partition);
     snprintf(num[1], sizeof num[1], "%" PRId64, m->offset);
     snprintf(num[2], sizeof num[2], "%" PRId64, rd_kafka_message_timestamp(m, &tstype));
-    snprintf(num[3], sizeof num[3], "%d", p->attempts);
+    snprintf(num[3], sizeof num[3], "%d", s->fails);
     rd_kafka_header_add(h, "dlq_original_topic", -1, c->cfg->topic, -1);
     rd_kafka_header_add(h, "dlq_original_partition", -1, num[0], -1);
     rd_kafka_header_add(h, "dlq_original_offset", -1, num[1], -1);
     rd_kafka_header_add(h, "dlq_original_timestamp", -1, num[2], -1);
     rd_kafka_header_add(h, "dlq_consumer_group", -1, c->cfg->consumer_group, -1);
     rd_kafka_header_add(h, "dlq_attempts", -1, num[3], -1);
-    rd_kafka_header_add(h, "dlq_error_class", -1, p->err_class, -1);
-    rd_kafka_header_add(h, "dlq_error_message", -1, p->err_msg, -1);
+    rd_kafka_header_add(h, "dlq_error_class", -1, s->err_class, -1);
+    rd_kafka_header_add(h, "dlq_error_message", -1, err_msg(s), -1);
 
     rd_kafka_resp_err_t err = rd_kafka_producev(
         c->dlq, RD_KAFKA_V_TOPIC(c->cfg->dlq_topic), RD_KAFKA_V_KEY(m->key, m->key_len),
         RD_KAFKA_V_VALUE(m->payload, m->len), RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
-        RD_KAFKA_V_HEADERS(h), RD_KAFKA_V_OPAQUE(p), RD_KAFKA_V_END);
+        RD_KAFKA_V_HEADERS(h), RD_KAFKA_V_OPAQUE(s), RD_KAFKA_V_END);
     if (err) {
         rd_kafka_headers_destroy(h); /* still ours when producev fails */
         log_error("consumer", "event=dlq_produce_failed partition=%" PRId32 " offset=%" PRId64
                   " err=\"%s\" action=retry", p->partition, m->offset, rd_kafka_err2str(err));
-        dlq_wait(p);
+        dlq_wait(s);
+        return;
     }
+    c->dlq_inflight++;
+    slot_hold(s);
 }
 
 static void on_recorded(void *ud, const PGresult *res, const char *error)
 {
     char qb[600];
-    struct cpart *p = ud;
-    struct consumer *c = p->c;
+    struct slot *s = ud;
+    struct consumer *c = s->p->c;
     bool ok = res && PQresultStatus(res) == PGRES_COMMAND_OK;
 
-    if (!p->assigned) {
-        zombie_done(p);
-        return;
-    }
+    c->dlq_inflight--;
+    if (!slot_release(s)) return;
+    struct cpart *p = s->p;
     if (!ok) {
         log_error("consumer", "event=dead_letter_record_failed partition=%" PRId32
-                  " offset=%" PRId64 " err=%s action=%s", p->partition, p->cur->offset,
+                  " offset=%" PRId64 " err=%s action=%s", p->partition, s->m->offset,
                   lq(error ? error : PQresultErrorMessage(res), qb, sizeof qb),
                   c->phase == PH_RUNNING ? "retry" : "redeliver_later");
-        if (c->phase != PH_RUNNING) {
-            rd_kafka_message_destroy(p->cur);
-            p->cur = NULL;
-            p->state = P_IDLE;
-            close_progress(c);
-            return;
-        }
-        dlq_wait(p);
+        if (c->phase != PH_RUNNING) dlq_abandon(s);
+        else dlq_wait(s);
         return;
     }
     log_warn("consumer", "event=dead_lettered partition=%" PRId32 " offset=%" PRId64
              " event_id=%s dlq_partition=%" PRId32 " dlq_offset=%" PRId64 " class=%s",
-             p->partition, p->cur->offset, p->parsed ? p->ev.event_id : "-", p->dlq_partition,
-             p->dlq_offset, p->err_class);
-    finish_event(p, false);
+             p->partition, s->m->offset, s->poison ? "-" : s->ev.event_id, s->dlq_partition,
+             s->dlq_offset, s->err_class);
+    s->dlq = DLQ_DONE;
+    slot_check(s);
 }
 
-static void dlq_record(struct cpart *p)
+static void dlq_record(struct slot *s)
 {
+    struct cpart *p = s->p;
     struct consumer *c = p->c;
-    rd_kafka_message_t *m = p->cur;
+    rd_kafka_message_t *m = s->m;
     char app[24] = "", src_part[16], src_off[24], dlq_part[16], dlq_off[24], attempts[16];
     char idbuf[UUID_STR_LEN + 1];
-    const char *event_id = p->parsed ? p->ev.event_id : NULL;
+    const char *event_id = s->poison ? NULL : s->ev.event_id;
     const char *app_id = NULL;
 
-    if (!p->parsed) {
+    if (s->poison) {
         const char *id;
         size_t len;
         if (get_header(m, CE_ID, &id, &len) && effects_is_uuid(id, len)) {
@@ -653,59 +1121,55 @@ static void dlq_record(struct cpart *p)
             if (i == m->key_len) app_id = app;
         }
     } else {
-        snprintf(app, sizeof app, "%" PRId64, p->ev.application_id);
+        snprintf(app, sizeof app, "%" PRId64, s->ev.application_id);
         app_id = app;
     }
     snprintf(src_part, sizeof src_part, "%" PRId32, p->partition);
     snprintf(src_off, sizeof src_off, "%" PRId64, m->offset);
-    snprintf(dlq_part, sizeof dlq_part, "%" PRId32, p->dlq_partition);
-    snprintf(dlq_off, sizeof dlq_off, "%" PRId64, p->dlq_offset);
-    snprintf(attempts, sizeof attempts, "%d", p->attempts);
+    snprintf(dlq_part, sizeof dlq_part, "%" PRId32, s->dlq_partition);
+    snprintf(dlq_off, sizeof dlq_off, "%" PRId64, s->dlq_offset);
+    snprintf(attempts, sizeof attempts, "%d", s->fails);
     const char *params[10] = {event_id, app_id, c->cfg->topic, src_part, src_off, dlq_part,
-                              dlq_off, attempts, p->err_class, p->err_msg};
-    p->state = P_DLQ_RECORDING;
-    update_pause(p);
-    if (dbp_query(c->db, dead_letter_sql, 10, params, on_recorded, p) != 0) {
+                              dlq_off, attempts, s->err_class, err_msg(s)};
+    s->dlq = DLQ_RECORDING;
+    if (dbp_query(c->db, dead_letter_sql, 10, params, on_recorded, s) != 0) {
         log_error("consumer", "event=dead_letter_record_failed partition=%" PRId32
                   " offset=%" PRId64 " err=\"database unavailable\" action=retry", p->partition,
                   m->offset);
-        if (!p->assigned) {
-            zombie_done(p);
-            return;
-        }
-        dlq_wait(p);
+        if (!p->assigned || c->phase != PH_RUNNING) dlq_abandon(s);
+        else dlq_wait(s);
+        return;
     }
+    c->dlq_inflight++;
+    slot_hold(s);
 }
 
 static void dlq_dr_cb(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque)
 {
     struct consumer *c = opaque;
-    struct cpart *p = m->_private;
+    struct slot *s = m->_private;
 
-    if (!p || c->phase >= PH_KAFKA_CLOSING) return;
+    if (!s || c->phase >= PH_KAFKA_CLOSING) return;
+    c->dlq_inflight--;
+    s->ops--;
+    s->p->busy--;
+    struct cpart *p = s->p;
     if (m->err) {
         log_error("consumer", "event=dlq_delivery_failed partition=%" PRId32 " offset=%" PRId64
-                  " err=\"%s\" action=retry", p->partition, p->cur ? p->cur->offset : -1,
+                  " err=\"%s\" action=retry", p->partition, s->m->offset,
                   rd_kafka_err2str(m->err));
-        if (!p->assigned) {
-            zombie_done(p);
+        if (!p->assigned || c->phase != PH_RUNNING) {
+            kick(c);
+            dlq_abandon(s);
             return;
         }
-        if (c->phase != PH_RUNNING) {
-            rd_kafka_message_destroy(p->cur);
-            p->cur = NULL;
-            p->state = P_IDLE;
-            close_progress(c);
-            return;
-        }
-        dlq_wait(p);
+        dlq_wait(s);
         return;
     }
     metrics_counter_add("ticketd_dlq_produced_total", NULL, 1);
-    p->dlq_acked = true;
-    p->dlq_partition = m->partition;
-    p->dlq_offset = m->offset;
-    dlq_record(p); /* a zombie records too: the message is in the DLQ either way */
+    s->dlq_partition = m->partition;
+    s->dlq_offset = m->offset;
+    dlq_record(s); /* a revoked partition's slot records too: the message is in the DLQ */
 }
 
 static void on_dlq_ready(void *ud)
@@ -765,8 +1229,8 @@ static void on_message(struct consumer *c, rd_kafka_message_t *m)
         rd_kafka_message_destroy(m); /* not ours (any more), or already queued */
         return;
     }
-    struct qmsg *q = malloc(sizeof *q);
-    if (!q) {
+    struct slot *s = calloc(1, sizeof *s);
+    if (!s) {
         /* Cannot hold it: rewind the partition to it so it is fetched again. */
         rd_kafka_topic_partition_list_t *l = one_partition(c, m->partition, m->offset);
         rd_kafka_error_t *err = rd_kafka_seek_partitions(c->rk, l, 0);
@@ -775,15 +1239,17 @@ static void on_message(struct consumer *c, rd_kafka_message_t *m)
         rd_kafka_message_destroy(m);
         return;
     }
-    q->m = m;
-    q->next = NULL;
-    if (p->tail) p->tail->next = q;
-    else p->head = q;
-    p->tail = q;
-    p->qlen++;
+    s->p = p;
+    s->m = m;
+    if (p->tail) p->tail->next = s;
+    else p->head = s;
+    p->tail = s;
+    if (!p->chain) p->chain = s;
+    if (!p->next_inactive) p->next_inactive = s;
+    p->nslots++;
     p->last_seen = m->offset;
+    part_activate(p);
     update_pause(p);
-    pump(p);
 }
 
 static void rebalance(struct consumer *c, rd_kafka_resp_err_t err,
@@ -863,8 +1329,7 @@ static void lag_collect(void *ud)
         if (rd_kafka_get_watermark_offsets(c->rk, c->cfg->topic, p->partition, &lo, &hi) != 0 ||
             hi < 0)
             continue;
-        if (p->cur) pos = p->cur->offset;
-        else if (p->head) pos = p->head->m->offset;
+        if (p->head) pos = p->head->m->offset;
         else if (p->next_commit >= 0) pos = p->next_commit;
         else if (p->commit_acked >= 0) pos = p->commit_acked;
         else continue;
@@ -1010,8 +1475,13 @@ int consumer_start(struct consumer **out, uv_loop_t *loop, const struct cfg *cfg
     uv_timer_init(loop, &c->commit_timer);
     uv_timer_init(loop, &c->poll_timer);
     uv_timer_init(loop, &c->close_timer);
+    uv_check_init(loop, &c->check);
+    uv_idle_init(loop, &c->idle);
     c->commit_timer.data = c->poll_timer.data = c->close_timer.data = c;
-    c->open_handles += 3;
+    c->check.data = c->idle.data = c;
+    c->open_handles += 5;
+    uv_check_start(&c->check, on_check);
+    uv_unref((uv_handle_t *)&c->check); /* work in flight keeps the loop alive, not this */
     uv_timer_start(&c->poll_timer, on_poll_timer, POLL_INTERVAL_MS, POLL_INTERVAL_MS);
 
     lag_consumer = c;
@@ -1020,10 +1490,11 @@ int consumer_start(struct consumer **out, uv_loop_t *loop, const struct cfg *cfg
         lag_collector_added = true;
     }
     log_info("consumer", "event=started group=%s topic=%s dlq=%s retry_max_attempts=%d"
-             " retry_backoff_ms=%" PRId64 " exponential=%d sink=%s email=%s",
+             " retry_backoff_ms=%" PRId64 " exponential=%d sink=%s email=%s window=%d",
              cfg->consumer_group, cfg->topic, cfg->dlq_topic, cfg->retry_max_attempts,
              cfg->retry_backoff_ms, cfg->retry_exponential,
-             cfg->data_platform_url[0] ? "on" : "off", cfg->smtp_url[0] ? "on" : "off");
+             cfg->data_platform_url[0] ? "on" : "off", cfg->smtp_url[0] ? "on" : "off",
+             PART_WINDOW);
     *out = c;
     return 0;
 
@@ -1049,16 +1520,12 @@ bool consumer_ready(const struct consumer *c)
 
 /* ---- close ---- */
 
+/* Statements, calls and DLQ deliveries in flight, plus done marks still to write (they
+ * spare the next owner a repeated call). */
 static unsigned in_flight(const struct consumer *c)
 {
     unsigned n = c->fx ? effects_inflight(c->fx) : 0;
-    for (int32_t i = 0; i < c->nparts; i++) {
-        const struct cpart *p = c->parts[i];
-        if (p && (p->state == P_DLQ_PRODUCING || p->state == P_DLQ_RECORDING)) n++;
-    }
-    for (const struct cpart *p = c->zombies; p; p = p->next_zombie)
-        if (p->state == P_DLQ_PRODUCING || p->state == P_DLQ_RECORDING) n++;
-    return n;
+    return n + c->dlq_inflight + (unsigned)c->nmarks_slots;
 }
 
 static void on_db_closed(void *ud);
@@ -1106,6 +1573,8 @@ static void after_destroy(uv_work_t *w, int status)
     uv_close((uv_handle_t *)&c->commit_timer, on_handle_closed);
     uv_close((uv_handle_t *)&c->poll_timer, on_handle_closed);
     uv_close((uv_handle_t *)&c->close_timer, on_handle_closed);
+    uv_close((uv_handle_t *)&c->check, on_handle_closed);
+    uv_close((uv_handle_t *)&c->idle, on_handle_closed);
 }
 
 static void start_destroy(struct consumer *c)
@@ -1114,6 +1583,8 @@ static void start_destroy(struct consumer *c)
     uv_timer_stop(&c->close_timer);
     uv_timer_stop(&c->poll_timer);
     uv_timer_stop(&c->commit_timer);
+    uv_check_stop(&c->check);
+    uv_idle_stop(&c->idle);
     if (c->close_bridge) kafka_bridge_close(c->close_bridge);
     c->close_bridge = NULL;
     if (c->close_q) rd_kafka_queue_destroy(c->close_q);
@@ -1184,7 +1655,7 @@ static void on_db_closed(void *ud)
     c->dlq_bridge = NULL;
     rd_kafka_purge(c->dlq, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
     for (int32_t i = 0; i < c->nparts; i++)
-        if (c->parts[i]) part_drop_messages(c->parts[i]);
+        if (c->parts[i]) part_drop_slots(c->parts[i]);
     while (c->zombies) {
         struct cpart *p = c->zombies;
         c->zombies = p->next_zombie;
@@ -1247,16 +1718,10 @@ void consumer_close(struct consumer *c, void (*done)(void *ud), void *ud)
     c->close_ud = ud;
     c->phase = PH_DRAINING;
     uv_timer_stop(&c->poll_timer);
-    /* Events waiting for a retry stay unfinished (re-delivered to the next owner). */
-    for (int32_t i = 0; i < c->nparts; i++) {
-        struct cpart *p = c->parts[i];
-        if (p && (p->state == P_BACKOFF || p->state == P_DLQ_WAIT)) {
-            uv_timer_stop(&p->timer);
-            if (p->cur) rd_kafka_message_destroy(p->cur);
-            p->cur = NULL;
-            p->state = P_IDLE;
-        }
-    }
+    /* Events waiting for a retry, or not handed out yet, stay unfinished (re-delivered to
+     * the next owner); what is in flight may finish, and its done marks are written. */
+    for (int32_t i = 0; i < c->nparts; i++)
+        if (c->parts[i]) uv_timer_stop(&c->parts[i]->timer);
     int64_t grace = c->cfg->shutdown_grace_ms;
     if (grace <= 0 || grace > CLOSE_DRAIN_MAX_MS) grace = CLOSE_DRAIN_MAX_MS;
     log_info("consumer", "event=closing in_flight=%u", in_flight(c));

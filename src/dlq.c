@@ -9,11 +9,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
-#include <time.h>
 #include <unistd.h>
 
+#include "admin_common.h"
 #include "api.h"
-#include "app.h"
 #include "effects.h"
 #include "http_server.h"
 #include "kafka_common.h"
@@ -27,172 +26,23 @@ static const char *lq(const char *s, char *buf, size_t n)
     return buf;
 }
 
-#define KAFKA_TIMEOUT_MS 5000
 #define VALUE_SHOWN_MAX 4096
 #define FLUSH_TIMEOUT_MS 30000
 
 /* ---- reading the DLQ topic ---- */
 
-typedef void (*visit_fn)(void *ud, const rd_kafka_message_t *m);
-
-static int64_t mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-static void on_rdkafka_log(const rd_kafka_t *rk, int level, const char *fac, const char *buf)
-{
-    int lvl = level <= 3 ? LOG_ERROR : level == 4 ? LOG_WARN : level <= 6 ? LOG_INFO : LOG_DEBUG;
-    char quoted[512];
-    log_quote(buf, quoted, sizeof quoted);
-    log_at(lvl, "rdkafka", "event=log fac=%s msg=%s", fac, quoted);
-}
-
-static rd_kafka_t *new_client(const struct cfg *cfg, const char *brokers, rd_kafka_type_t type,
-                              const char *const *kv, size_t n, char *err, size_t errlen)
-{
-    rd_kafka_conf_t *conf = kafka_conf_new(brokers, cfg->kafka_config, err, errlen);
-    if (!conf) return NULL;
-    for (size_t i = 0; i + 1 < n; i += 2) {
-        if (rd_kafka_conf_set(conf, kv[i], kv[i + 1], err, errlen) != RD_KAFKA_CONF_OK) {
-            rd_kafka_conf_destroy(conf);
-            return NULL;
-        }
-    }
-    rd_kafka_conf_set_log_cb(conf, on_rdkafka_log);
-    rd_kafka_t *rk = rd_kafka_new(type, conf, err, errlen);
-    if (!rk) rd_kafka_conf_destroy(conf);
-    return rk;
-}
-
-/* Calls visit for every message of the DLQ topic below the high watermarks read at the
- * start. Returns 0, or -1 with err. */
-static int read_dlq(const struct cfg *cfg, const char *brokers, visit_fn visit, void *ud,
+/* Calls visit for every message of the DLQ topic below its high watermarks, within
+ * DLQ_READ_TIMEOUT_MS. Returns 0, or -1 with err. */
+static int read_dlq(const struct cfg *cfg, const char *brokers, admin_visit_fn visit, void *ud,
                     char *err, size_t errlen)
 {
     char group[96];
     snprintf(group, sizeof group, "ticketd-dlq-reader-%d", (int)getpid());
-    const char *kv[] = {"group.id", group, "enable.auto.commit", "false",
-                        "enable.auto.offset.store", "false", "auto.offset.reset", "earliest",
-                        "enable.partition.eof", "true", "client.id", "ticketd-dlq-reader"};
-    rd_kafka_t *rk = new_client(cfg, brokers, RD_KAFKA_CONSUMER, kv, sizeof kv / sizeof *kv,
-                                err, errlen);
+    rd_kafka_t *rk = admin_kafka_reader(cfg, brokers, group, "ticketd-dlq-reader", err, errlen);
     if (!rk) return -1;
-
-    int rc = -1;
-    int64_t *high = NULL;
-    bool *done = NULL;
-    int nparts = 0;
-    rd_kafka_topic_partition_list_t *assign = NULL;
-    const struct rd_kafka_metadata *md = NULL;
-    rd_kafka_topic_t *rkt = rd_kafka_topic_new(rk, cfg->dlq_topic, NULL);
-    rd_kafka_resp_err_t e = rkt ? rd_kafka_metadata(rk, 0, rkt, &md, KAFKA_TIMEOUT_MS)
-                                : rd_kafka_last_error();
-    if (e) {
-        snprintf(err, errlen, "Kafka metadata of %s: %s", cfg->dlq_topic, rd_kafka_err2str(e));
-        goto out;
-    }
-    if (md->topic_cnt != 1 || md->topics[0].err) {
-        rd_kafka_resp_err_t te = md->topic_cnt == 1 ? md->topics[0].err
-                                                    : RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART;
-        if (te == RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART) {
-            rc = 0; /* no DLQ topic yet: no dead letters */
-            goto out;
-        }
-        snprintf(err, errlen, "Kafka metadata of %s: %s", cfg->dlq_topic, rd_kafka_err2str(te));
-        goto out;
-    }
-    nparts = md->topics[0].partition_cnt;
-    high = calloc((size_t)nparts + 1, sizeof *high);
-    done = calloc((size_t)nparts + 1, sizeof *done);
-    assign = rd_kafka_topic_partition_list_new(nparts > 0 ? nparts : 1);
-    if (!high || !done) {
-        snprintf(err, errlen, "out of memory");
-        goto out;
-    }
-    int pending = 0;
-    for (int i = 0; i < nparts; i++) {
-        int32_t p = md->topics[0].partitions[i].id;
-        int64_t lo = 0, hi = 0;
-        if (p < 0 || p >= nparts) continue;
-        e = rd_kafka_query_watermark_offsets(rk, cfg->dlq_topic, p, &lo, &hi, KAFKA_TIMEOUT_MS);
-        if (e) {
-            snprintf(err, errlen, "watermarks of %s [%d]: %s", cfg->dlq_topic, (int)p,
-                     rd_kafka_err2str(e));
-            goto out;
-        }
-        high[p] = hi;
-        if (hi > lo) {
-            rd_kafka_topic_partition_list_add(assign, cfg->dlq_topic, p)->offset = lo;
-            pending++;
-        } else {
-            done[p] = true;
-        }
-    }
-    if (pending == 0) {
-        rc = 0;
-        goto out;
-    }
-    e = rd_kafka_assign(rk, assign);
-    if (e) {
-        snprintf(err, errlen, "assign: %s", rd_kafka_err2str(e));
-        goto out;
-    }
-    int64_t deadline = mono_ms() + DLQ_READ_TIMEOUT_MS;
-    while (pending > 0) {
-        if (mono_ms() > deadline) {
-            snprintf(err, errlen, "timed out reading %s up to its high watermarks",
-                     cfg->dlq_topic);
-            goto out;
-        }
-        rd_kafka_message_t *m = rd_kafka_consumer_poll(rk, 200);
-        if (!m) continue;
-        char qb[600];
-        int32_t p = m->partition;
-        bool valid = p >= 0 && p < nparts && !done[p];
-        if (m->err == RD_KAFKA_RESP_ERR__PARTITION_EOF) {
-            if (valid && m->offset >= high[p]) {
-                done[p] = true;
-                pending--;
-            }
-        } else if (m->err) {
-            log_warn("dlq", "event=read_error err=%s", lq(rd_kafka_message_errstr(m), qb, sizeof qb));
-        } else if (valid) {
-            if (m->offset < high[p]) visit(ud, m);
-            if (m->offset + 1 >= high[p]) {
-                done[p] = true;
-                pending--;
-            }
-        }
-        rd_kafka_message_destroy(m);
-    }
-    rc = 0;
-out:
-    if (assign) rd_kafka_topic_partition_list_destroy(assign);
-    if (md) rd_kafka_metadata_destroy(md);
-    if (rkt) rd_kafka_topic_destroy(rkt);
-    free(high);
-    free(done);
-    rd_kafka_consumer_close(rk); /* never subscribed: no group to leave */
-    rd_kafka_destroy(rk);
+    int rc = admin_scan_topic(rk, cfg->dlq_topic, DLQ_READ_TIMEOUT_MS, visit, ud, err, errlen);
+    admin_kafka_destroy(rk);
     return rc;
-}
-
-static bool header(const rd_kafka_message_t *m, const char *name, char *out, size_t outlen)
-{
-    rd_kafka_headers_t *h = NULL;
-    const void *v = NULL;
-    size_t len = 0;
-    out[0] = '\0';
-    if (rd_kafka_message_headers(m, &h) != RD_KAFKA_RESP_ERR_NO_ERROR || !h) return false;
-    if (rd_kafka_header_get_last(h, name, &v, &len) != RD_KAFKA_RESP_ERR_NO_ERROR || !v)
-        return false;
-    if (len >= outlen) len = outlen - 1;
-    memcpy(out, v, len);
-    out[len] = '\0';
-    return true;
 }
 
 /* A JSON string from bytes that may not be UTF-8: invalid or control bytes become '?'. */
@@ -226,33 +76,17 @@ struct dl_rows {
     size_t n;
 };
 
-static PGconn *db_connect(const struct cfg *cfg, char *err, size_t errlen)
-{
-    PGconn *db = PQconnectdb(cfg->database_url);
-    if (PQstatus(db) != CONNECTION_OK) {
-        char msg[256];
-        log_quote(PQerrorMessage(db), msg, sizeof msg);
-        snprintf(err, errlen, "database unavailable: %s", msg);
-        PQfinish(db);
-        return NULL;
-    }
-    return db;
-}
-
 static int load_rows(PGconn *db, struct dl_rows *out, char *err, size_t errlen)
 {
-    PGresult *res = PQexec(db,
-                           "SELECT dlq_partition, dlq_offset, replayed_at IS NOT NULL,"
-                           " coalesce(to_char(replayed_at AT TIME ZONE 'UTC',"
-                           "   'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), ''),"
-                           " to_char(dead_lettered_at AT TIME ZONE 'UTC',"
-                           "   'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
-                           " FROM dead_letters ORDER BY dlq_partition, dlq_offset, id");
-    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-        snprintf(err, errlen, "reading dead_letters: %s", PQresultErrorMessage(res));
-        PQclear(res);
-        return -1;
-    }
+    PGresult *res = admin_pg_exec(db,
+                                  "SELECT dlq_partition, dlq_offset, replayed_at IS NOT NULL,"
+                                  " coalesce(to_char(replayed_at AT TIME ZONE 'UTC',"
+                                  "   'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), ''),"
+                                  " to_char(dead_lettered_at AT TIME ZONE 'UTC',"
+                                  "   'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+                                  " FROM dead_letters ORDER BY dlq_partition, dlq_offset, id",
+                                  0, NULL, err, errlen);
+    if (!res) return -1;
     size_t n = (size_t)PQntuples(res);
     out->rows = calloc(n + 1, sizeof *out->rows);
     out->n = 0;
@@ -325,8 +159,8 @@ static void list_visit(void *ud, const rd_kafka_message_t *m)
     json_object_object_add(o, "timestamp",
                            json_object_new_int64(rd_kafka_message_timestamp(m, &tstype)));
     json_object_object_add(o, "key", m->key ? safe_string(m->key, m->key_len) : NULL);
-    json_object_object_add(o, "event_id",
-                           header(m, CE_ID, buf, sizeof buf) ? json_object_new_string(buf) : NULL);
+    bool has_id = admin_header(m, CE_ID, buf, sizeof buf);
+    json_object_object_add(o, "event_id", has_id ? json_object_new_string(buf) : NULL);
     static const struct {
         const char *header, *field;
         bool numeric;
@@ -342,7 +176,7 @@ static void list_visit(void *ud, const rd_kafka_message_t *m)
     };
     for (size_t i = 0; i < sizeof fields / sizeof *fields; i++) {
         json_object *v = NULL;
-        if (header(m, fields[i].header, buf, sizeof buf))
+        if (admin_header(m, fields[i].header, buf, sizeof buf))
             v = fields[i].numeric ? int_or_null(buf) : safe_string(buf, strlen(buf));
         json_object_object_add(o, fields[i].field, v);
     }
@@ -362,7 +196,7 @@ int dlq_list(const struct cfg *cfg, const char *brokers, size_t limit, json_obje
              char *err, size_t errlen)
 {
     struct list_ctx ctx = {.limit = limit};
-    PGconn *db = db_connect(cfg, err, errlen);
+    PGconn *db = admin_pg_connect(cfg, "ticketd-dlq", err, errlen);
     if (!db) return -1;
     int rc = load_rows(db, &ctx.rows, err, errlen);
     PQfinish(db);
@@ -429,11 +263,28 @@ static void replay_dr(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque)
                   rd_kafka_err2str(m->err));
 }
 
+/* Produces m's key and value with headers h to r's source topic at partition, waiting while
+ * the producer's queue is full. On success the producer owns h. */
+static rd_kafka_resp_err_t produce_copy(rd_kafka_t *producer, struct replay_rec *r,
+                                        const rd_kafka_message_t *m, rd_kafka_headers_t *h,
+                                        int32_t partition)
+{
+    for (;;) {
+        rd_kafka_resp_err_t e = rd_kafka_producev(
+            producer, RD_KAFKA_V_TOPIC(r->src_topic), RD_KAFKA_V_PARTITION(partition),
+            RD_KAFKA_V_KEY(m->key, m->key_len), RD_KAFKA_V_VALUE(m->payload, m->len),
+            RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY), RD_KAFKA_V_HEADERS(h), RD_KAFKA_V_OPAQUE(r),
+            RD_KAFKA_V_END);
+        if (e != RD_KAFKA_RESP_ERR__QUEUE_FULL) return e;
+        rd_kafka_poll(producer, 100);
+    }
+}
+
 static void replay_visit(void *ud, const rd_kafka_message_t *m)
 {
     struct replay_ctx *ctx = ud;
     char ce_id[128];
-    bool has_id = header(m, CE_ID, ce_id, sizeof ce_id);
+    bool has_id = admin_header(m, CE_ID, ce_id, sizeof ce_id);
 
     if (ctx->event_id && (!has_id || strcasecmp(ce_id, ctx->event_id) != 0)) return;
 
@@ -452,16 +303,17 @@ static void replay_visit(void *ud, const rd_kafka_message_t *m)
     r->has_row = row != NULL;
     if (has_id && effects_is_uuid(ce_id, strlen(ce_id)))
         memcpy(r->event_id, ce_id, UUID_STR_LEN + 1);
-    if (!header(m, "dlq_original_topic", r->src_topic, sizeof r->src_topic) || !r->src_topic[0])
+    if (!admin_header(m, "dlq_original_topic", r->src_topic, sizeof r->src_topic) ||
+        !r->src_topic[0])
         snprintf(r->src_topic, sizeof r->src_topic, "%s", ctx->cfg->topic);
-    if (!header(m, "dlq_original_partition", r->src_partition, sizeof r->src_partition))
+    if (!admin_header(m, "dlq_original_partition", r->src_partition, sizeof r->src_partition))
         snprintf(r->src_partition, sizeof r->src_partition, "-1");
-    if (!header(m, "dlq_original_offset", r->src_offset, sizeof r->src_offset))
+    if (!admin_header(m, "dlq_original_offset", r->src_offset, sizeof r->src_offset))
         snprintf(r->src_offset, sizeof r->src_offset, "-1");
-    if (!header(m, "dlq_attempts", r->attempts, sizeof r->attempts))
+    if (!admin_header(m, "dlq_attempts", r->attempts, sizeof r->attempts))
         snprintf(r->attempts, sizeof r->attempts, "0");
-    header(m, "dlq_error_class", r->error_class, sizeof r->error_class);
-    header(m, "dlq_error_message", r->error_message, sizeof r->error_message);
+    admin_header(m, "dlq_error_class", r->error_class, sizeof r->error_class);
+    admin_header(m, "dlq_error_message", r->error_message, sizeof r->error_message);
 
     if (strcmp(r->error_class, "unparseable") == 0 || !r->event_id[0]) {
         /* handling it again cannot succeed */
@@ -492,26 +344,9 @@ static void replay_visit(void *ud, const rd_kafka_message_t *m)
     char *end;
     long part = strtol(r->src_partition, &end, 10);
     int32_t partition = (*end || part < 0) ? RD_KAFKA_PARTITION_UA : (int32_t)part;
-    rd_kafka_resp_err_t e;
-    for (;;) {
-        e = rd_kafka_producev(ctx->producer, RD_KAFKA_V_TOPIC(r->src_topic),
-                              RD_KAFKA_V_PARTITION(partition),
-                              RD_KAFKA_V_KEY(m->key, m->key_len),
-                              RD_KAFKA_V_VALUE(m->payload, m->len),
-                              RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY), RD_KAFKA_V_HEADERS(h),
-                              RD_KAFKA_V_OPAQUE(r), RD_KAFKA_V_END);
-        if (e != RD_KAFKA_RESP_ERR__QUEUE_FULL) break;
-        rd_kafka_poll(ctx->producer, 100);
-    }
-    if (e == RD_KAFKA_RESP_ERR__UNKNOWN_PARTITION && partition != RD_KAFKA_PARTITION_UA) {
-        partition = RD_KAFKA_PARTITION_UA;
-        e = rd_kafka_producev(ctx->producer, RD_KAFKA_V_TOPIC(r->src_topic),
-                              RD_KAFKA_V_PARTITION(partition),
-                              RD_KAFKA_V_KEY(m->key, m->key_len),
-                              RD_KAFKA_V_VALUE(m->payload, m->len),
-                              RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY), RD_KAFKA_V_HEADERS(h),
-                              RD_KAFKA_V_OPAQUE(r), RD_KAFKA_V_END);
-    }
+    rd_kafka_resp_err_t e = produce_copy(ctx->producer, r, m, h, partition);
+    if (e == RD_KAFKA_RESP_ERR__UNKNOWN_PARTITION && partition != RD_KAFKA_PARTITION_UA)
+        e = produce_copy(ctx->producer, r, m, h, RD_KAFKA_PARTITION_UA);
     if (e) {
         rd_kafka_headers_destroy(h);
         r->state = REC_FAILED;
@@ -565,7 +400,7 @@ int dlq_replay(const struct cfg *cfg, const char *brokers, const char *event_id,
 {
     struct replay_ctx ctx = {.cfg = cfg, .event_id = event_id};
     int rc = -1;
-    PGconn *db = db_connect(cfg, err, errlen);
+    PGconn *db = admin_pg_connect(cfg, "ticketd-dlq", err, errlen);
     if (!db) return -1;
     if (load_rows(db, &ctx.rows, err, errlen) != 0) goto out;
 
@@ -581,7 +416,7 @@ int dlq_replay(const struct cfg *cfg, const char *brokers, const char *event_id,
         goto out;
     }
     rd_kafka_conf_set_dr_msg_cb(conf, replay_dr);
-    rd_kafka_conf_set_log_cb(conf, on_rdkafka_log);
+    admin_kafka_log_to_ours(conf);
     ctx.producer = rd_kafka_new(RD_KAFKA_PRODUCER, conf, err, errlen);
     if (!ctx.producer) {
         rd_kafka_conf_destroy(conf);
@@ -629,36 +464,11 @@ out:
 /* ---- HTTP ---- */
 
 struct dlq_job {
-    const struct cfg *cfg;
-    char *brokers;
+    struct admin_job base;   /* first */
     size_t limit;
     bool has_event;
     char event_id[UUID_STR_LEN + 1];
 };
-
-static void job_free(void *arg)
-{
-    struct dlq_job *job = arg;
-    free(job->brokers);
-    free(job);
-}
-
-static char *error_body(const char *code, const char *message)
-{
-    json_object *o = json_object_new_object();
-    json_object_object_add(o, "error", json_object_new_string(code));
-    json_object_object_add(o, "message", json_object_new_string(message));
-    char *s = strdup(json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN));
-    json_object_put(o);
-    return s;
-}
-
-static char *json_body(json_object *o)
-{
-    char *s = strdup(json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN));
-    json_object_put(o);
-    return s;
-}
 
 static int list_work(void *arg, char **body)
 {
@@ -666,13 +476,9 @@ static int list_work(void *arg, char **body)
     struct dlq_job *job = arg;
     json_object *o = NULL;
     char err[512];
-    if (dlq_list(job->cfg, job->brokers, job->limit, &o, err, sizeof err) != 0) {
-        log_error("dlq", "event=list_failed err=%s", lq(err, qb, sizeof qb));
-        *body = error_body("unavailable", err);
-        return 503;
-    }
-    *body = json_body(o);
-    return 200;
+    int rc = dlq_list(job->base.cfg, job->base.brokers, job->limit, &o, err, sizeof err);
+    if (rc != 0) log_error("dlq", "event=list_failed err=%s", lq(err, qb, sizeof qb));
+    return admin_job_reply(rc, o, "unavailable", err, body);
 }
 
 static int replay_work(void *arg, char **body)
@@ -681,31 +487,10 @@ static int replay_work(void *arg, char **body)
     struct dlq_job *job = arg;
     json_object *o = NULL;
     char err[512];
-    if (dlq_replay(job->cfg, job->brokers, job->has_event ? job->event_id : NULL, &o, err,
-                   sizeof err) != 0) {
-        log_error("dlq", "event=replay_failed err=%s", lq(err, qb, sizeof qb));
-        *body = error_body("unavailable", err);
-        return 503;
-    }
-    *body = json_body(o);
-    return 200;
-}
-
-static struct dlq_job *job_new(struct app *app, struct http_request *req)
-{
-    if (!app->kafka_brokers || !*app->kafka_brokers) {
-        api_respond_error(req, 503, "unavailable", "no Kafka brokers known yet", NULL);
-        return NULL;
-    }
-    struct dlq_job *job = calloc(1, sizeof *job);
-    if (job) job->brokers = strdup(app->kafka_brokers);
-    if (!job || !job->brokers) {
-        free(job);
-        api_respond_error(req, 503, "unavailable", "out of memory", NULL);
-        return NULL;
-    }
-    job->cfg = app->cfg;
-    return job;
+    int rc = dlq_replay(job->base.cfg, job->base.brokers, job->has_event ? job->event_id : NULL,
+                        &o, err, sizeof err);
+    if (rc != 0) log_error("dlq", "event=replay_failed err=%s", lq(err, qb, sizeof qb));
+    return admin_job_reply(rc, o, "unavailable", err, body);
 }
 
 void dlq_handle_list(struct app *app, struct http_request *req)
@@ -723,10 +508,10 @@ void dlq_handle_list(struct app *app, struct http_request *req)
         }
         limit = (size_t)v;
     }
-    struct dlq_job *job = job_new(app, req);
+    struct dlq_job *job = admin_job_alloc(req, sizeof *job);
     if (!job) return;
     job->limit = limit;
-    api_run_blocking(app, req, list_work, job, job_free);
+    admin_job_start(app, req, &job->base, list_work);
 }
 
 void dlq_handle_replay(struct app *app, struct http_request *req)
@@ -759,11 +544,11 @@ void dlq_handle_replay(struct app *app, struct http_request *req)
         }
         json_object_put(o);
     }
-    struct dlq_job *job = job_new(app, req);
+    struct dlq_job *job = admin_job_alloc(req, sizeof *job);
     if (!job) return;
     job->has_event = has_event;
     memcpy(job->event_id, event_id, sizeof event_id);
-    api_run_blocking(app, req, replay_work, job, job_free);
+    admin_job_start(app, req, &job->base, replay_work);
 }
 
 /* ---- CLI ---- */
@@ -781,17 +566,15 @@ int dlq_main(struct cfg *c, int argc, char **argv)
     const char *event_id = NULL;
     long limit = DLQ_LIST_DEFAULT;
     for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        const char *val = NULL;
-        if (strncmp(a, "--event-id=", 11) == 0) val = a + 11;
-        else if (strncmp(a, "--limit=", 8) == 0) val = a + 8;
-        else if ((strcmp(a, "--event-id") == 0 || strcmp(a, "--limit") == 0) && i + 1 < argc)
-            val = argv[++i];
-        else return usage();
-        if (strstr(a, "--event-id")) event_id = val;
-        else {
+        const char *limit_arg = NULL;
+        bool bad = false;
+        if (!admin_take_flag(argc, argv, &i, "--event-id", &event_id, &bad) &&
+            !admin_take_flag(argc, argv, &i, "--limit", &limit_arg, &bad))
+            return usage();
+        if (bad) return usage();
+        if (limit_arg) {
             char *end;
-            limit = strtol(val, &end, 10);
+            limit = strtol(limit_arg, &end, 10);
             if (*end || limit < 1 || limit > DLQ_LIST_MAX) return usage();
         }
     }

@@ -23,61 +23,68 @@ static const char *lq(const char *s, char *buf, size_t n)
     return buf;
 }
 
+#define POINTS_BATCH_MAX 4096   /* events per points statement (the consumer cuts smaller) */
+
 struct effects {
     uv_loop_t *loop;
     const struct cfg *cfg;
     char *group;
     struct dbp *db;
     struct hc *hc;
+    int points_stmt, marks_stmt; /* prepared statements, or -1 */
     unsigned inflight;
     bool stopped;
 };
 
-enum stage { ST_POINTS, ST_DATA_PLATFORM, ST_EMAIL };
-
-struct run {
-    struct effects *fx;
-    struct effects_event ev;
-    effects_done_fn cb;
-    void *ud;
-    bool want_dp, want_email;
-    bool dp_done, email_done;
-    bool points_granted;
-    enum stage stage;
-    /* the failure being recorded on the effect's row, reported after the write */
-    const char *fail_class;
-    char fail_msg[512];
-};
-
-/* Step 1, one statement: the processed_events row, the points grant only when that row is
- * new, the effect rows (points done), and which external effects were done before.
- * Data-modifying CTEs run to completion even though the outer SELECT does not read them;
- * the outer SELECT sees the table as it was before the statement. */
+/* Step 1 for a batch. $1..$7 are arrays with one element per event (duplicate ids allowed:
+ * the first of each id, by position, writes). Rows back: kind 'g' + event id for each
+ * points_ledger row inserted now; kind 'd' + event id + effect for each external effect
+ * that was done before this statement. Data-modifying CTEs run to completion even though
+ * the outer SELECT does not read all of them; the outer SELECT sees the tables as they were
+ * before the statement. Inserts go in event-id order so that concurrent batches with
+ * overlapping ids cannot deadlock. The grants and done flags are matched back in C, so no
+ * CTE is joined with the input (generic plans can make such joins nested loops). */
 static const char points_sql[] =
-    "WITH pe AS ("
-    "  INSERT INTO processed_events (event_id, consumer_group, topic, partition, \"offset\")"
-    "  VALUES ($1::uuid, $2, $3, $4::int, $5::bigint)"
-    "  ON CONFLICT (event_id) DO NOTHING RETURNING event_id),"
-    " pl AS ("
-    "  INSERT INTO points_ledger (event_id, application_id, phone, points)"
-    "  SELECT event_id, $6::bigint, $7, $8::int FROM pe"
-    "  ON CONFLICT (event_id) DO NOTHING RETURNING event_id),"
-    " ef AS ("
-    "  INSERT INTO event_effects AS e (event_id, effect, application_id, done, attempts)"
-    "  SELECT $1::uuid, w, $6::bigint, w = 'points', (w = 'points')::int"
-    "  FROM unnest($9::text[]) AS w"
-    "  ON CONFLICT (event_id, effect) DO UPDATE"
-    "  SET done = true, attempts = e.attempts + 1, last_error = NULL, updated_at = now()"
-    "  WHERE e.effect = 'points' AND NOT e.done RETURNING 1)"
-    " SELECT (SELECT count(*) FROM pl),"
-    "  EXISTS (SELECT 1 FROM event_effects WHERE event_id = $1::uuid"
-    "          AND effect = 'data_platform' AND done),"
-    "  EXISTS (SELECT 1 FROM event_effects WHERE event_id = $1::uuid"
-    "          AND effect = 'email' AND done)";
+    "WITH input AS ("
+    " SELECT DISTINCT ON (event_id) * FROM unnest($1::uuid[], $2::int[], $3::bigint[],"
+    "  $4::bigint[], $5::text[], $6::bool[], $7::bool[])"
+    "  WITH ORDINALITY AS t(event_id, partition, off, application_id, phone, want_dp,"
+    "  want_email, ord) ORDER BY event_id, ord"
+    "), pe AS ("
+    " INSERT INTO processed_events (event_id, consumer_group, topic, partition, \"offset\")"
+    " SELECT event_id, $8, $9, partition, off FROM input ORDER BY event_id"
+    " ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
+    "), pl AS ("
+    " INSERT INTO points_ledger (event_id, application_id, phone, points)"
+    " SELECT i.event_id, i.application_id, i.phone, $10::int FROM input i"
+    " WHERE i.event_id = ANY (ARRAY(SELECT event_id FROM pe)) ORDER BY i.event_id"
+    " ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
+    "), ef AS ("
+    " INSERT INTO event_effects AS e (event_id, effect, application_id, done, attempts)"
+    " SELECT i.event_id, w.effect, i.application_id, w.effect = 'points',"
+    "  (w.effect = 'points')::int"
+    " FROM input i CROSS JOIN LATERAL (VALUES ('points', true), ('data_platform', i.want_dp),"
+    "  ('email', i.want_email)) AS w(effect, wanted)"
+    " WHERE w.wanted ORDER BY i.event_id, w.effect"
+    " ON CONFLICT (event_id, effect) DO UPDATE"
+    " SET done = true, attempts = e.attempts + 1, last_error = NULL, updated_at = now()"
+    " WHERE e.effect = 'points' AND NOT e.done RETURNING 1"
+    ")"
+    " SELECT 'g' AS kind, event_id::text, NULL::text AS effect FROM pl"
+    " UNION ALL"
+    " SELECT 'd', x.event_id::text, x.effect FROM event_effects x"
+    " WHERE x.event_id = ANY ($1::uuid[]) AND x.effect <> 'points' AND x.done";
 
-static const char mark_sql[] =
-    "UPDATE event_effects SET attempts = attempts + 1, done = $3::boolean, last_error = $4,"
-    " updated_at = now() WHERE event_id = $1::uuid AND effect = $2";
+/* Marks: $1 event id[], $2 effect[], $3 done[], $4 tries[], $5 error[]. Folded per
+ * (event, effect) first, so a row is updated once; done never goes back to false (a late
+ * failure mark cannot undo a success). */
+static const char marks_sql[] =
+    "UPDATE event_effects AS e SET attempts = e.attempts + u.tries, done = e.done OR u.done,"
+    " last_error = CASE WHEN e.done OR u.done THEN NULL ELSE u.err END, updated_at = now()"
+    " FROM (SELECT event_id, effect, bool_or(done) AS done, sum(tries)::int AS tries,"
+    "  max(err) AS err FROM unnest($1::uuid[], $2::text[], $3::bool[], $4::int[], $5::text[])"
+    "  AS t(event_id, effect, done, tries, err) GROUP BY event_id, effect) AS u"
+    " WHERE e.event_id = u.event_id AND e.effect = u.effect";
 
 /* ---- parsing ---- */
 
@@ -212,7 +219,73 @@ out:
     return rc;
 }
 
-/* ---- runs ---- */
+/* ---- array literals ---- */
+
+/* A growable buffer for PostgreSQL array literals (parameters of the batch statements). */
+struct abuf {
+    char *p;
+    size_t len, cap;
+    bool oom;
+};
+
+static void ab_reserve(struct abuf *b, size_t more)
+{
+    if (b->oom || b->len + more <= b->cap) return;
+    size_t cap = b->cap ? b->cap : 1024;
+    while (cap < b->len + more) cap *= 2;
+    char *np = realloc(b->p, cap);
+    if (!np) {
+        b->oom = true;
+        return;
+    }
+    b->p = np;
+    b->cap = cap;
+}
+
+static void ab_put(struct abuf *b, const char *s, size_t n)
+{
+    ab_reserve(b, n);
+    if (b->oom) return;
+    memcpy(b->p + b->len, s, n);
+    b->len += n;
+}
+
+static void ab_char(struct abuf *b, char ch)
+{
+    ab_put(b, &ch, 1);
+}
+
+/* One element; NULL s is SQL NULL. Always double-quoted so no content reads as syntax. */
+static void ab_elem(struct abuf *b, bool first, const char *s)
+{
+    if (!first) ab_char(b, ',');
+    if (!s) {
+        ab_put(b, "NULL", 4);
+        return;
+    }
+    ab_char(b, '"');
+    for (; *s; s++) {
+        if (*s == '"' || *s == '\\') ab_char(b, '\\');
+        ab_char(b, *s);
+    }
+    ab_char(b, '"');
+}
+
+/* Ends the current array (NUL-terminated) and returns its offset in the buffer. */
+static size_t ab_close(struct abuf *b, size_t start)
+{
+    ab_put(b, "}", 2); /* '}' and the NUL */
+    return start;
+}
+
+static size_t ab_open(struct abuf *b)
+{
+    size_t at = b->len;
+    ab_char(b, '{');
+    return at;
+}
+
+/* ---- statements ---- */
 
 int effects_create(struct effects **out, uv_loop_t *loop, const struct cfg *cfg,
                    const char *consumer_group, struct dbp *db, struct hc *hc)
@@ -228,10 +301,18 @@ int effects_create(struct effects **out, uv_loop_t *loop, const struct cfg *cfg,
     fx->cfg = cfg;
     fx->db = db;
     fx->hc = hc;
+    fx->points_stmt = dbp_prepare(db, points_sql);
+    fx->marks_stmt = dbp_prepare(db, marks_sql);
+    if (fx->points_stmt < 0) fx->points_stmt = -1; /* falls back to unprepared statements */
+    if (fx->marks_stmt < 0) fx->marks_stmt = -1;
     metrics_describe("ticketd_sink_failures_total", "counter",
                      "failed follow-up effect attempts, by effect");
     metrics_describe("ticketd_points_granted_total", "counter",
                      "points_ledger rows inserted (exactly one per event)");
+    metrics_describe("ticketd_consumer_points_batch_size", "histogram",
+                     "events per points statement (group commit of the consumer)");
+    metrics_describe("ticketd_consumer_marks_batch_size", "histogram",
+                     "done marks per statement");
     *out = fx;
     return 0;
 }
@@ -253,52 +334,23 @@ void effects_free(struct effects *fx)
     free(fx);
 }
 
-static void run_finish(struct run *r, const char *error_class, const char *message)
+bool effects_wants_data_platform(const struct effects *fx)
 {
-    struct effects_outcome o = {
-        .ok = error_class == NULL,
-        .error_class = error_class,
-        .error_message = message,
-        .points_granted = r->points_granted,
-    };
-    r->fx->inflight--;
-    r->cb(r->ud, &o);
-    free(r);
+    return fx->cfg->data_platform_url && fx->cfg->data_platform_url[0];
 }
 
-static void run_next(struct run *r);
-
-static const char *stage_effect(enum stage s)
+bool effects_wants_email(const struct effects *fx, const struct effects_event *ev)
 {
-    return s == ST_DATA_PLATFORM ? "data_platform" : s == ST_EMAIL ? "email" : "points";
+    return ev->email[0] && fx->cfg->smtp_url && fx->cfg->smtp_url[0];
 }
 
-/* The done/failed mark of an external effect committed (or could not be written). */
-static void on_marked(void *ud, const PGresult *res, const char *error)
-{
-    char qb[600];
-    struct run *r = ud;
-    bool written = res && PQresultStatus(res) == PGRES_COMMAND_OK;
+static const double batch_bounds[] = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096};
 
-    if (r->fail_class) {
-        if (!written)
-            log_warn("effects", "event=mark_failed_error event_id=%s effect=%s err=%s",
-                     r->ev.event_id, stage_effect(r->stage),
-                     lq(error ? error : PQresultErrorMessage(res), qb, sizeof qb));
-        run_finish(r, r->fail_class, r->fail_msg);
-        return;
-    }
-    if (!written) {
-        /* The effect happened but its done mark did not commit: this attempt fails and the
-         * retry sends it again under the same idempotency key. */
-        snprintf(r->fail_msg, sizeof r->fail_msg, "recording %s done: %s",
-                 stage_effect(r->stage), error ? error : PQresultErrorMessage(res));
-        run_finish(r, "db", r->fail_msg);
-        return;
-    }
-    if (r->stage == ST_DATA_PLATFORM) r->dp_done = true;
-    else if (r->stage == ST_EMAIL) r->email_done = true;
-    run_next(r);
+static int query(struct effects *fx, int stmt, const char *sql, int nparams,
+                 const char *const *params, dbp_result_fn cb, void *ud)
+{
+    return stmt >= 0 ? dbp_query_prepared(fx->db, stmt, nparams, params, cb, ud)
+                     : dbp_query(fx->db, sql, nparams, params, cb, ud);
 }
 
 /* Keeps printable ASCII only: error texts quote remote replies, and PostgreSQL text (and a
@@ -309,82 +361,313 @@ static void ascii_only(char *s)
         if ((unsigned char)*s < 0x20 || (unsigned char)*s > 0x7e) *s = '?';
 }
 
-/* Records the outcome of the current external effect on its row, then continues. */
-static void mark(struct run *r, bool done, const char *error_class, const char *message)
+/* libpq's error text, one line, printable. */
+static void db_error(char *out, size_t n, const char *prefix, const PGresult *res,
+                     const char *error)
+{
+    snprintf(out, n, "%s%s", prefix,
+             error ? error : res ? PQresultErrorMessage(res) : "no result");
+    size_t len = strlen(out);
+    while (len && (out[len - 1] == '\n' || out[len - 1] == ' ')) out[--len] = '\0';
+    ascii_only(out);
+}
+
+struct points_batch {
+    struct effects *fx;
+    size_t n;
+    effects_points_fn cb;
+    void *ud;
+    char (*ids)[UUID_STR_LEN + 1];  /* lower-case event ids, by position */
+    struct effects_points_result *res;
+};
+
+/* The batch's positions of event id (lower case), via a linear scan of a sorted index
+ * would be overkill: batches are cut small enough that an open-addressing table is used. */
+static unsigned id_hash(const char *id)
+{
+    unsigned h = 2166136261u;
+    for (; *id; id++) h = (h ^ (unsigned char)*id) * 16777619u;
+    return h;
+}
+
+static void on_points(void *ud, const PGresult *res, const char *error)
+{
+    char msg[600], qb[700];
+    struct points_batch *b = ud;
+    struct effects *fx = b->fx;
+    fx->inflight--;
+
+    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK) {
+        db_error(msg, sizeof msg, "points: ", res, error);
+        metrics_counter_add("ticketd_sink_failures_total", "effect=\"points\"", (double)b->n);
+        log_warn("effects", "event=effect_failed effect=points events=%zu class=db err=%s",
+                 b->n, lq(msg, qb, sizeof qb));
+        b->cb(b->ud, NULL, msg);
+        goto out;
+    }
+    /* position lists per id: head[slot] -> first position, next[pos] -> the following one */
+    size_t cap = 16;
+    while (cap < b->n * 2) cap *= 2;
+    long *table = malloc(cap * sizeof *table);
+    long *next = malloc(b->n * sizeof *next);
+    if (!table || !next) {
+        free(table);
+        free(next);
+        b->cb(b->ud, NULL, "points: out of memory");
+        goto out;
+    }
+    for (size_t i = 0; i < cap; i++) table[i] = -1;
+    for (size_t i = b->n; i-- > 0;) {
+        size_t h = id_hash(b->ids[i]) & (cap - 1);
+        while (table[h] >= 0 && strcmp(b->ids[table[h]], b->ids[i]) != 0) h = (h + 1) & (cap - 1);
+        next[i] = table[h]; /* the same id seen at a later position, or -1 */
+        table[h] = (long)i;
+    }
+    int rows = PQntuples(res);
+    size_t granted = 0;
+    for (int r = 0; r < rows; r++) {
+        const char *kind = PQgetvalue(res, r, 0), *id = PQgetvalue(res, r, 1);
+        size_t h = id_hash(id) & (cap - 1);
+        while (table[h] >= 0 && strcmp(b->ids[table[h]], id) != 0) h = (h + 1) & (cap - 1);
+        if (table[h] < 0) continue; /* not ours (cannot happen) */
+        if (kind[0] == 'g') {
+            b->res[table[h]].points_granted = true; /* the first position only */
+            granted++;
+            continue;
+        }
+        bool dp = strcmp(PQgetvalue(res, r, 2), "data_platform") == 0;
+        for (long i = table[h]; i >= 0; i = next[i]) {
+            if (dp) b->res[i].data_platform_done = true;
+            else b->res[i].email_done = true;
+        }
+    }
+    free(table);
+    free(next);
+    if (granted) metrics_counter_add("ticketd_points_granted_total", NULL, (double)granted);
+    b->cb(b->ud, b->res, NULL);
+out:
+    free(b->ids);
+    free(b->res);
+    free(b);
+}
+
+int effects_points_batch(struct effects *fx, const struct effects_event *const *evs, size_t n,
+                         effects_points_fn cb, void *ud)
+{
+    if (n == 0 || n > POINTS_BATCH_MAX) return -EINVAL;
+    struct points_batch *b = calloc(1, sizeof *b);
+    struct abuf ab = {0};
+    int rc = -ENOMEM;
+    if (!b) return -ENOMEM;
+    b->fx = fx;
+    b->n = n;
+    b->cb = cb;
+    b->ud = ud;
+    b->ids = malloc(n * sizeof *b->ids);
+    b->res = calloc(n, sizeof *b->res);
+    if (!b->ids || !b->res) goto fail;
+
+    bool want_dp = effects_wants_data_platform(fx);
+    size_t at[7];
+    char num[32];
+    for (int col = 0; col < 7; col++) {
+        at[col] = ab_open(&ab);
+        for (size_t i = 0; i < n; i++) {
+            const struct effects_event *ev = evs[i];
+            const char *v = num;
+            switch (col) {
+            case 0: v = ev->event_id; break;
+            case 1: snprintf(num, sizeof num, "%" PRId32, ev->partition); break;
+            case 2: snprintf(num, sizeof num, "%" PRId64, ev->offset); break;
+            case 3: snprintf(num, sizeof num, "%" PRId64, ev->application_id); break;
+            case 4: v = ev->phone; break;
+            case 5: v = want_dp ? "t" : "f"; break;
+            default: v = effects_wants_email(fx, ev) ? "t" : "f"; break;
+            }
+            ab_elem(&ab, i == 0, v);
+        }
+        ab_close(&ab, at[col]);
+    }
+    if (ab.oom) goto fail;
+    for (size_t i = 0; i < n; i++) {
+        /* PostgreSQL returns uuids in lower case: match on that */
+        for (size_t k = 0; k <= UUID_STR_LEN; k++) {
+            char ch = evs[i]->event_id[k];
+            b->ids[i][k] = (ch >= 'A' && ch <= 'Z') ? (char)(ch - 'A' + 'a') : ch;
+        }
+    }
+    char points[16];
+    snprintf(points, sizeof points, "%d", fx->cfg->points_per_application);
+    const char *params[10];
+    for (int col = 0; col < 7; col++) params[col] = ab.p + at[col];
+    params[7] = fx->group;
+    params[8] = evs[0]->topic;
+    params[9] = points;
+    rc = query(fx, fx->points_stmt, points_sql, 10, params, on_points, b);
+    free(ab.p);
+    if (rc != 0) goto fail_nobuf;
+    fx->inflight++;
+    metrics_observe_buckets("ticketd_consumer_points_batch_size", NULL, (double)n, batch_bounds,
+                            sizeof batch_bounds / sizeof *batch_bounds);
+    return 0;
+fail:
+    free(ab.p);
+fail_nobuf:
+    free(b->ids);
+    free(b->res);
+    free(b);
+    return rc;
+}
+
+static const char *kind_name(enum effects_kind k)
+{
+    return k == EFFECTS_DATA_PLATFORM ? "data_platform" : "email";
+}
+
+struct marks_batch {
+    struct effects *fx;
+    effects_marks_fn cb;
+    void *ud;
+};
+
+static void on_marks(void *ud, const PGresult *res, const char *error)
+{
+    char msg[600];
+    struct marks_batch *b = ud;
+    b->fx->inflight--;
+    if (res && PQresultStatus(res) == PGRES_COMMAND_OK) {
+        b->cb(b->ud, true, NULL);
+    } else {
+        db_error(msg, sizeof msg, "", res, error);
+        b->cb(b->ud, false, msg);
+    }
+    free(b);
+}
+
+int effects_mark_batch(struct effects *fx, const struct effects_mark *marks, size_t n,
+                       effects_marks_fn cb, void *ud)
+{
+    if (n == 0) return -EINVAL;
+    struct marks_batch *b = calloc(1, sizeof *b);
+    if (!b) return -ENOMEM;
+    b->fx = fx;
+    b->cb = cb;
+    b->ud = ud;
+    struct abuf ab = {0};
+    size_t at[5];
+    char num[16];
+    for (int col = 0; col < 5; col++) {
+        at[col] = ab_open(&ab);
+        for (size_t i = 0; i < n; i++) {
+            const struct effects_mark *m = &marks[i];
+            const char *v = num;
+            switch (col) {
+            case 0: v = m->event_id; break;
+            case 1: v = kind_name(m->effect); break;
+            case 2: v = m->done ? "t" : "f"; break;
+            case 3: snprintf(num, sizeof num, "%d", m->tries); break;
+            default: v = m->done ? NULL : m->error; break;
+            }
+            ab_elem(&ab, i == 0, v);
+        }
+        ab_close(&ab, at[col]);
+    }
+    int rc = -ENOMEM;
+    if (!ab.oom) {
+        const char *params[5];
+        for (int col = 0; col < 5; col++) params[col] = ab.p + at[col];
+        rc = query(fx, fx->marks_stmt, marks_sql, 5, params, on_marks, b);
+    }
+    free(ab.p);
+    if (rc != 0) {
+        free(b);
+        return rc;
+    }
+    fx->inflight++;
+    metrics_observe_buckets("ticketd_consumer_marks_batch_size", NULL, (double)n, batch_bounds,
+                            sizeof batch_bounds / sizeof *batch_bounds);
+    return 0;
+}
+
+/* ---- external calls ---- */
+
+struct call {
+    struct effects *fx;
+    enum effects_kind kind;
+    char event_id[UUID_STR_LEN + 1];
+    effects_call_fn cb;
+    void *ud;
+};
+
+static void call_finish(struct call *k, const char *error_class, const char *message)
 {
     char qb[600];
-    const char *effect = stage_effect(r->stage);
-    if (!done) {
-        r->fail_class = error_class;
-        snprintf(r->fail_msg, sizeof r->fail_msg, "%s: %s", effect, message);
-        ascii_only(r->fail_msg);
+    struct effects_call_result r = {.ok = error_class == NULL, .error_class = error_class};
+    char msg[512];
+    if (error_class) {
+        const char *effect = kind_name(k->kind);
+        snprintf(msg, sizeof msg, "%s: %s", effect, message);
+        ascii_only(msg);
+        r.error_message = msg;
         char labels[64];
         snprintf(labels, sizeof labels, "effect=\"%s\"", effect);
         if (strcmp(error_class, "closing") != 0) /* shutdown aborts are not sink failures */
             metrics_counter_add("ticketd_sink_failures_total", labels, 1);
         log_warn("effects", "event=effect_failed event_id=%s effect=%s class=%s err=%s",
-                 r->ev.event_id, effect, error_class, lq(message, qb, sizeof qb));
+                 k->event_id, effect, error_class, lq(message, qb, sizeof qb));
     }
-    const char *params[4] = {r->ev.event_id, effect, done ? "true" : "false",
-                             done ? NULL : r->fail_msg};
-    if (dbp_query(r->fx->db, mark_sql, 4, params, on_marked, r) != 0) {
-        if (done) {
-            snprintf(r->fail_msg, sizeof r->fail_msg, "recording %s done: database unavailable",
-                     effect);
-            run_finish(r, "db", r->fail_msg);
-        } else {
-            run_finish(r, r->fail_class, r->fail_msg);
-        }
-    }
+    k->fx->inflight--;
+    k->cb(k->ud, &r);
+    free(k);
 }
 
 static void on_http_done(void *ud, const struct hc_result *res)
 {
-    struct run *r = ud;
+    struct call *k = ud;
     char msg[384];
 
     if (res->curl_code != 0) {
         snprintf(msg, sizeof msg, "%s", res->error);
-        mark(r, false, strcmp(res->error, "closing") == 0 ? "closing" : "sink_transport", msg);
+        call_finish(k, strcmp(res->error, "closing") == 0 ? "closing" : "sink_transport", msg);
         return;
     }
     if (res->status < 200 || res->status > 299) {
         char body[128];
         log_quote(res->body, body, sizeof body);
         snprintf(msg, sizeof msg, "HTTP %ld %s", res->status, body);
-        mark(r, false, "sink_status", msg);
+        call_finish(k, "sink_status", msg);
         return;
     }
-    mark(r, true, NULL, NULL);
+    call_finish(k, NULL, NULL);
 }
 
 static void on_smtp_done(void *ud, const struct hc_result *res)
 {
-    struct run *r = ud;
+    struct call *k = ud;
     char msg[384];
 
     if (res->curl_code != 0) {
         snprintf(msg, sizeof msg, "%s (reply %ld)", res->error, res->status);
-        mark(r, false, strcmp(res->error, "closing") == 0 ? "closing" : "smtp", msg);
+        call_finish(k, strcmp(res->error, "closing") == 0 ? "closing" : "smtp", msg);
         return;
     }
-    mark(r, true, NULL, NULL);
+    call_finish(k, NULL, NULL);
 }
 
 /* The CloudEvent in structured mode: the attributes plus the application as data. */
-static char *cloudevent_json(const struct run *r, size_t *len)
+static char *cloudevent_json(const struct effects_event *ev, size_t *len)
 {
     /* The value parsed once already (effects_parse); it is not NUL-terminated. */
     struct json_tokener *tok = json_tokener_new();
-    json_object *data = tok ? json_tokener_parse_ex(tok, r->ev.value, (int)r->ev.value_len) : NULL;
+    json_object *data = tok ? json_tokener_parse_ex(tok, ev->value, (int)ev->value_len) : NULL;
     if (tok) json_tokener_free(tok);
     if (!data) return NULL;
     json_object *ce = json_object_new_object();
     json_object_object_add(ce, "specversion", json_object_new_string("1.0"));
-    json_object_object_add(ce, "id", json_object_new_string(r->ev.event_id));
+    json_object_object_add(ce, "id", json_object_new_string(ev->event_id));
     json_object_object_add(ce, "source", json_object_new_string(CE_SOURCE_TICKETD));
     json_object_object_add(ce, "type", json_object_new_string(CE_TYPE_TICKET_APPLIED));
-    if (r->ev.ce_time[0]) json_object_object_add(ce, "time", json_object_new_string(r->ev.ce_time));
+    if (ev->ce_time[0]) json_object_object_add(ce, "time", json_object_new_string(ev->ce_time));
     json_object_object_add(ce, "datacontenttype", json_object_new_string("application/json"));
     json_object_object_add(ce, "data", data);
     size_t n;
@@ -398,27 +681,7 @@ static char *cloudevent_json(const struct run *r, size_t *len)
     return copy;
 }
 
-static void start_data_platform(struct run *r)
-{
-    const struct cfg *cfg = r->fx->cfg;
-    size_t len = 0;
-    char *body = cloudevent_json(r, &len);
-    char idem[64 + UUID_STR_LEN];
-    snprintf(idem, sizeof idem, "Idempotency-Key: %s", r->ev.event_id);
-    const char *headers[] = {idem};
-    int rc = body ? hc_post_json(r->fx->hc, cfg->data_platform_url, headers, 1,
-                                 "application/cloudevents+json; charset=UTF-8", body, len,
-                                 cfg->http_timeout_ms, on_http_done, r)
-                  : -ENOMEM;
-    free(body);
-    if (rc != 0) {
-        char msg[96];
-        snprintf(msg, sizeof msg, "could not start the request: %s", strerror(-rc));
-        mark(r, false, rc == -ECANCELED ? "closing" : "sink_transport", msg);
-    }
-}
-
-static char *email_message(const struct run *r, const struct cfg *cfg, size_t *len)
+static char *email_message(const struct effects_event *ev, const struct cfg *cfg, size_t *len)
 {
     char date[64];
     time_t now = time(NULL);
@@ -438,98 +701,46 @@ static char *email_message(const struct run *r, const struct cfg *cfg, size_t *l
                      "\r\n"
                      "Your application number %" PRId64 " for %s has been received.\r\n"
                      "Reference: %s\r\n",
-                     date, cfg->mail_from, r->ev.email, r->ev.event_id, r->ev.ticket_event,
-                     r->ev.application_id, r->ev.ticket_event, r->ev.event_id);
+                     date, cfg->mail_from, ev->email, ev->event_id, ev->ticket_event,
+                     ev->application_id, ev->ticket_event, ev->event_id);
     if (n < 0) return NULL;
     *len = (size_t)n;
     return msg;
 }
 
-static void start_email(struct run *r)
-{
-    const struct cfg *cfg = r->fx->cfg;
-    size_t len = 0;
-    char *msg = email_message(r, cfg, &len);
-    int rc = msg ? hc_smtp_send(r->fx->hc, cfg->smtp_url, cfg->mail_from, r->ev.email, msg, len,
-                                cfg->http_timeout_ms, on_smtp_done, r)
-                 : -ENOMEM;
-    free(msg);
-    if (rc != 0) {
-        char m[96];
-        snprintf(m, sizeof m, "could not start the request: %s", strerror(-rc));
-        mark(r, false, rc == -ECANCELED ? "closing" : "smtp", m);
-    }
-}
-
-static void run_next(struct run *r)
-{
-    if (r->fx->stopped && ((r->want_dp && !r->dp_done) || (r->want_email && !r->email_done))) {
-        run_finish(r, "closing", "shutting down");
-        return;
-    }
-    if (r->want_dp && !r->dp_done) {
-        r->stage = ST_DATA_PLATFORM;
-        start_data_platform(r);
-        return;
-    }
-    if (r->want_email && !r->email_done) {
-        r->stage = ST_EMAIL;
-        start_email(r);
-        return;
-    }
-    run_finish(r, NULL, NULL);
-}
-
-static void on_points(void *ud, const PGresult *res, const char *error)
-{
-    char qb[600];
-    struct run *r = ud;
-    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1) {
-        snprintf(r->fail_msg, sizeof r->fail_msg, "points: %s",
-                 error ? error : res ? PQresultErrorMessage(res) : "no result");
-        /* strip the trailing newline libpq adds */
-        size_t n = strlen(r->fail_msg);
-        while (n && (r->fail_msg[n - 1] == '\n' || r->fail_msg[n - 1] == ' ')) r->fail_msg[--n] = 0;
-        ascii_only(r->fail_msg);
-        metrics_counter_add("ticketd_sink_failures_total", "effect=\"points\"", 1);
-        log_warn("effects", "event=effect_failed event_id=%s effect=points class=db err=%s",
-                 r->ev.event_id, lq(r->fail_msg, qb, sizeof qb));
-        run_finish(r, "db", r->fail_msg);
-        return;
-    }
-    r->points_granted = strcmp(PQgetvalue(res, 0, 0), "1") == 0;
-    r->dp_done = PQgetvalue(res, 0, 1)[0] == 't';
-    r->email_done = PQgetvalue(res, 0, 2)[0] == 't';
-    if (r->points_granted) metrics_counter_add("ticketd_points_granted_total", NULL, 1);
-    run_next(r);
-}
-
-int effects_run(struct effects *fx, const struct effects_event *ev, effects_done_fn cb, void *ud)
+int effects_call(struct effects *fx, enum effects_kind kind, const struct effects_event *ev,
+                 effects_call_fn cb, void *ud)
 {
     const struct cfg *cfg = fx->cfg;
-    struct run *r = calloc(1, sizeof *r);
-    if (!r) return -ENOMEM;
-    r->fx = fx;
-    r->ev = *ev;
-    r->cb = cb;
-    r->ud = ud;
-    r->want_dp = cfg->data_platform_url && cfg->data_platform_url[0];
-    r->want_email = ev->email[0] && cfg->smtp_url && cfg->smtp_url[0];
-    r->stage = ST_POINTS;
-
-    char wanted[64];
-    snprintf(wanted, sizeof wanted, "{points%s%s}", r->want_dp ? ",data_platform" : "",
-             r->want_email ? ",email" : "");
-    char part[16], off[24], app[24], points[16];
-    snprintf(part, sizeof part, "%" PRId32, ev->partition);
-    snprintf(off, sizeof off, "%" PRId64, ev->offset);
-    snprintf(app, sizeof app, "%" PRId64, ev->application_id);
-    snprintf(points, sizeof points, "%d", cfg->points_per_application);
-    const char *params[9] = {ev->event_id, fx->group, ev->topic, part, off, app, ev->phone,
-                             points, wanted};
-    int rc = dbp_query(fx->db, points_sql, 9, params, on_points, r);
+    if (fx->stopped) return -ECANCELED;
+    struct call *k = calloc(1, sizeof *k);
+    if (!k) return -ENOMEM;
+    k->fx = fx;
+    k->kind = kind;
+    k->cb = cb;
+    k->ud = ud;
+    snprintf(k->event_id, sizeof k->event_id, "%s", ev->event_id);
+    size_t len = 0;
+    int rc;
+    if (kind == EFFECTS_DATA_PLATFORM) {
+        char *body = cloudevent_json(ev, &len);
+        char idem[64 + UUID_STR_LEN];
+        snprintf(idem, sizeof idem, "Idempotency-Key: %s", ev->event_id);
+        const char *headers[] = {idem};
+        rc = body ? hc_post_json(fx->hc, cfg->data_platform_url, headers, 1,
+                                 "application/cloudevents+json; charset=UTF-8", body, len,
+                                 cfg->http_timeout_ms, on_http_done, k)
+                  : -ENOMEM;
+        free(body);
+    } else {
+        char *msg = email_message(ev, cfg, &len);
+        rc = msg ? hc_smtp_send(fx->hc, cfg->smtp_url, cfg->mail_from, ev->email, msg, len,
+                                cfg->http_timeout_ms, on_smtp_done, k)
+                 : -ENOMEM;
+        free(msg);
+    }
     if (rc != 0) {
-        free(r);
+        free(k);
         return rc;
     }
     fx->inflight++;

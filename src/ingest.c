@@ -36,7 +36,15 @@
  * looked up again by ingest_lookup_sql. The LATERAL ... LIMIT 1 keeps the existing-row
  * lookup a per-key unique-index probe whatever the statistics say (a hash join would scan
  * the whole table for every batch once a cached generic plan chose it). Rows are inserted in (event_id, phone) order, the
- * same in every batch, so concurrent batches with overlapping keys cannot deadlock. */
+ * same in every batch, so concurrent batches with overlapping keys cannot deadlock.
+ *
+ * The outbox event id (CloudEvents ce_id) is an RFC 9562 version-8 UUID: the application id
+ * in the first 48 bits, then 74 random bits drawn once per statement (gen_random_uuid()'s).
+ * It is unique because the application id is, and unguessable across databases because of
+ * the random part; unlike a random v4 UUID it grows with the id, so its unique index takes
+ * appends on its rightmost page instead of a random leaf per row (fewer pages dirtied, fewer
+ * full-page images in the WAL after a checkpoint, one gen_random_uuid() per batch instead of
+ * one per row). docs/PERFORMANCE.md has the measurements. */
 #define RFC3339_UTC(col) "to_char(" col " AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
 
 const char *const ingest_batch_sql =
@@ -49,9 +57,12 @@ const char *const ingest_batch_sql =
     " ORDER BY event_id COLLATE \"C\", phone COLLATE \"C\""
     " ON CONFLICT (event_id, phone) DO NOTHING"
     " RETURNING id, event_id, phone, name, email, seats, " RFC3339_UTC("created_at") " AS created"
+    "), rnd AS ("
+    " SELECT substr(replace(gen_random_uuid()::text, '-', ''), 14) AS bits"
     "), ob AS ("
-    " INSERT INTO outbox (aggregate_id, event_type, payload)"
-    " SELECT id, 'TicketApplied', jsonb_build_object('id', id, 'event_id', event_id,"
+    " INSERT INTO outbox (event_id, aggregate_id, event_type, payload)"
+    " SELECT (lpad(to_hex(id), 12, '0') || '8' || (SELECT bits FROM rnd))::uuid,"
+    "  id, 'TicketApplied', jsonb_build_object('id', id, 'event_id', event_id,"
     "  'phone', phone, 'name', name, 'email', email, 'seats', seats, 'created_at', created)"
     " FROM ins ORDER BY id"
     " RETURNING id"
@@ -120,6 +131,8 @@ struct ingest {
     size_t npending;             /* waiting for a batch */
     size_t ninflight;            /* in batches not yet answered */
     int batches;                 /* batches in flight (each holds the struct alive) */
+    int max_inflight;            /* statements in flight at most */
+    double min_frac;             /* while one is in flight, send only >= frac * its size */
     int handles;                 /* open uv handles */
     bool closing;
 };
@@ -473,9 +486,19 @@ static void on_idle(uv_idle_t *h)
     (void)h; /* only keeps the loop from blocking in poll; the check handle does the work */
 }
 
+/* Whether a batch may be sent now (see the policy at the top of this file). */
+static bool may_send(const struct ingest *ing)
+{
+    if (!ing->head || dbp_idle(ing->db) == 0) return false;
+    if (ing->batches == 0) return true;
+    if (ing->batches >= ing->max_inflight) return false;
+    double avg = (double)ing->ninflight / ing->batches;
+    return (double)ing->npending >= ing->min_frac * avg || ing->npending >= (size_t)ing->batch_max;
+}
+
 static void flush(struct ingest *ing)
 {
-    while (ing->head && dbp_idle(ing->db) > 0) {
+    while (may_send(ing)) {
         struct ingest_batch *b = batch_cut(ing);
         if (!b) break; /* out of memory: retry next turn */
         int rc = batch_send(b);
@@ -489,7 +512,7 @@ static void flush(struct ingest *ing)
     if (ing->head && dbp_connected(ing->db) == 0) fail_pending(ing, "database unavailable");
     /* Stay awake only while there is something to send and a connection to send it on; when
      * every connection is busy, their results wake the loop. */
-    if (ing->head && dbp_idle(ing->db) > 0) uv_idle_start(&ing->idle, on_idle);
+    if (may_send(ing)) uv_idle_start(&ing->idle, on_idle);
     else uv_idle_stop(&ing->idle);
 }
 
@@ -511,6 +534,10 @@ int ingest_create(struct ingest **out, uv_loop_t *loop, struct dbp *db,
     ing->db = db;
     ing->batch_max = opts->batch_max;
     ing->queue_max = (size_t)opts->queue_max;
+    const char *e = getenv("TICKETD_INGEST_MAX_INFLIGHT");
+    ing->max_inflight = e ? atoi(e) : 1000000;
+    e = getenv("TICKETD_INGEST_MIN_FRAC");
+    ing->min_frac = e ? atof(e) : 0;
     ing->stmt = dbp_prepare(db, ingest_batch_sql);
     if (ing->stmt < 0) ing->stmt = -1; /* falls back to unprepared statements */
     uv_check_init(loop, &ing->check);
@@ -608,7 +635,8 @@ void ingest_submit(struct ingest *ing, const struct application_in *app,
     if (ing->tail) ing->tail->next = it;
     else ing->head = it;
     ing->tail = it;
-    if (ing->npending++ == 0 && dbp_idle(ing->db) > 0) uv_idle_start(&ing->idle, on_idle);
+    ing->npending++;
+    if (may_send(ing)) uv_idle_start(&ing->idle, on_idle);
 }
 
 size_t ingest_pending(const struct ingest *ing)

@@ -3,15 +3,14 @@
  * high watermarks read before it starts. */
 #include "trace.h"
 
-#include <errno.h>
 #include <inttypes.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "admin_common.h"
 #include "api.h"
-#include "app.h"
-#include "audit.h"
+#include "effects.h"
 #include "http_server.h"
 #include "kafka_common.h"
 #include "limits.h"
@@ -26,26 +25,10 @@ struct trace_ctx {
     char phone[PHONE_DIGITS_MAX + 1];
     PGconn *db;
     rd_kafka_t *rk;      /* reader, assign only */
-    rd_kafka_t *group;   /* committed() of the service's group, never subscribes */
     int nparts;
     int64_t *committed;
     bool need_scan;
 };
-
-static json_object *jstr(const char *s)
-{
-    return s ? json_object_new_string(s) : NULL;
-}
-
-static int64_t to_i64(const char *s, int64_t dflt)
-{
-    if (!s) return dflt;
-    char *end;
-    errno = 0;
-    long long v = strtoll(s, &end, 10);
-    if (errno || end == s) return dflt;
-    return (int64_t)v;
-}
 
 static const char *val(const PGresult *r, int row, int col)
 {
@@ -58,9 +41,15 @@ static bool is_true(const PGresult *r, int row, int col)
     return v && v[0] == 't';
 }
 
+/* The integer at (row, col) as JSON, dflt when NULL. */
+static json_object *int_at(const PGresult *r, int row, int col, int64_t dflt)
+{
+    return json_object_new_int64(admin_pg_i64(val(r, row, col), dflt));
+}
+
 static void add_str(json_object *o, const char *k, const char *v)
 {
-    json_object_object_add(o, k, jstr(v));
+    json_object_object_add(o, k, admin_json_text(v));
 }
 
 /* ------------------------------------------------------------------ the topic */
@@ -82,7 +71,7 @@ static int read_back(struct trace_ctx *t, int32_t partition, int64_t offset, con
         return 0;
     }
     int64_t low, high;
-    if (audit__watermarks(t->rk, t->cfg->topic, partition, &low, &high, t->err, t->errlen))
+    if (admin_watermarks(t->rk, t->cfg->topic, partition, &low, &high, t->err, t->errlen))
         return -1;
     json_object_object_add(o, "low_watermark", json_object_new_int64(low));
     json_object_object_add(o, "high_watermark", json_object_new_int64(high));
@@ -105,15 +94,15 @@ static int read_back(struct trace_ctx *t, int32_t partition, int64_t offset, con
         *state = 1;
         return 0;
     }
-    struct audit__reader rd;
-    if (audit__reader_open(&rd, t->rk, t->cfg->topic, partition, offset, low, high, t->err,
-                           t->errlen)) {
-        audit__reader_close(&rd);
+    struct admin_reader rd;
+    if (admin_reader_open(&rd, t->rk, t->cfg->topic, partition, offset, low, high, t->err,
+                          t->errlen)) {
+        admin_reader_close(&rd);
         return -1;
     }
     rd_kafka_message_t *m = NULL;
-    int mr = audit__reader_next(&rd, &m, t->err, t->errlen);
-    audit__reader_close(&rd);
+    int mr = admin_reader_next(&rd, &m, t->err, t->errlen);
+    admin_reader_close(&rd);
     if (mr < 0) return -1;
     if (mr == 0 || m->offset != offset) {
         if (m) rd_kafka_message_destroy(m);
@@ -123,10 +112,10 @@ static int read_back(struct trace_ctx *t, int32_t partition, int64_t offset, con
         return 0;
     }
     char key[64], ce[64], ts[40];
-    audit__key(m, key, sizeof key);
-    audit__header(m, CE_ID, ce, sizeof ce);
+    admin_key_text(m, key, sizeof key);
+    admin_header(m, CE_ID, ce, sizeof ce);
     rd_kafka_timestamp_type_t tstype;
-    audit__format_ms(rd_kafka_message_timestamp(m, &tstype), ts, sizeof ts);
+    admin_format_ms(rd_kafka_message_timestamp(m, &tstype), ts, sizeof ts);
     rd_kafka_message_destroy(m);
     bool same = strcasecmp(ce, ce_id) == 0;
     json_object_object_add(o, "found", json_object_new_boolean(same));
@@ -180,54 +169,48 @@ static const char *const dlq_headers[] = {
     "dlq_error_message",
 };
 
+struct scan {
+    struct trace_ctx *t;
+    const char *topic;
+    bool dlq;
+    json_object *matches;
+};
+
+/* A message of the scanned topic: appended to the matches when its value has the phone. */
+static void scan_message(void *ud, const rd_kafka_message_t *m)
+{
+    struct scan *s = ud;
+    json_object *value;
+    if (json_object_array_length(s->matches) >= TRACE_ROWS_MAX || !value_matches(s->t, m, &value))
+        return;
+    json_object *o = json_object_new_object();
+    char key[64], ce[64], ts[40];
+    admin_key_text(m, key, sizeof key);
+    admin_header(m, CE_ID, ce, sizeof ce);
+    rd_kafka_timestamp_type_t tstype;
+    admin_format_ms(rd_kafka_message_timestamp(m, &tstype), ts, sizeof ts);
+    add_str(o, "topic", s->topic);
+    json_object_object_add(o, "dlq", json_object_new_boolean(s->dlq));
+    json_object_object_add(o, "partition", json_object_new_int(m->partition));
+    json_object_object_add(o, "offset", json_object_new_int64(m->offset));
+    add_str(o, "timestamp", ts);
+    add_str(o, "key", key);
+    add_str(o, "ce_id", ce);
+    if (s->dlq) {
+        for (size_t i = 0; i < sizeof dlq_headers / sizeof dlq_headers[0]; i++) {
+            char hv[512];
+            if (admin_header(m, dlq_headers[i], hv, sizeof hv)) add_str(o, dlq_headers[i], hv);
+        }
+    }
+    json_object_object_add(o, "value", value);
+    json_object_array_add(s->matches, o);
+}
+
 /* Searches every partition of topic (low..high) for the phone; appends to matches. */
 static int scan_topic(struct trace_ctx *t, const char *topic, bool dlq, json_object *matches)
 {
-    int n = audit__topic_partitions(t->rk, topic, t->err, t->errlen);
-    if (n < 0) return -1;
-    for (int p = 0; p < n; p++) {
-        int64_t low, high;
-        if (audit__watermarks(t->rk, topic, p, &low, &high, t->err, t->errlen)) return -1;
-        struct audit__reader rd;
-        if (audit__reader_open(&rd, t->rk, topic, p, low, low, high, t->err, t->errlen)) {
-            audit__reader_close(&rd);
-            return -1;
-        }
-        rd_kafka_message_t *m;
-        int mr;
-        while ((mr = audit__reader_next(&rd, &m, t->err, t->errlen)) == 1) {
-            json_object *value;
-            if (json_object_array_length(matches) < TRACE_ROWS_MAX &&
-                value_matches(t, m, &value)) {
-                json_object *o = json_object_new_object();
-                char key[64], ce[64], ts[40];
-                audit__key(m, key, sizeof key);
-                audit__header(m, CE_ID, ce, sizeof ce);
-                rd_kafka_timestamp_type_t tstype;
-                audit__format_ms(rd_kafka_message_timestamp(m, &tstype), ts, sizeof ts);
-                add_str(o, "topic", topic);
-                json_object_object_add(o, "dlq", json_object_new_boolean(dlq));
-                json_object_object_add(o, "partition", json_object_new_int(p));
-                json_object_object_add(o, "offset", json_object_new_int64(m->offset));
-                add_str(o, "timestamp", ts);
-                add_str(o, "key", key);
-                add_str(o, "ce_id", ce);
-                if (dlq) {
-                    for (size_t i = 0; i < sizeof dlq_headers / sizeof dlq_headers[0]; i++) {
-                        char hv[512];
-                        if (audit__header(m, dlq_headers[i], hv, sizeof hv))
-                            add_str(o, dlq_headers[i], hv);
-                    }
-                }
-                json_object_object_add(o, "value", value);
-                json_object_array_add(matches, o);
-            }
-            rd_kafka_message_destroy(m);
-        }
-        audit__reader_close(&rd);
-        if (mr < 0) return -1;
-    }
-    return 0;
+    struct scan s = {t, topic, dlq, matches};
+    return admin_scan_topic(t->rk, topic, 0, scan_message, &s, t->err, t->errlen);
 }
 
 /* For each topic match: does its ce_id have an outbox row (and where does it say)? */
@@ -239,24 +222,24 @@ static int annotate_matches(struct trace_ctx *t, json_object *matches)
         json_object_object_get_ex(o, "ce_id", &ce);
         const char *id = json_object_get_string(ce);
         bool in_outbox = false;
-        if (audit__is_uuid(id)) {
+        if (id && effects_is_uuid(id, strlen(id))) {
             const char *params[1] = {id};
-            PGresult *r = audit__pg_exec(t->db,
-                                         "SELECT o.aggregate_id, o.kafka_partition, o.kafka_offset,"
-                                         " EXISTS (SELECT 1 FROM applications a WHERE a.id = o.aggregate_id)"
-                                         " FROM outbox o WHERE o.event_id = $1::uuid",
-                                         1, params, t->err, t->errlen);
+            PGresult *r = admin_pg_exec(
+                t->db,
+                "SELECT o.aggregate_id, o.kafka_partition, o.kafka_offset,"
+                " EXISTS (SELECT 1 FROM applications a WHERE a.id = o.aggregate_id)"
+                " FROM outbox o WHERE o.event_id = $1::uuid",
+                1, params, t->err, t->errlen);
             if (!r) return -1;
             if (PQntuples(r) == 1) {
                 in_outbox = true;
-                json_object_object_add(o, "application_id",
-                                       json_object_new_int64(to_i64(val(r, 0, 0), -1)));
+                json_object_object_add(o, "application_id", int_at(r, 0, 0, -1));
                 json_object_object_add(o, "application_exists",
                                        json_object_new_boolean(is_true(r, 0, 3)));
                 json_object_object_add(o, "recorded_partition",
-                                       val(r, 0, 1) ? json_object_new_int64(to_i64(val(r, 0, 1), -1)) : NULL);
+                                       val(r, 0, 1) ? int_at(r, 0, 1, -1) : NULL);
                 json_object_object_add(o, "recorded_offset",
-                                       val(r, 0, 2) ? json_object_new_int64(to_i64(val(r, 0, 2), -1)) : NULL);
+                                       val(r, 0, 2) ? int_at(r, 0, 2, -1) : NULL);
             }
             PQclear(r);
         }
@@ -275,35 +258,35 @@ static int consumer_facts(struct trace_ctx *t, const char *ce_id, json_object *o
     *processed = *effects_open = false;
     *open_dlq = NULL;
 
-    PGresult *r = audit__pg_exec(t->db,
-                                 "SELECT processed_at, consumer_group, partition, \"offset\""
-                                 " FROM processed_events WHERE event_id = $1::uuid",
-                                 1, params, t->err, t->errlen);
+    PGresult *r = admin_pg_exec(t->db,
+                                "SELECT processed_at, consumer_group, partition, \"offset\""
+                                " FROM processed_events WHERE event_id = $1::uuid",
+                                1, params, t->err, t->errlen);
     if (!r) return -1;
     if (PQntuples(r) == 1) {
         *processed = true;
         json_object *p = json_object_new_object();
         add_str(p, "processed_at", val(r, 0, 0));
         add_str(p, "consumer_group", val(r, 0, 1));
-        json_object_object_add(p, "partition", json_object_new_int64(to_i64(val(r, 0, 2), -1)));
-        json_object_object_add(p, "offset", json_object_new_int64(to_i64(val(r, 0, 3), -1)));
+        json_object_object_add(p, "partition", int_at(r, 0, 2, -1));
+        json_object_object_add(p, "offset", int_at(r, 0, 3, -1));
         json_object_object_add(o, "processed", p);
     } else {
         json_object_object_add(o, "processed", NULL);
     }
     PQclear(r);
 
-    r = audit__pg_exec(t->db,
-                       "SELECT effect, done, attempts, last_error, updated_at FROM event_effects"
-                       " WHERE event_id = $1::uuid ORDER BY effect",
-                       1, params, t->err, t->errlen);
+    r = admin_pg_exec(t->db,
+                      "SELECT effect, done, attempts, last_error, updated_at FROM event_effects"
+                      " WHERE event_id = $1::uuid ORDER BY effect",
+                      1, params, t->err, t->errlen);
     if (!r) return -1;
     json_object *effects = json_object_new_array();
     for (int i = 0; i < PQntuples(r); i++) {
         json_object *e = json_object_new_object();
         add_str(e, "effect", val(r, i, 0));
         json_object_object_add(e, "done", json_object_new_boolean(is_true(r, i, 1)));
-        json_object_object_add(e, "attempts", json_object_new_int64(to_i64(val(r, i, 2), 0)));
+        json_object_object_add(e, "attempts", int_at(r, i, 2, 0));
         add_str(e, "last_error", val(r, i, 3));
         add_str(e, "updated_at", val(r, i, 4));
         if (!is_true(r, i, 1)) *effects_open = true;
@@ -312,12 +295,13 @@ static int consumer_facts(struct trace_ctx *t, const char *ce_id, json_object *o
     json_object_object_add(o, "effects", effects);
     PQclear(r);
 
-    r = audit__pg_exec(t->db, "SELECT points, created_at FROM points_ledger WHERE event_id = $1::uuid",
-                       1, params, t->err, t->errlen);
+    r = admin_pg_exec(t->db,
+                      "SELECT points, created_at FROM points_ledger WHERE event_id = $1::uuid", 1,
+                      params, t->err, t->errlen);
     if (!r) return -1;
     if (PQntuples(r) == 1) {
         json_object *p = json_object_new_object();
-        json_object_object_add(p, "points", json_object_new_int64(to_i64(val(r, 0, 0), 0)));
+        json_object_object_add(p, "points", int_at(r, 0, 0, 0));
         add_str(p, "granted_at", val(r, 0, 1));
         json_object_object_add(o, "points", p);
     } else {
@@ -325,23 +309,23 @@ static int consumer_facts(struct trace_ctx *t, const char *ce_id, json_object *o
     }
     PQclear(r);
 
-    r = audit__pg_exec(t->db,
-                       "SELECT id, error_class, error_message, attempts, dead_lettered_at,"
-                       " replayed_at, dlq_partition, dlq_offset FROM dead_letters"
-                       " WHERE event_id = $1::uuid ORDER BY id",
-                       1, params, t->err, t->errlen);
+    r = admin_pg_exec(t->db,
+                      "SELECT id, error_class, error_message, attempts, dead_lettered_at,"
+                      " replayed_at, dlq_partition, dlq_offset FROM dead_letters"
+                      " WHERE event_id = $1::uuid ORDER BY id",
+                      1, params, t->err, t->errlen);
     if (!r) return -1;
     json_object *dls = json_object_new_array();
     for (int i = 0; i < PQntuples(r); i++) {
         json_object *d = json_object_new_object();
-        json_object_object_add(d, "id", json_object_new_int64(to_i64(val(r, i, 0), -1)));
+        json_object_object_add(d, "id", int_at(r, i, 0, -1));
         add_str(d, "error_class", val(r, i, 1));
         add_str(d, "error_message", val(r, i, 2));
-        json_object_object_add(d, "attempts", json_object_new_int64(to_i64(val(r, i, 3), 0)));
+        json_object_object_add(d, "attempts", int_at(r, i, 3, 0));
         add_str(d, "dead_lettered_at", val(r, i, 4));
         add_str(d, "replayed_at", val(r, i, 5));
-        json_object_object_add(d, "dlq_partition", json_object_new_int64(to_i64(val(r, i, 6), -1)));
-        json_object_object_add(d, "dlq_offset", json_object_new_int64(to_i64(val(r, i, 7), -1)));
+        json_object_object_add(d, "dlq_partition", int_at(r, i, 6, -1));
+        json_object_object_add(d, "dlq_offset", int_at(r, i, 7, -1));
         if (!val(r, i, 5)) *open_dlq = d;
         json_object_array_add(dls, d);
     }
@@ -392,17 +376,17 @@ static int outbox_entry(struct trace_ctx *t, const PGresult *r, int i, json_obje
     json_object *o = json_object_new_object();
     *out = o;
     const char *ce_id = val(r, i, 0);
-    int64_t app_id = to_i64(val(r, i, 1), -1);
+    int64_t app_id = admin_pg_i64(val(r, i, 1), -1);
     add_str(o, "event_id", ce_id);
     json_object_object_add(o, "application_id", json_object_new_int64(app_id));
     add_str(o, "created_at", val(r, i, 2));
     add_str(o, "published_at", val(r, i, 3));
     bool has_pos = val(r, i, 4) && val(r, i, 5);
-    int32_t partition = (int32_t)to_i64(val(r, i, 4), -1);
-    int64_t offset = to_i64(val(r, i, 5), -1);
+    int32_t partition = (int32_t)admin_pg_i64(val(r, i, 4), -1);
+    int64_t offset = admin_pg_i64(val(r, i, 5), -1);
     json_object_object_add(o, "partition", has_pos ? json_object_new_int(partition) : NULL);
     json_object_object_add(o, "offset", has_pos ? json_object_new_int64(offset) : NULL);
-    json_object_object_add(o, "attempts", json_object_new_int64(to_i64(val(r, i, 6), 0)));
+    json_object_object_add(o, "attempts", int_at(r, i, 6, 0));
     add_str(o, "last_error", val(r, i, 7));
     bool overdue = is_true(r, i, 8);
 
@@ -422,7 +406,7 @@ static int outbox_entry(struct trace_ctx *t, const PGresult *r, int i, json_obje
             set_status(o, "unpublished",
                        "committed at %s but NOT published past the grace window (%d attempts%s%s): "
                        "the relay has not delivered it",
-                       val(r, i, 2), (int)to_i64(val(r, i, 6), 0),
+                       val(r, i, 2), (int)admin_pg_i64(val(r, i, 6), 0),
                        val(r, i, 7) ? ", last error: " : "", val(r, i, 7) ? val(r, i, 7) : "");
         else
             set_status(o, "awaiting_relay",
@@ -514,7 +498,7 @@ static int trace_collect(struct trace_ctx *t, json_object *root)
     char retention[32];
     snprintf(retention, sizeof retention, "%" PRId64, t->cfg->outbox_retention_ms);
     const char *p3[3] = {t->phone, t->opts->event_id, retention};
-    PGresult *apps = audit__pg_exec(
+    PGresult *apps = admin_pg_exec(
         t->db,
         "SELECT id, event_id, name, email, seats, idempotency_key, created_at,"
         " $3::bigint > 0 AND created_at < now() - $3::bigint * interval '1 millisecond'"
@@ -536,7 +520,7 @@ static int trace_collect(struct trace_ctx *t, json_object *root)
     ids[len++] = '}';
     ids[len] = '\0';
     const char *p4[4] = {t->phone, t->opts->event_id, grace, ids};
-    PGresult *ob = audit__pg_exec(
+    PGresult *ob = admin_pg_exec(
         t->db,
         "SELECT o.event_id::text, o.aggregate_id, o.created_at, o.published_at, o.kafka_partition,"
         " o.kafka_offset, o.attempts, o.last_error,"
@@ -559,11 +543,11 @@ static int trace_collect(struct trace_ctx *t, json_object *root)
         json_object *a = json_object_new_object();
         json_object_array_add(japps, a);
         const char *id = PQgetvalue(apps, i, 0);
-        json_object_object_add(a, "id", json_object_new_int64(to_i64(id, -1)));
+        json_object_object_add(a, "id", json_object_new_int64(admin_pg_i64(id, -1)));
         add_str(a, "event_id", val(apps, i, 1));
         add_str(a, "name", val(apps, i, 2));
         add_str(a, "email", val(apps, i, 3));
-        json_object_object_add(a, "seats", json_object_new_int64(to_i64(val(apps, i, 4), 1)));
+        json_object_object_add(a, "seats", int_at(apps, i, 4, 1));
         add_str(a, "idempotency_key", val(apps, i, 5));
         add_str(a, "created_at", val(apps, i, 6));
         json_object *rows = json_object_new_array();
@@ -656,15 +640,12 @@ int trace_run(const struct cfg *cfg, const char *brokers, const struct trace_opt
     add_str(root, "dlq_topic", cfg->dlq_topic);
     add_str(root, "consumer_group", cfg->consumer_group);
 
-    if (!(t.db = audit__pg_connect(cfg, "ticketd-trace", err, errlen))) goto out;
-    if (!(t.rk = audit__kafka_consumer(cfg, brokers, "ticketd-trace-reader", err, errlen))) goto out;
-    if (!(t.group = audit__kafka_consumer(cfg, brokers, cfg->consumer_group, err, errlen))) goto out;
-    t.nparts = audit__topic_partitions(t.rk, cfg->topic, err, errlen);
-    if (t.nparts < 0) goto out;
-    t.committed = calloc((size_t)t.nparts + 1, sizeof *t.committed);
-    if (!t.committed) goto out;
-    for (int p = 0; p < t.nparts; p++) t.committed[p] = -1;
-    if (audit__committed(t.group, cfg->topic, t.nparts, t.committed, err, errlen)) goto out;
+    if (!(t.db = admin_pg_connect(cfg, "ticketd-trace", err, errlen))) goto out;
+    if (!(t.rk = admin_kafka_reader(cfg, brokers, "ticketd-trace-reader", "ticketd-trace", err,
+                                    errlen)))
+        goto out;
+    if (admin_group_offsets(cfg, brokers, "ticketd-trace", &t.nparts, &t.committed, err, errlen))
+        goto out;
 
     int found = trace_collect(&t, root);
     if (found < 0) goto out;
@@ -688,11 +669,7 @@ int trace_run(const struct cfg *cfg, const char *brokers, const struct trace_opt
 out:
     json_object_put(root);
     free(t.committed);
-    if (t.rk) {
-        rd_kafka_consumer_close(t.rk);
-        rd_kafka_destroy(t.rk);
-    }
-    if (t.group) rd_kafka_destroy(t.group);
+    admin_kafka_destroy(t.rk);
     PQfinish(t.db);
     return ret;
 }
@@ -836,154 +813,60 @@ static void trace_usage(FILE *out)
             "  exit status: 0 found, 1 nothing found anywhere, 2 error\n");
 }
 
-static bool take_flag(int argc, char **argv, int *i, const char *name, const char **value,
-                      bool *bad)
+static int trace_cli_run(const struct cfg *cfg, const void *opts, FILE *human_out,
+                         json_object **json_out, char *err, size_t errlen)
 {
-    size_t n = strlen(name);
-    const char *arg = argv[*i];
-    if (strncmp(arg, name, n) != 0) return false;
-    if (arg[n] == '=') {
-        *value = arg + n + 1;
-        return true;
-    }
-    if (arg[n] != '\0') return false;
-    if (*i + 1 >= argc) {
-        fprintf(stderr, "ticketd: %s needs a value\n", name);
-        *bad = true;
-        return true;
-    }
-    *value = argv[++*i];
-    return true;
+    return trace_run(cfg, cfg->kafka_brokers, opts, human_out, json_out, err, errlen);
 }
 
 int trace_main(struct cfg *loaded, int argc, char **argv)
 {
-    (void)loaded; /* reloaded below, with the settings flags that follow our own */
+    (void)loaded; /* reloaded by admin_cli_run, with the settings flags that follow our own */
     struct trace_opts opts = {0};
-    bool json = false, bad = false;
-    char **rest = calloc((size_t)argc + 1, sizeof *rest);
-    if (!rest) return 2;
-    int nrest = 0;
-    rest[nrest++] = "trace";
-    for (int i = 0; i < argc && !bad; i++) {
-        if (take_flag(argc, argv, &i, "--phone", &opts.phone, &bad)) continue;
-        if (take_flag(argc, argv, &i, "--event-id", &opts.event_id, &bad)) continue;
-        if (strcmp(argv[i], "--json") == 0) {
-            json = true;
-            continue;
-        }
-        if (strcmp(argv[i], "--scan") == 0) {
+    struct admin_cli cli;
+    if (admin_cli_init(&cli, "trace", trace_usage, argc)) return 2;
+    for (int i = 0; i < argc && cli.status < 0; i++) {
+        if (admin_cli_flag(&cli, argc, argv, &i, "--phone", &opts.phone)) continue;
+        if (admin_cli_flag(&cli, argc, argv, &i, "--event-id", &opts.event_id)) continue;
+        if (strcmp(argv[i], "--scan") == 0)
             opts.scan = true;
-            continue;
-        }
-        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
-            trace_usage(stdout);
-            free(rest);
-            return 0;
-        }
-        rest[nrest++] = argv[i];
+        else
+            admin_cli_other(&cli, argv[i]);
     }
-    if (bad || !opts.phone) {
-        if (!bad) trace_usage(stderr);
-        free(rest);
-        return 2;
-    }
-    struct cfg cfg;
-    int argi = 1;
-    int r = cfg_load(&cfg, nrest, rest, &argi);
-    if (r != 0) {
-        free(rest);
-        return r > 0 ? 0 : 2;
-    }
-    int status = 2;
-    if (argi < nrest) {
-        fprintf(stderr, "ticketd trace: unexpected argument %s\n", rest[argi]);
+    if (cli.status < 0 && !opts.phone) {
         trace_usage(stderr);
-        goto out;
+        cli.status = 2;
     }
-    log_set_level(cfg.log_level);
-    if (!cfg.kafka_brokers || !*cfg.kafka_brokers) {
-        fprintf(stderr,
-                "ticketd trace: KAFKA_BROKERS is empty. The embedded mock cluster lives inside the\n"
-                "serving process, so this command cannot reach it: run the mock standalone with\n"
-                "`ticketd kafka-mock` and point both `ticketd serve` and this command at its\n"
-                "bootstrap address (KAFKA_BROKERS=...), or ask the running service:\n"
-                "  curl -H \"Authorization: Bearer $ADMIN_TOKEN\" 'http://HOST:PORT/admin/trace?phone=...'\n");
-        goto out;
-    }
-    json_object *report = NULL;
-    char err[512] = "";
-    r = trace_run(&cfg, cfg.kafka_brokers, &opts, json ? NULL : stdout, json ? &report : NULL, err,
-                  sizeof err);
-    if (r < 0) {
-        fprintf(stderr, "ticketd trace: error: %s\n", err);
-        goto out;
-    }
-    if (json) {
-        fprintf(stdout, "%s\n", json_object_to_json_string_ext(report, JSON_C_TO_STRING_PRETTY |
-                                                                       JSON_C_TO_STRING_NOSLASHESCAPE));
-        json_object_put(report);
-    }
-    fflush(stdout);
-    status = r > 0 ? 0 : 1;
-out:
-    cfg_free(&cfg);
-    free(rest);
-    return status;
+    /* exit status 1 when nothing is found anywhere */
+    return admin_cli_run(&cli, "'http://HOST:PORT/admin/trace?phone=...'", trace_cli_run, &opts,
+                         0, 1);
 }
 
 /* ------------------------------------------------------------------ HTTP */
 
 struct trace_job {
-    const struct cfg *cfg;
-    char *brokers;
+    struct admin_job base;   /* first */
     struct trace_opts opts;
     char phone[32];
     char event_id[EVENT_ID_MAX_CHARS + 1];
 };
-
-static char *error_body(const char *code, const char *message)
-{
-    json_object *o = json_object_new_object();
-    json_object_object_add(o, "error", json_object_new_string(code));
-    json_object_object_add(o, "message", json_object_new_string(message));
-    char *s = strdup(json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN));
-    json_object_put(o);
-    return s;
-}
 
 static int trace_job_run(void *arg, char **body)
 {
     struct trace_job *job = arg;
     json_object *report = NULL;
     char err[512] = "";
-    int r = trace_run(job->cfg, job->brokers, &job->opts, NULL, &report, err, sizeof err);
-    if (r < 0) {
-        log_warn("trace", "event=trace_failed error=\"%s\"", err);
-        *body = error_body(r == -2 ? "bad_request" : "trace_failed", err);
-        return r == -2 ? 400 : 503;
-    }
-    *body = strdup(json_object_to_json_string_ext(report, JSON_C_TO_STRING_PLAIN |
-                                                              JSON_C_TO_STRING_NOSLASHESCAPE));
-    json_object_put(report);
-    return 200;
-}
-
-static void trace_job_free(void *arg)
-{
-    struct trace_job *job = arg;
-    free(job->brokers);
-    free(job);
+    int r = trace_run(job->base.cfg, job->base.brokers, &job->opts, NULL, &report, err,
+                      sizeof err);
+    if (r < 0) log_warn("trace", "event=trace_failed error=\"%s\"", err);
+    return admin_job_reply(r, report, "trace_failed", err, body);
 }
 
 void trace_handle_http(struct app *app, struct http_request *req)
 {
     if (!api_admin_authorized(app, req)) return;
-    struct trace_job *job = calloc(1, sizeof *job);
-    if (!job) {
-        api_respond_error(req, 503, "unavailable", "out of memory", NULL);
-        return;
-    }
+    struct trace_job *job = admin_job_alloc(req, sizeof *job);
+    if (!job) return;
     const char *q = req->query ? req->query : "";
     char digits[PHONE_DIGITS_MAX + 1];
     int n = api_query_param(q, "phone", job->phone, sizeof job->phone);
@@ -1007,17 +890,5 @@ void trace_handle_http(struct app *app, struct http_request *req)
     char scan[8];
     if (api_query_param(q, "scan", scan, sizeof scan) > 0)
         job->opts.scan = strcmp(scan, "1") == 0 || strcmp(scan, "true") == 0;
-    if (!app->kafka_brokers || !*app->kafka_brokers) {
-        api_respond_error(req, 503, "unavailable", "no Kafka brokers known yet", NULL);
-        free(job);
-        return;
-    }
-    job->cfg = app->cfg;
-    job->brokers = strdup(app->kafka_brokers);
-    if (!job->brokers) {
-        api_respond_error(req, 503, "unavailable", "out of memory", NULL);
-        free(job);
-        return;
-    }
-    api_run_blocking(app, req, trace_job_run, job, trace_job_free);
+    admin_job_start(app, req, &job->base, trace_job_run);
 }
