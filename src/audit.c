@@ -675,6 +675,20 @@ static const char *const published_sql =
     " WHERE o.published_at IS NOT NULL AND " OUTBOX_FILTER
     " ORDER BY o.kafka_partition, o.kafka_offset";
 
+/* Leaves *m (a topic orphan unless a row matched it) for the next message of rd, or NULL at
+ * the end of the partition. 0 or -1. */
+static int next_message(struct audit_ctx *a, struct admin_reader *rd, struct part_stat *ps,
+                        rd_kafka_message_t **m, bool *matched)
+{
+    if (!*matched && unmatched_message(a, *m)) return -1;
+    rd_kafka_message_destroy(*m);
+    *m = NULL;
+    *matched = false;
+    int mr = admin_reader_next(rd, m, a->err, a->errlen);
+    if (mr == 1) ps->messages++;
+    return mr < 0 ? -1 : 0;
+}
+
 static int stage2_merge(struct audit_ctx *a, const char *const *params)
 {
     struct pgcur k;
@@ -722,14 +736,8 @@ static int stage2_merge(struct audit_ctx *a, const char *const *params)
                 snprintf(why, sizeof why, "beyond the high watermark %" PRId64, ps->high);
                 row_problem(a, C_NOT_IN_TOPIC, &row, why, NULL);
             } else {
-                while (m && m->offset < row.offset) {
-                    if (!matched && unmatched_message(a, m)) goto part_fail;
-                    rd_kafka_message_destroy(m);
-                    m = NULL;
-                    matched = false;
-                    if ((mr = admin_reader_next(&rd, &m, a->err, a->errlen)) < 0) goto part_fail;
-                    if (mr == 1) ps->messages++;
-                }
+                while (m && m->offset < row.offset)
+                    if (next_message(a, &rd, ps, &m, &matched)) goto part_fail;
                 if (row.offset < rd.low) { /* retention moved the log start while reading */
                     ps->expired++;
                     add(a, C_EXPIRED,
@@ -759,14 +767,8 @@ static int stage2_merge(struct audit_ctx *a, const char *const *params)
             if (rc == 1) row_from_cursor(&k, &row);
         }
         /* The rest of the partition: messages no row claims. */
-        while (m) {
-            if (!matched && unmatched_message(a, m)) goto part_fail;
-            rd_kafka_message_destroy(m);
-            m = NULL;
-            matched = false;
-            if ((mr = admin_reader_next(&rd, &m, a->err, a->errlen)) < 0) goto part_fail;
-            if (mr == 1) ps->messages++;
-        }
+        while (m)
+            if (next_message(a, &rd, ps, &m, &matched)) goto part_fail;
         admin_reader_close(&rd);
         if (flush_cands(a)) goto out;
         log_debug("audit", "event=partition_done partition=%d rows=%" PRId64 " messages=%" PRId64

@@ -254,6 +254,8 @@ static struct replay_rec *find_replayed(struct replay_ctx *ctx, const char *even
 
 static void replay_dr(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque)
 {
+    (void)rk;
+    (void)opaque;
     struct replay_rec *r = m->_private;
     if (!r) return;
     r->state = m->err ? REC_FAILED : REC_DELIVERED;
