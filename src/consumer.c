@@ -25,15 +25,22 @@ static const char *lq(const char *s, char *buf, size_t n)
 }
 
 #define PART_WINDOW 256           /* events per partition in hand (parsed, handed out) */
-#define PART_QUEUE_PAUSE 512      /* fetched, unfinished events per partition before pausing it */
+/* Flow control. Fetched, unfinished events in all partitions: above INHAND_HIGH the
+ * partitions holding more than their window are paused, below INHAND_LOW resumed. Pausing is
+ * kept rare on purpose: librdkafka drops a paused partition's prefetched messages and takes
+ * ~0.5-1 s to fetch again after the resume (measured: a per-partition limit of 512 capped
+ * the consumer at ~6,000 events/s with 12 partitions). */
+#define INHAND_HIGH 32768
+#define INHAND_LOW 16384
 #define POINTS_BATCH_CUT 1024     /* events per points statement */
 #define MARKS_BATCH_CUT 2048      /* done marks per statement */
 #define STATEMENTS_INFLIGHT 2     /* points (and, separately, marks) statements in flight */
 #define COMMIT_INTERVAL_MS 200    /* finished offsets are committed at most this often */
-#define POLL_INTERVAL_MS 100     /* serve the consumer even when idle (max.poll.interval.ms) */
+#define POLL_INTERVAL_MS 1000    /* serve the consumer even when idle (max.poll.interval.ms) */
 #define CLOSE_DRAIN_MAX_MS 10000  /* wait for work in flight at shutdown, at most */
 #define CLOSE_KAFKA_MAX_MS 10000  /* wait for the asynchronous consumer close, at most */
 #define BACKOFF_MAX_MS 60000      /* cap of the exponential backoff */
+#define FETCH_WAIT_MAX_MS "50"   /* see consumer_start */
 #define CONSUMER_DB_POOL 4        /* PostgreSQL connections of the consumer */
 #define DLQ_MESSAGE_MAX 1000      /* bytes of error message kept in the DLQ header and row */
 
@@ -124,6 +131,8 @@ struct consumer {
     struct slot *ready_head, *ready_tail;
     struct slot *marks_head, *marks_tail;
     size_t nready, nmarks_slots;
+    size_t inhand;              /* slots in all partitions */
+    bool flow_paused;           /* inhand passed INHAND_HIGH and not yet below INHAND_LOW */
     int points_inflight, marks_inflight;
     unsigned dlq_inflight;      /* slots producing to the DLQ or recording the dead letter */
     uv_timer_t commit_timer, poll_timer, close_timer;
@@ -310,11 +319,30 @@ static void offset_commit_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
     commit_result(opaque, err, offsets);
 }
 
-/* Paused while a slot waits to retry (no point fetching more) or while its list is long. */
+/* Paused while it holds a full window and one of its events waits to retry (its calls are
+ * held back: no point fetching more), or while too much is in hand in all partitions and it
+ * holds more than its window. Below a full window it keeps fetching, so the events behind a
+ * failing one get their points meanwhile. */
 static void update_pause(struct cpart *p)
 {
-    bool want = p->assigned && (p->nbackoff > 0 || p->nslots >= PART_QUEUE_PAUSE);
+    struct consumer *c = p->c;
+    bool want = p->assigned && p->nslots >= PART_WINDOW &&
+                (p->nbackoff > 0 || (c->flow_paused && p->nslots > PART_WINDOW));
     set_paused(p, want);
+}
+
+/* Counts slots in/out; toggles the flow control with hysteresis. */
+static void inhand_add(struct consumer *c, long delta)
+{
+    c->inhand = (size_t)((long)c->inhand + delta);
+    bool was = c->flow_paused;
+    if (!was && c->inhand >= INHAND_HIGH) c->flow_paused = true;
+    else if (was && c->inhand <= INHAND_LOW) c->flow_paused = false;
+    if (was == c->flow_paused) return;
+    log_info("consumer", "event=%s in_hand=%zu", c->flow_paused ? "flow_pause" : "flow_resume",
+             c->inhand);
+    for (int32_t i = 0; i < c->nparts; i++)
+        if (c->parts[i]) update_pause(c->parts[i]);
 }
 
 /* ---- the ready and marks lists (intrusive, doubly linked) ---- */
@@ -401,6 +429,7 @@ static void part_on_timer_close(uv_handle_t *h)
 
 static void part_drop_slots(struct cpart *p)
 {
+    inhand_add(p->c, -(long)p->nslots);
     while (p->head) {
         struct slot *s = p->head;
         p->head = s->next;
@@ -583,6 +612,7 @@ static void part_release_finished(struct cpart *p)
         p->nslots--;
         if (s->active) p->nactive--;
         slot_free(s);
+        inhand_add(c, -1);
         moved = true;
     }
     if (!moved) return;
@@ -1248,6 +1278,7 @@ static void on_message(struct consumer *c, rd_kafka_message_t *m)
     if (!p->next_inactive) p->next_inactive = s;
     p->nslots++;
     p->last_seen = m->offset;
+    inhand_add(c, 1);
     part_activate(p);
     update_pause(p);
 }
@@ -1446,8 +1477,14 @@ int consumer_start(struct consumer **out, uv_loop_t *loop, const struct cfg *cfg
      * reported (on_rdkafka_log): see consumer.h. */
     const char *ckv[] = {"group.id", cfg->consumer_group, "enable.auto.commit", "false",
                          "enable.auto.offset.store", "false", "auto.offset.reset", "earliest",
-                         "client.id", "ticketd-consumer", "log.queue", "true"};
-    rd_kafka_conf_t *cconf = conf_for(cfg, brokers, ckv, sizeof ckv / sizeof *ckv);
+                         "client.id", "ticketd-consumer", "log.queue", "true",
+                         /* An idle fetch waits at most this long for data (default 500 ms):
+                          * the mock cluster answers a waiting fetch only when it expires, so
+                          * it bounded publish->processed from below. KAFKA_CONFIG wins. */
+                         "fetch.wait.max.ms", FETCH_WAIT_MAX_MS};
+    size_t nckv = sizeof ckv / sizeof *ckv;
+    if (cfg->kafka_config && strstr(cfg->kafka_config, "fetch.wait.max.ms")) nckv -= 2;
+    rd_kafka_conf_t *cconf = conf_for(cfg, brokers, ckv, nckv);
     if (!cconf) goto fail;
     rd_kafka_conf_set_rebalance_cb(cconf, rebalance_cb);
     rd_kafka_conf_set_offset_commit_cb(cconf, offset_commit_cb);

@@ -7,12 +7,26 @@
  * - rdkafka consumer in group CONSUMER_GROUP, enable.auto.commit=false,
  *   enable.auto.offset.store=false; its queue is bridged into the loop (kafka_bridge) and
  *   drained with rd_kafka_consumer_poll(rk, 0); rebalance and commit callbacks run there too.
- * - Per partition one event at a time, in offset order; events already fetched wait in a
- *   per-partition FIFO (the partition is paused while that FIFO is long). Other partitions
- *   keep flowing while one is retrying.
- * - A failed run is retried up to RETRY_MAX_ATTEMPTS attempts in all, RETRY_BACKOFF apart
- *   (doubling with +-25% jitter with RETRY_EXPONENTIAL): the partition is paused, a timer
- *   retries, then it is resumed. After the last attempt the original key, value and headers
+ * - Batched, in order per partition (see effects.h for the steps of one event):
+ *   each partition hands out a window of up to PART_WINDOW consecutive events; after each
+ *   poll phase (uv_check) the points step of every ready event of every partition goes out as
+ *   one statement (up to 1,024 events, at most 2 statements in flight: group commit); the
+ *   external calls (data platform, then e-mail) run one at a time per partition, in offset
+ *   order, so the sink receives a partition's events in order, retries included, while the
+ *   partitions run in parallel (libcurl multi, keep-alive connections); their done marks go
+ *   out batched too (one UPDATE for many). Without sink and SMTP an event is done after the
+ *   points statement. Each partition's offset is committed for its contiguous finished prefix
+ *   only: never past an unfinished event.
+ * - Flow control: when more than 32,768 fetched events are unfinished, the partitions holding
+ *   more than their window are paused until fewer than 16,384 are (pausing is rare on purpose:
+ *   librdkafka refetches a paused partition only ~1 s after the resume).
+ * - Failures are per event: a failed step (points statement, external call, done mark) is
+ *   retried, from that step, up to RETRY_MAX_ATTEMPTS attempts in all, RETRY_BACKOFF apart
+ *   (doubling with +-25% jitter with RETRY_EXPONENTIAL): a timer retries; a failing call
+ *   holds back the later calls of its partition (order), not their points, and once the
+ *   partition holds a full window while one of its events waits, it is paused (resumed when
+ *   the wait is over). A done mark that fails is retried without repeating
+ *   the call. After the last attempt the original key, value and headers
  *   plus dlq_* headers (ARCHITECTURE.md) go to the DLQ topic through an idempotent acks=all
  *   producer; on its delivery report the dead_letters row is inserted (retried until it
  *   is), and only then the offset may move. An event that cannot be parsed goes to the DLQ
@@ -22,7 +36,7 @@
  *   every 200 ms, for partitions whose next committable offset (last finished + 1) moved.
  * - Rebalance (eager or cooperative): on revoke, the partition stops handing out work, its
  *   finished offset is committed, its queued messages are dropped (the next owner reads
- *   them again), then the partitions are unassigned. A run still in flight finishes but
+ *   them again), then the partitions are unassigned. Work still in flight finishes but
  *   commits nothing; the next owner redoes it idempotently.
  * - "Offset out of range" is never silent. auto.offset.reset=earliest, and rdkafka's log
  *   (log.queue: served by our polls on the loop) is watched: a reset caused by an error (the
@@ -40,7 +54,9 @@
  * ticketd_dlq_produced_total, ticketd_sink_failures_total{effect},
  * ticketd_consumer_offset_out_of_range_total{partition}, ticketd_consumer_lag{partition}
  * (collector: high watermark - next offset to handle),
- * ticketd_consumer_publish_to_processed_seconds (message timestamp -> effects done). */
+ * ticketd_consumer_publish_to_processed_seconds (message timestamp -> effects done),
+ * ticketd_consumer_points_batch_size and ticketd_consumer_marks_batch_size (events per
+ * statement). */
 #ifndef TICKETD_CONSUMER_H
 #define TICKETD_CONSUMER_H
 

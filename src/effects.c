@@ -271,13 +271,13 @@ static void ab_elem(struct abuf *b, bool first, const char *s)
     ab_char(b, '"');
 }
 
-/* Ends the current array (NUL-terminated) and returns its offset in the buffer. */
-static size_t ab_close(struct abuf *b, size_t start)
+/* Ends the current array literal (NUL-terminated). */
+static void ab_close(struct abuf *b)
 {
     ab_put(b, "}", 2); /* '}' and the NUL */
-    return start;
 }
 
+/* Starts an array literal; returns its offset in the buffer (the buffer may move). */
 static size_t ab_open(struct abuf *b)
 {
     size_t at = b->len;
@@ -381,8 +381,8 @@ struct points_batch {
     struct effects_points_result *res;
 };
 
-/* The batch's positions of event id (lower case), via a linear scan of a sorted index
- * would be overkill: batches are cut small enough that an open-addressing table is used. */
+/* FNV-1a of an event id: the open-addressing table that matches result rows back to the
+ * batch positions. */
 static unsigned id_hash(const char *id)
 {
     unsigned h = 2166136261u;
@@ -486,7 +486,7 @@ int effects_points_batch(struct effects *fx, const struct effects_event *const *
             }
             ab_elem(&ab, i == 0, v);
         }
-        ab_close(&ab, at[col]);
+        ab_close(&ab);
     }
     if (ab.oom) goto fail;
     for (size_t i = 0; i < n; i++) {
@@ -570,7 +570,7 @@ int effects_mark_batch(struct effects *fx, const struct effects_mark *marks, siz
             }
             ab_elem(&ab, i == 0, v);
         }
-        ab_close(&ab, at[col]);
+        ab_close(&ab);
     }
     int rc = -ENOMEM;
     if (!ab.oom) {

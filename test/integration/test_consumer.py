@@ -238,6 +238,49 @@ class ConsumerTest(h.TicketdTestCase):
         self.assertEqual(len(got), 2, "re-delivered and posted again under the same key")
         self.assertEqual(got[0]["body"], got[1]["body"])
 
+    def test_failing_event_holds_its_partition_in_a_window(self):
+        """Events are handed out in windows and their points run ahead, but a failing event
+        holds back the later sink calls of its partition (order) and the committed offset
+        (a crash re-delivers it), while other partitions flow."""
+        # 100 attempts 500 ms apart: the victim is still failing long after the checks below
+        td = self.start(env={"RETRY_MAX_ATTEMPTS": "100", "RETRY_BACKOFF": "500ms"})
+        self.wait_assigned(td)
+        self.sink.fail_matching(h.phone_for(800).replace("-", ""))
+        victim = self.apply(td, 800)
+        vev = self.event(victim)
+        others = [self.apply(td, 801 + i) for i in range(24)]
+        evs = {a: self.event(a) for a in others}
+        behind = [a for a in others if evs[a]["partition"] == vev["partition"]]
+        elsewhere = [a for a in others if evs[a]["partition"] != vev["partition"]]
+        self.assertTrue(behind and elsewhere, "events on the victim's partition and on others")
+        for a in elsewhere:
+            self.wait_status(td, a, "processed")
+        # later events of the victim's partition got their points (the window) but no sink call
+        h.wait_until(lambda: all(self.points_of(evs[a]["event_id"]) == 1 for a in behind),
+                     timeout=20, what="points of the events behind the failing one")
+        h.wait_until(lambda: len([r for r in self.sink.received()
+                                  if r["key"] == vev["event_id"]]) >= 3,
+                     timeout=30, what="the failing event retried")
+        time.sleep(0.6)  # commits run every 200 ms: give a wrong one the chance to happen
+        keys = {r["key"] for r in self.sink.received()}
+        self.assertFalse(keys & {evs[a]["event_id"] for a in behind},
+                         "a sink call overtook the failing event of its partition")
+        self.assertEqual(self.status(td, victim)["status"], "published")
+        td.kill()  # SIGKILL: only committed offsets survive
+        self.sink.ok()
+
+        td2 = self.start(name="ticketd-2")
+        self.wait_status(td2, victim, "processed", timeout=60)
+        for a in behind:
+            self.wait_status(td2, a, "processed")
+        self.assertEqual(self.pg.count("dead_letters"), 0)
+        self.assertEqual(self.pg.count("points_ledger"), 1 + len(others))
+        got = self.sink.received()
+        order = [r["key"] for r in got if r["status"] == 200 and
+                 r["key"] in {vev["event_id"]} | {evs[a]["event_id"] for a in behind}]
+        want = sorted([vev] + [evs[a] for a in behind], key=lambda e: e["offset"])
+        self.assertEqual(order, [e["event_id"] for e in want], "delivered once each, in offset order")
+
     def test_graceful_stop_with_an_effect_in_flight(self):
         td = self.start(env={"SHUTDOWN_GRACE": "2s"})
         self.wait_assigned(td)
