@@ -691,19 +691,31 @@ static void clear_backoff(struct slot *s)
 
 /* A failed attempt of s (at the step `what`): retried after the backoff while attempts are
  * left, else dead-lettered. While shutting down the event is left unfinished: its offset is
- * not committed, so the next owner gets it again. */
+ * not committed, so the next owner gets it again.
+ * Our own database being unreachable is not the event's fault: such a failure is retried
+ * (at the first backoff step) without using up an attempt, so a PostgreSQL restart delays
+ * events instead of dead-lettering them. A query error while the database is up counts. */
 static void slot_fail(struct slot *s, unsigned what, const char *error_class, const char *msg)
 {
     char qb[600];
     struct cpart *p = s->p;
     struct consumer *c = p->c;
 
-    s->fails++;
     set_error(s, error_class, msg);
     if (c->phase != PH_RUNNING || s->dlq != DLQ_NONE) {
+        s->fails++;
         close_progress(c);
         return;
     }
+    if (strcmp(error_class, "db") == 0 && dbp_connected(c->db) == 0) {
+        log_debug("consumer", "event=database_unavailable partition=%" PRId32 " offset=%" PRId64
+                 " event_id=%s action=wait next_in_ms=%" PRIu64, p->partition, s->m->offset,
+                 s->ev.event_id, backoff_ms(c, 1));
+        metrics_counter_add("ticketd_consumer_db_unavailable_total", NULL, 1);
+        backoff(s, what, backoff_ms(c, 1));
+        return;
+    }
+    s->fails++;
     if (s->fails < c->cfg->retry_max_attempts) {
         uint64_t delay = backoff_ms(c, s->fails);
         metrics_counter_add("ticketd_consumer_retries_total", NULL, 1);

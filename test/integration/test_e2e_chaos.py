@@ -4,11 +4,13 @@ with SIGKILL and started again. Afterwards every 201 has its rows, every row rea
 (read back with kcat), every event was handled exactly once in effect (points once, the sink
 saw each event), and `ticketd audit` says `complete: N applications, 0 missing`.
 """
+import json
 import os
 import sys
 import threading
 import time
 import unittest
+import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
@@ -141,6 +143,43 @@ class ChaosTest(h.TicketdTestCase):
         r = h.wait_until(audit_clean, timeout=60, interval=2, what="a clean audit")
         last = r.stdout.strip().splitlines()[-1]
         self.assertEqual(last, f"complete: {n} applications, 0 missing", r.stdout)
+
+    def test_database_outage_delays_events_and_dead_letters_none(self):
+        """While our own PostgreSQL is down the consumer waits: the outage lasts many retry
+        budgets (2 attempts, 200 ms apart), yet nothing is dead-lettered and every event is
+        handled once the database is back."""
+        self.reset_db()
+        kafka = self.track(h.KafkaMock(PARTITIONS))
+        group = h.unique_group("outage")
+        td = self.track(h.Ticketd(self.pg, kafka.brokers, role="consumer", env={
+            "CONSUMER_GROUP": group, "RETRY_BACKOFF": "200ms", "RETRY_MAX_ATTEMPTS": "2",
+            "KAFKA_CONFIG": "session.timeout.ms=6000,heartbeat.interval.ms=500"}))
+        h.wait_until(lambda: "event=assigned" in td.log_text(), timeout=40,
+                     what="the consumer joined its group")
+        self.pg.stop()
+        events = []
+        for i in range(40):
+            ce_id = str(uuid.uuid4())
+            events.append(ce_id)
+            value = json.dumps({"id": 1000 + i, "event_id": "outage-2026",
+                                "phone": f"0109999{i:04d}", "name": f"Outage {i}",
+                                "email": None, "seats": 1,
+                                "created_at": "2026-11-26T20:00:00.000000Z"})
+            h.kcat_produce(kafka.brokers, TOPIC, value, key=str(1000 + i),
+                           headers={"ce_id": ce_id, "ce_specversion": "1.0",
+                                    "ce_type": "TicketApplied", "ce_source": "/ticketd",
+                                    "ce_time": "2026-11-26T20:00:00Z",
+                                    "content-type": "application/json"})
+        time.sleep(3)  # 15 backoffs of 200 ms: the old behaviour dead-lettered by now
+        self.assertTrue(td.alive())
+        self.pg.start()
+        h.wait_until(lambda: self.pg.count("processed_events") == len(events), timeout=60,
+                     what="every event processed after the outage")
+        got = {r[0] for r in self.pg.query("SELECT event_id FROM processed_events")}
+        self.assertEqual(got, set(events))
+        self.assertEqual(self.pg.count("points_ledger"), len(events))
+        self.assertEqual(self.pg.count("dead_letters"), 0)
+        self.assertEqual(h.kcat_consume(kafka.brokers, TOPIC + ".DLQ"), [])
 
 
 if __name__ == "__main__":
