@@ -523,7 +523,7 @@ static void handle_apply(struct app *app, struct http_request *req)
     "  WHEN 10 THEN substr(a.phone,1,3)||'-'||substr(a.phone,4,3)||'-'||substr(a.phone,7,4) "  \
     "  ELSE a.phone END, "                                                                     \
     "'name', a.name, 'email', a.email, 'seats', a.seats, "                                     \
-    "'created_at', to_char(a.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), " \
+    "'created_at', " DBP_RFC3339_UTC("a.created_at") ", " \
     "'status', CASE "                                                                          \
     "  WHEN EXISTS (SELECT 1 FROM dead_letters d WHERE d.event_id = o.event_id "               \
     "               AND d.replayed_at IS NULL) THEN 'dead_lettered' "                          \
@@ -533,14 +533,14 @@ static void handle_apply(struct app *app, struct http_request *req)
     "  ELSE 'applied' END, "                                                                   \
     "'outbox', CASE WHEN o.id IS NULL THEN NULL ELSE json_build_object("                       \
     "  'event_id', o.event_id, "                                                               \
-    "  'created_at', to_char(o.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), " \
-    "  'published_at', to_char(o.published_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), " \
+    "  'created_at', " DBP_RFC3339_UTC("o.created_at") ", " \
+    "  'published_at', " DBP_RFC3339_UTC("o.published_at") ", " \
     "  'partition', o.kafka_partition, 'offset', o.kafka_offset, "                             \
     "  'attempts', o.attempts, 'last_error', o.last_error) END, "                              \
     "'processed', CASE WHEN p.event_id IS NULL THEN NULL ELSE json_build_object("              \
     "  'consumer_group', p.consumer_group, 'topic', p.topic, 'partition', p.partition, "       \
     "  'offset', p.\"offset\", "                                                               \
-    "  'processed_at', to_char(p.processed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')) END, " \
+    "  'processed_at', " DBP_RFC3339_UTC("p.processed_at") ") END, " \
     "'effects', COALESCE((SELECT json_agg(json_build_object('effect', e.effect, 'done', e.done, " \
     "  'attempts', e.attempts, 'last_error', e.last_error) ORDER BY e.effect) "                \
     "  FROM event_effects e WHERE e.event_id = o.event_id), '[]'::json), "                     \
@@ -548,8 +548,8 @@ static void handle_apply(struct app *app, struct http_request *req)
     "  'src_partition', d.src_partition, 'src_offset', d.src_offset, "                         \
     "  'dlq_partition', d.dlq_partition, 'dlq_offset', d.dlq_offset, 'attempts', d.attempts, " \
     "  'error_class', d.error_class, 'error_message', d.error_message, "                       \
-    "  'dead_lettered_at', to_char(d.dead_lettered_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), " \
-    "  'replayed_at', to_char(d.replayed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')) " \
+    "  'dead_lettered_at', " DBP_RFC3339_UTC("d.dead_lettered_at") ", " \
+    "  'replayed_at', " DBP_RFC3339_UTC("d.replayed_at") ") " \
     "  FROM dead_letters d WHERE d.event_id = o.event_id ORDER BY d.id DESC LIMIT 1))"
 
 #define APPLICATION_FROM_SQL                                                                   \

@@ -15,6 +15,11 @@
 
 struct dbp;
 
+/* SQL text of a timestamptz column as RFC 3339 UTC with microseconds, the one format of every
+ * time the service returns or publishes: DBP_RFC3339_UTC("created_at"). */
+#define DBP_RFC3339_UTC(col) \
+    "to_char(" col " AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+
 /* Called once per query. res is the result of the (last) statement: check
  * PQresultStatus() (a query error arrives as PGRES_FATAL_ERROR with error set too).
  * res is NULL when the query could not run or its outcome is unknown (connection lost,

@@ -13,6 +13,7 @@
 
 #include "admin_common.h"
 #include "api.h"
+#include "db_pool.h"
 #include "effects.h"
 #include "http_server.h"
 #include "kafka_common.h"
@@ -80,10 +81,8 @@ static int load_rows(PGconn *db, struct dl_rows *out, char *err, size_t errlen)
 {
     PGresult *res = admin_pg_exec(db,
                                   "SELECT dlq_partition, dlq_offset, replayed_at IS NOT NULL,"
-                                  " coalesce(to_char(replayed_at AT TIME ZONE 'UTC',"
-                                  "   'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), ''),"
-                                  " to_char(dead_lettered_at AT TIME ZONE 'UTC',"
-                                  "   'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+                                  " coalesce(" DBP_RFC3339_UTC("replayed_at") ", ''),"
+                                  " " DBP_RFC3339_UTC("dead_lettered_at")
                                   " FROM dead_letters ORDER BY dlq_partition, dlq_offset, id",
                                   0, NULL, err, errlen);
     if (!res) return -1;

@@ -46,8 +46,6 @@
  * appends on its rightmost page instead of a random leaf per row (fewer pages dirtied, fewer
  * full-page images in the WAL after a checkpoint, one gen_random_uuid() per batch instead of
  * one per row). docs/PERFORMANCE.md has the measurements. */
-#define RFC3339_UTC(col) "to_char(" col " AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
-
 const char *const ingest_batch_sql =
     "WITH input AS ("
     " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::text[])"
@@ -57,7 +55,7 @@ const char *const ingest_batch_sql =
     " SELECT event_id, phone, name, email, seats, idempotency_key FROM input"
     " ORDER BY event_id COLLATE \"C\", phone COLLATE \"C\""
     " ON CONFLICT (event_id, phone) DO NOTHING"
-    " RETURNING id, event_id, phone, name, email, seats, " RFC3339_UTC("created_at") " AS created"
+    " RETURNING id, event_id, phone, name, email, seats, " DBP_RFC3339_UTC("created_at") " AS created"
     "), rnd AS ("
     " SELECT substr(replace(gen_random_uuid()::text, '-', ''), 14) AS bits"
     "), ob AS ("
@@ -74,7 +72,7 @@ const char *const ingest_batch_sql =
     ")"
     " SELECT 'c' AS kind, id, event_id, phone, NULL::text AS idempotency_key, created FROM ins"
     " UNION ALL"
-    " SELECT 'e', a.id, a.event_id, a.phone, a.idempotency_key, " RFC3339_UTC("a.created_at")
+    " SELECT 'e', a.id, a.event_id, a.phone, a.idempotency_key, " DBP_RFC3339_UTC("a.created_at")
     " FROM input i CROSS JOIN LATERAL (SELECT * FROM applications x"
     "  WHERE x.event_id = i.event_id AND x.phone = i.phone LIMIT 1) AS a"
     " WHERE (SELECT count(*) FROM ins) < (SELECT count(*) FROM input)" /* probe only if needed */
@@ -84,7 +82,7 @@ const char *const ingest_batch_sql =
 /* Follow-up for keys that conflicted with a concurrent commit: a new statement, a new
  * snapshot. $1 event_id[], $2 phone[]; rows as kind 'e' above. */
 static const char ingest_lookup_sql[] =
-    "SELECT 'e', a.id, a.event_id, a.phone, a.idempotency_key, " RFC3339_UTC("a.created_at")
+    "SELECT 'e', a.id, a.event_id, a.phone, a.idempotency_key, " DBP_RFC3339_UTC("a.created_at")
     " FROM unnest($1::text[], $2::text[]) AS t(event_id, phone)"
     " CROSS JOIN LATERAL (SELECT * FROM applications x"
     "  WHERE x.event_id = t.event_id AND x.phone = t.phone LIMIT 1) AS a";

@@ -46,7 +46,7 @@
 
 static const char *const claim_sql =
     "SELECT id, event_id, aggregate_id, payload::text, "
-    "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), "
+    DBP_RFC3339_UTC("created_at") ", "
     "extract(epoch FROM created_at)::float8, attempts "
     "FROM outbox WHERE published_at IS NULL AND id > $1 ORDER BY id LIMIT $2";
 

@@ -456,7 +456,7 @@ def parallel(fn, items, workers=32):
 
 
 def phone_for(i):
-    """A distinct valid Korean mobile number for each i < 10^8: 010-XXXX-XXXX."""
+    """A distinct valid Korean mobile number for each i < 10^8: 010-NNNN-NNNN."""
     n = i % 100_000_000
     return f"010-{n // 10000:04d}-{n % 10000:04d}"
 
