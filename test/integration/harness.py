@@ -24,6 +24,7 @@ import http.client
 import json as jsonlib
 import os
 import queue
+import re
 import shutil
 import signal
 import socket
@@ -192,6 +193,17 @@ class Pg:
 
     def execute(self, sql, db="ticketd"):
         self.psql(sql, db=db)
+
+    def application_id(self, body):
+        """The internal applications.id behind a 201 body: its "id" where the answer still
+        carries one, else looked up by its unguessable "reference" (issue 12)."""
+        if "id" in body:
+            return int(body["id"])
+        ref = str(body["reference"])
+        if not re.fullmatch(r"[0-9a-fA-F-]{36}", ref):
+            raise ValueError(f"not a reference: {ref!r}")
+        v = self.scalar(f"SELECT id FROM applications WHERE reference = '{ref}'")
+        return int(v) if v is not None else None
 
     def close(self):
         if self in _live:
