@@ -31,6 +31,7 @@
 #include "log.h"
 #include "metrics.h"
 #include "outbox_relay.h"
+#include "report.h"
 #include "trace.h"
 #include "validate.h"
 
@@ -70,6 +71,7 @@ static const struct api_route routes[] = {
     /* wiring: dlq */
     {HTTP_GET, "/admin/dlq", false, true, "admin_dlq", dlq_handle_list},
     {HTTP_POST, "/admin/dlq/replay", false, true, "admin_dlq_replay", dlq_handle_replay},
+    {HTTP_GET, "/admin/report", false, true, "admin_report", report_handle_http},
 };
 
 #define NROUTES (sizeof routes / sizeof routes[0])
@@ -292,7 +294,9 @@ static void blocking_after(uv_work_t *w, int status)
                   job->status);
         api_respond_error(job->req, 500, "internal", NULL, NULL);
     } else {
-        api_send(job->req, job->status, JSON_TYPE, job->body, strlen(job->body), NULL);
+        bool html = strncmp(job->body, "<!DOCTYPE html>", 15) == 0; /* report.c */
+        api_send(job->req, job->status, html ? "text/html; charset=utf-8" : JSON_TYPE, job->body,
+                 strlen(job->body), NULL);
     }
     free(job->body);
     if (job->free_arg) job->free_arg(job->arg);

@@ -24,7 +24,7 @@ bool api_admin_authorized(struct app *app, struct http_request *req);
 
 /* Runs work(arg) on libuv's thread pool (admin tools use blocking libpq/rdkafka calls,
  * which must never run on the loop), then answers req with the status and JSON body it
- * returns (*body malloc'd, freed here). arg is freed with free_arg (may be NULL) afterwards. */
+ * returns (*body malloc'd, freed here; sent as text/html when it starts with "<!DOCTYPE html>"). arg is freed with free_arg (may be NULL) afterwards. */
 typedef int (*api_blocking_fn)(void *arg, char **body);
 void api_run_blocking(struct app *app, struct http_request *req, api_blocking_fn work,
                       void *arg, void (*free_arg)(void *));

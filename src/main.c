@@ -24,6 +24,7 @@
 #include "ingest.h"
 #include "kafka_mock_cmd.h"
 #include "outbox_relay.h"
+#include "report.h"
 #include "trace.h"
 #include "log.h"
 #include "metrics.h"
@@ -433,6 +434,7 @@ static const struct command commands[] = {
     {"audit", audit_main, false, "reconcile DB, outbox, topic, consumer and DLQ (--event-id, --since, --json)"},
     {"trace", trace_main, false, "one phone's trail: trace --phone P [--event-id E] [--scan] [--json]"},
     {"dlq", dlq_main, false, "dead letters: dlq list [--limit N] | dlq replay [--event-id E]"},
+    {"report", report_main, false, "post-event report as HTML: report --event-id E [--out FILE.html]"},
     {"kafka-mock", kafka_mock_main, true, "run a standalone mock Kafka cluster (tests, demo)"},
 };
 
