@@ -11,6 +11,7 @@
 # effects done; the consumer group's offsets committed at the high watermarks. Then
 # `ticketd audit` runs under /usr/bin/time -v, twice (the second run has warm caches).
 # Prints one line per run: N, partitions, wall seconds, peak RSS, verdict line.
+# BENCH_COMMAND replaces `audit` with another command over the same data (report_bench.sh).
 #
 # The mock keeps at most 5 MiB per partition; ~330 bytes per message means 1,000,000
 # messages need >= 64 partitions; the script uses one partition per 8,000 applications
@@ -21,6 +22,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BIN=${TICKETD_BIN:-$ROOT/build/ticketd}
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 SIZES=("$@")
+BENCH_COMMAND=${BENCH_COMMAND:-audit}
 [ ${#SIZES[@]} -gt 0 ] || SIZES=(100000)
 [ -x "$BIN" ] || { echo "audit_bench: $BIN not built (set TICKETD_BIN)" >&2; exit 2; }
 
@@ -212,8 +214,9 @@ for N in "${SIZES[@]}"; do
 
     for run in 1 2; do
         set +e
+        # shellcheck disable=SC2086  # $BENCH_COMMAND: the command and its flags, split on purpose
         CONSUMER_GROUP=$GROUP KAFKA_BROKERS=$BROKERS LOG_LEVEL=${AUDIT_LOG_LEVEL:-warn} \
-            /usr/bin/time -v "$BIN" audit >"$WORK/audit.out" 2>"$WORK/audit.err"
+            /usr/bin/time -v "$BIN" $BENCH_COMMAND >"$WORK/audit.out" 2>"$WORK/audit.err"
         rc=$?
         set -e
         wall=$(sed -n 's/.*Elapsed (wall clock) time (h:mm:ss or m:ss): //p' "$WORK/audit.err")
@@ -222,8 +225,8 @@ for N in "${SIZES[@]}"; do
         cpu_s=$(sed -n 's/.*System time (seconds): //p' "$WORK/audit.err")
         verified=$(sed -n 's/^ *verified (ce_id found at the recorded offset) *//p' "$WORK/audit.out")
         expired=$(sed -n 's/^ *expired from the topic ([^)]*) *//p' "$WORK/audit.out")
-        printf 'audit N=%d partitions=%d run=%d exit=%d wall=%s user=%ss sys=%ss peak_rss=%d MiB verified=%s expired=%s | %s\n' \
-            "$N" "$PARTS" "$run" "$rc" "$wall" "$cpu_u" "$cpu_s" "$(( rss / 1024 ))" "$verified" "$expired" \
+        printf '%s N=%d partitions=%d run=%d exit=%d wall=%s user=%ss sys=%ss peak_rss=%d MiB verified=%s expired=%s | %s\n' \
+            "${BENCH_COMMAND%% *}" "$N" "$PARTS" "$run" "$rc" "$wall" "$cpu_u" "$cpu_s" "$(( rss / 1024 ))" "$verified" "$expired" \
             "$(tail -n 1 "$WORK/audit.out")"
         [ "${AUDIT_LOG_LEVEL:-warn}" != debug ] || grep 'mod=audit' "$WORK/audit.err" >&2
         if [ "$rc" -ne 0 ]; then grep -E 'MISSING|expired|error' "$WORK/audit.out" "$WORK/audit.err" | head -20 >&2; fi

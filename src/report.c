@@ -33,6 +33,7 @@
 #define EVIDENCE_END "\n<!-- evidence:end -->"
 #define ERROR_TEXT_MAX 160              /* bytes of an error message shown */
 #define CLUSTER_ID_TIMEOUT_MS 5000
+#define SVG_MARKERS_MAX 60              /* a short opening: dots on its few points */
 
 static const char *const effect_names[] = {"points", "data_platform", "email"};
 #define NEFFECTS (sizeof effect_names / sizeof effect_names[0])
@@ -391,6 +392,8 @@ static void svg_chart(FILE *f, const char *id, const char *title, const struct s
 {
     const double W = 860, H = 210, L = 60, R = 12, T = 26, B = 30;
     int64_t ymax = 1;
+#define X(i) (nb > 1 ? L + (W - L - R) * (i) / (nb - 1) : L + (W - L - R) / 2)
+#define Y(v) (T + (H - T - B) * (1.0 - (double)(v) / (double)ymax))
     for (int k = 0; k < ns; k++)
         for (int i = 0; i < nb; i++)
             if (s[k].v[i] > ymax) ymax = s[k].v[i];
@@ -402,7 +405,8 @@ static void svg_chart(FILE *f, const char *id, const char *title, const struct s
             "<text x=\"%.0f\" y=\"%.0f\" text-anchor=\"end\">0</text>\n",
             L - 4, T + 10, ymax, L - 4, H - B);
     fprintf(f, "<text x=\"%.0f\" y=\"%.0f\">+0 s</text><text x=\"%.0f\" y=\"%.0f\" "
-            "text-anchor=\"end\">+%d s</text>\n", L, H - B + 16, W - R, H - B + 16, nb * width_s);
+            "text-anchor=\"end\">+%d s</text>\n", L, H - B + 16, W - R, H - B + 16,
+            (nb - 1) * width_s);
     double lx = L;
     for (int k = 0; k < ns; k++) {
         fprintf(f, "<text x=\"%.0f\" y=\"16\" fill=\"%s\">&#9632; %s</text>\n", lx, s[k].color,
@@ -412,14 +416,15 @@ static void svg_chart(FILE *f, const char *id, const char *title, const struct s
         for (int i = 0; i < nb; i++) total += s[k].v[i];
         fprintf(f, "<polyline data-series=\"%s\" data-sum=\"%" PRId64 "\" fill=\"none\" "
                 "stroke=\"%s\" stroke-width=\"1.5\" points=\"", s[k].name, total, s[k].color);
-        for (int i = 0; i < nb; i++) {
-            double x = nb > 1 ? L + (W - L - R) * i / (nb - 1) : L + (W - L - R) / 2;
-            double y = T + (H - T - B) * (1.0 - (double)s[k].v[i] / (double)ymax);
-            fprintf(f, "%s%.1f,%.1f", i ? " " : "", x, y);
-        }
+        for (int i = 0; i < nb; i++) fprintf(f, "%s%.1f,%.1f", i ? " " : "", X(i), Y(s[k].v[i]));
         fputs("\"/>\n", f);
+        for (int i = 0; i < nb && nb <= SVG_MARKERS_MAX; i++)
+            fprintf(f, "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"2.5\" fill=\"%s\"/>\n", X(i),
+                    Y(s[k].v[i]), s[k].color);
     }
     fputs("</svg>\n", f);
+#undef X
+#undef Y
 }
 
 /* Bucket k of each series from a (series, bucket, count) result. */

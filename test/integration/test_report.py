@@ -281,8 +281,9 @@ class ReportTest(h.TicketdTestCase):
 
         path, text, sha = self.report("losses.html", expect_rc=1)
         dom, dom_text, png = self.render(path)
-        if os.environ.get("REPORT_SCREENSHOT"):
-            shutil.copy(png, os.environ["REPORT_SCREENSHOT"])
+        if os.environ.get("REPORT_KEEP"):   # a directory: keep the report and its screenshot
+            shutil.copy(path, os.environ["REPORT_KEEP"])
+            shutil.copy(png, os.environ["REPORT_KEEP"])
         self.assertEqual(dom.keys["verdict"], "incomplete")
         self.assertRegex(dom_text, r'id="verdict-sentence">LOSSES: 3 of the 18 applications')
         self.assertIn('<section id="verdict" class="loss">', text)
