@@ -230,8 +230,6 @@ static int sec_counts(struct rep *r, const char *const *p1)
     count_row(f, "pending", "Events at or above the committed offset (not yet consumed)",
               jint(r->audit, "stages.kafka_consumer.pending"),
               "audit stage 3: committed offsets read with the group id, never joining the group");
-    count_row(f, "lag", "Consumer lag, all shows (messages)", jint(r->audit, "stages.kafka_consumer.lag"),
-              "audit stage 3: sum over partitions of high watermark - committed offset");
     fputs("</table>\n", f);
     return 0;
 }
@@ -257,20 +255,17 @@ static int sec_partitions(struct rep *r, const char *const *p1)
                       1, p1);
     if (!res) return -1;
     json_object *parts = jget(r->audit, "stages.kafka_consumer.partitions");
-    size_t np = json_object_array_length(parts);
-    fputs("<h3>Messages of this show in the topic ", f);
-    esc(f, r->cfg->topic);
-    fputs(", per partition</h3>\n<table class=\"parts\">\n<tr><th>partition</th><th>messages of "
-          "this show (published rows)</th><th>their offsets</th><th>verified at their offset</th>"
-          "<th>copies re-sent (replays)</th><th>messages of this show with no outbox row</th><th>topic low..high watermark</th>"
-          "<th>committed</th><th>lag</th></tr>\n", f);
     json_object *orphans = jget(r->audit, "stages.outbox_kafka.topic_without_row.items");
     json_object *copies = jget(r->audit, "stages.outbox_kafka.recorded_elsewhere.items");
+    fputs("<h3>Messages of this show in the topic ", f);
+    esc(f, r->cfg->topic);
+    fputs(", per partition</h3>\n<table class=\"parts\">\n<tr><th>partition</th><th>messages "
+          "(published rows)</th><th>their offsets</th><th>verified at their offset</th><th>copies "
+          "re-sent (replays)</th><th>messages with no outbox row</th></tr>\n", f);
     int row = 0, nrows = PQntuples(res);
-    for (size_t i = 0; i < np; i++) {
+    for (size_t i = 0; i < json_object_array_length(parts); i++) {
         json_object *pj = json_object_array_get_idx(parts, i);
-        int64_t p = jint(pj, "partition");
-        int64_t cnt = 0;
+        int64_t p = jint(pj, "partition"), cnt = 0;
         const char *lo = NULL, *hi = NULL;
         while (row < nrows && ival(res, row, 0) < p) row++;
         if (row < nrows && ival(res, row, 0) == p) {
@@ -278,31 +273,50 @@ static int sec_partitions(struct rep *r, const char *const *p1)
             lo = val(res, row, 2);
             hi = val(res, row, 3);
         }
-        json_object *c = jget(pj, "committed");
-        fprintf(f, "<tr data-partition=\"%" PRId64 "\"><td>%" PRId64 "</td><td class=\"n\" "
-                "data-key=\"p%" PRId64 "_messages\">%" PRId64 "</td><td data-key=\"p%" PRId64
-                "_range\">",
-                p, p, p, cnt, p);
+        fprintf(f, "<tr><td>%" PRId64 "</td><td class=\"n\" data-key=\"p%" PRId64 "_messages\">%"
+                PRId64 "</td><td data-key=\"p%" PRId64 "_range\">", p, p, cnt, p);
         if (lo && hi) fprintf(f, "%s..%s", lo, hi);
         else fputs("-", f);
         fprintf(f, "</td><td class=\"n\" data-key=\"p%" PRId64 "_verified\">%" PRId64
                 "</td><td class=\"n\" data-key=\"p%" PRId64 "_copies\">%" PRId64 "</td><td "
-                "class=\"n\" data-key=\"p%" PRId64 "_orphans\">%" PRId64 "</td><td>%" PRId64
-                "..%" PRId64 "</td><td>",
-                p, jint(pj, "verified"), p, in_partition(copies, p), p, in_partition(orphans, p),
-                jint(pj, "low"), jint(pj, "high"));
-        if (c) fprintf(f, "%" PRId64, json_object_get_int64(c));
-        else fputs("none", f);
-        fprintf(f, "</td><td>%" PRId64 "</td></tr>\n", jint(pj, "lag"));
+                "class=\"n\" data-key=\"p%" PRId64 "_orphans\">%" PRId64 "</td></tr>\n",
+                p, jint(pj, "verified"), p, in_partition(copies, p), p, in_partition(orphans, p));
     }
     PQclear(res);
     fputs("</table>\n<p class=\"src\">Messages and offsets: SELECT kafka_partition, count(*), "
           "min(kafka_offset), max(kafka_offset) FROM outbox WHERE payload-&gt;&gt;'event_id' = '", f);
     esc(f, r->event_id);
-    fputs("' AND published_at IS NOT NULL GROUP BY 1. Verified, copies re-sent and messages "
-          "with no row (the audit's recorded_elsewhere and topic_without_row, listed up to its cap), watermarks, committed offsets and "
-          "lag: the audit (stages 2 and 3).</p>\n", f);
+    fputs("' AND published_at IS NOT NULL GROUP BY 1. Verified, copies re-sent and messages with "
+          "no row: the audit, stage 2 (recorded_elsewhere and topic_without_row, listed up to its "
+          "cap).</p>\n", f);
     return 0;
+}
+
+/* The topic and the group as a whole (other shows move them): outside the evidence, so the
+ * evidence's hash depends on this show's data only. */
+static void cluster_state(const struct rep *r, FILE *f)
+{
+    json_object *parts = jget(r->audit, "stages.kafka_consumer.partitions");
+    fputs("<section id=\"cluster-state\">\n<h2>The topic and the consumer group when the report "
+          "was made</h2>\n<table class=\"parts\">\n<tr><th>partition</th><th>low..high watermark"
+          "</th><th>committed offset</th><th>lag</th></tr>\n", f);
+    for (size_t i = 0; i < json_object_array_length(parts); i++) {
+        json_object *pj = json_object_array_get_idx(parts, i), *c = jget(pj, "committed");
+        int64_t p = jint(pj, "partition");
+        fprintf(f, "<tr><td>%" PRId64 "</td><td>%" PRId64 "..%" PRId64 "</td><td data-key=\"p%"
+                PRId64 "_committed\">", p, jint(pj, "low"), jint(pj, "high"), p);
+        if (c) fprintf(f, "%" PRId64, json_object_get_int64(c));
+        else fputs("none", f);
+        fprintf(f, "</td><td>%" PRId64 "</td></tr>\n", jint(pj, "lag"));
+    }
+    fprintf(f, "</table>\n<p>Consumer lag, all shows: <span data-key=\"lag\">%" PRId64
+            "</span> messages.</p>\n<p class=\"src\">The audit, stage 3: watermarks of ",
+            jint(r->audit, "stages.kafka_consumer.lag"));
+    esc(f, r->cfg->topic);
+    fputs(", the committed offsets of group ", f);
+    esc(f, r->cfg->consumer_group);
+    fputs(" (read with its group id, never joining it); lag = high watermark - committed. Every "
+          "show shares them, so they stand outside the evidence section.</p>\n</section>\n", f);
 }
 
 /* ------------------------------------------------------------------ follow-ups */
@@ -761,7 +775,7 @@ static int evidence(struct rep *r)
     return 0;
 }
 
-static void about(struct rep *r, FILE *f, const char *brokers, const char *cluster_id,
+static void about(const struct rep *r, FILE *f, const char *brokers, const char *cluster_id,
                   const char *sha)
 {
     char now[40];
@@ -856,6 +870,7 @@ int report_run(const struct cfg *cfg, const char *brokers, const char *event_id,
     fputs("</h1>\n" EVIDENCE_BEGIN, f);
     fwrite(evbuf, 1, evlen, f);
     fputs(EVIDENCE_END "\n", f);
+    cluster_state(&r, f);
     about(&r, f, brokers, cluster, res->sha256);
     fputs("</body>\n</html>\n", f);
     if (fclose(f)) {

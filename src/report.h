@@ -8,11 +8,13 @@
  * the dead letters, the accepted/published/processed timeline (inline SVG), and who the
  * applications still not where they should be are (id, reference, masked phone).
  *
- * The document: the verdict in one sentence, then the evidence section, then "about this
- * report" (when, which version, which database (redacted) and cluster, the SHA-256 of the
- * evidence section). The evidence section is the bytes between the lines
- * "<!-- evidence:begin -->\n" and "\n<!-- evidence:end -->" (exclusive); it holds no time of
- * generation, so a later run on unchanged data gives the same hash. Everything from data is
+ * The document: the verdict in one sentence, then the evidence section, then the state of the
+ * topic and the consumer group (watermarks, committed offsets, lag: shared by every show), then
+ * "about this report" (when, which version, which database (redacted) and cluster, the SHA-256
+ * of the evidence section). The evidence section is the bytes between the lines
+ * "<!-- evidence:begin -->\n" and "\n<!-- evidence:end -->" (exclusive); it holds this show's
+ * data only, and no time of generation, so a later run on unchanged data gives the same hash
+ * (another show's opening in between does not change it). Everything from data is
  * HTML-escaped; no full phone number or e-mail appears.
  *
  * Refusals (409 duplicate, 400/422 invalid) write nothing durable today: the report says so

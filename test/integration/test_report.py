@@ -243,6 +243,14 @@ class ReportTest(h.TicketdTestCase):
         self.assertTrue(r.headers.get("content-type", "").startswith("text/html"), r.headers)
         self.assertEqual(evidence_sha(r.body.decode("utf-8")), sha)
 
+        # Another show's application moves the topic and the group's offsets, not this
+        # show's evidence.
+        self.apply(901, show=OTHER)
+        h.wait_until(lambda: self.pg.count("processed_events") == n + 2, timeout=90,
+                     what="the other show's application processed")
+        _, _, sha_other = self.report("clean-other-show.html")
+        self.assertEqual(sha_other, sha)
+
         # The data changes (one more application): so does the hash.
         self.apply(n)
         h.wait_until(self.settled, timeout=90, interval=0.5, what="the new application settled")
