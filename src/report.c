@@ -571,7 +571,9 @@ static int sec_dead_letters(struct rep *r, const char *const *p1)
         const char *replayed = val(res, i, 11);
         bool processed = val(res, i, 12)[0] == 't';
         int64_t open = ival(res, i, 13);
-        const char *outcome = !replayed ? "open: in the DLQ, not replayed"
+        const char *outcome = !replayed && processed && open == 0
+                                  ? "not replayed; the event was processed all the same"
+                              : !replayed ? "open: in the DLQ, not replayed"
                               : processed && open == 0 ? "delivered after the replay"
                               : processed ? "replayed, follow-ups still open"
                                           : "replayed, not processed yet";

@@ -324,6 +324,38 @@ class ReportTest(h.TicketdTestCase):
         _, _, sha2 = self.report("losses-again.html", expect_rc=1)
         self.assertEqual(sha2, sha)
 
+    def test_data_is_escaped_and_bad_input_refused(self):
+        app_id = self.apply(1)
+        h.wait_until(self.settled, timeout=90, interval=0.5, what="the opening settled")
+        ce = self.pg.scalar(f"SELECT event_id FROM outbox WHERE aggregate_id = {app_id}")
+        # A dead letter whose texts (they come from sinks and brokers) carry markup.
+        self.pg.execute(
+            "INSERT INTO dead_letters (event_id, application_id, src_topic, src_partition,"
+            " src_offset, dlq_partition, dlq_offset, attempts, error_class, error_message)"
+            f" VALUES ('{ce}', {app_id}, '{TOPIC}', 0, 0, 0, 0, 3, '<b>cls</b>',"
+            " '<script>alert(1)</script> & \"quoted\"')")
+        # (the event itself was processed: the audit finds nothing missing)
+        _, text, _ = self.report("escaped.html", expect_rc=0)
+        self.assertIn("not replayed; the event was processed all the same", text)
+        self.assertNotIn("<script>", text)
+        self.assertNotIn("<b>cls</b>", text)
+        self.assertIn("&lt;script&gt;alert(1)&lt;/script&gt; &amp; &quot;quoted&quot;", text)
+        self.assertIn("&lt;b&gt;cls&lt;/b&gt;", text)
+        self.check_no_phone(text)
+
+        # Bad input: a clear error, exit 2, nothing written.
+        out = os.path.join(self.tmp, "bad.html")
+        for args in (["--event-id", "no spaces<allowed>"], []):
+            r = h.run_ticketd(["report", "--out", out] + args, env=self.env, timeout=60)
+            self.assertEqual(r.returncode, 2, r)
+            self.assertFalse(os.path.exists(out))
+        self.assertIn("event id", h.run_ticketd(["report", "--event-id", "a b"], env=self.env,
+                                                timeout=60).stderr)
+        self.assertEqual(self.td.admin("GET", "/admin/report").status, 400)
+        self.assertEqual(self.td.admin("GET", "/admin/report?event_id=a%20b").status, 400)
+        self.assertEqual(self.td.admin("GET", f"/admin/report?event_id={SHOW}", token=None).status,
+                         401)
+
 
 if __name__ == "__main__":
     unittest.main()
