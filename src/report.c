@@ -629,8 +629,11 @@ static int cmp_lost(const void *x, const void *y)
 /* Appends the detail of every audit finding naming an application in lost[]. */
 static void collect_findings(json_object *audit, struct lost *lost, size_t n)
 {
-    json_object_object_foreach(jget(audit, "stages"), sk, st) {
+    json_object *stages = jget(audit, "stages");
+    if (!json_object_is_type(stages, json_type_object)) return;
+    json_object_object_foreach(stages, sk, st) {
         (void)sk;
+        if (!json_object_is_type(st, json_type_object)) continue;
         json_object_object_foreach(st, ck, cat) {
             (void)ck;
             json_object *items = NULL;
