@@ -419,13 +419,19 @@ static bool idempotency_key_ok(const char *key)
     return true;
 }
 
-static void respond_invalid(struct http_request *req, const char *field, const char *message)
+void api_respond_bad_field(struct http_request *req, const char *code, const char *field,
+                           const char *message)
 {
     json_object *obj = json_object_new_object();
-    json_object_object_add(obj, "error", json_object_new_string("invalid"));
+    json_object_object_add(obj, "error", json_object_new_string(code));
     json_object_object_add(obj, "field", json_object_new_string(field));
     json_object_object_add(obj, "message", json_object_new_string(message));
     api_respond_json(req, 400, obj, NULL);
+}
+
+static void respond_invalid(struct http_request *req, const char *field, const char *message)
+{
+    api_respond_bad_field(req, "invalid", field, message);
 }
 
 struct apply_ctx {

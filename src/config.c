@@ -132,6 +132,9 @@ static const struct cfg_setting settings[] = {
 
     {"log_level", "LOG_LEVEL", CFG_ENUM, "info", 0, 0, false, "debug,info,warn,error",
      "least severe level logged", F(log_level)},
+    {"log_buffer", "LOG_BUFFER", CFG_SIZE, "1M", 4096, 268435456, false, NULL,
+     "serve: log bytes buffered for stderr; when stderr does not keep up, lines beyond it are "
+     "dropped (ticketd_log_dropped_total) rather than stalling the service", F(log_buffer_bytes)},
 };
 
 #define NSETTINGS (sizeof settings / sizeof settings[0])

@@ -58,6 +58,7 @@ struct cfg {
     int64_t audit_grace_ms;    /* AUDIT_GRACE: rows younger than this may be unpublished */
 
     char *log_level;           /* LOG_LEVEL: debug, info, warn, error */
+    int log_buffer_bytes;      /* LOG_BUFFER: serve's stderr buffer; beyond it lines are dropped */
 };
 
 /* Fills c with defaults, then the environment, then flags argv[*argi..] ("--batch-max 1" or

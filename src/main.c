@@ -302,6 +302,8 @@ static int cmd_serve(struct cfg *c, int argc, char **argv)
     s->app.loop = loop;
     s->app.cfg = &s->cfg;
     s->app.kafka_brokers = s->cfg.kafka_brokers;
+    /* from here on a stalled stderr drops lines instead of stalling the loop */
+    if (log_async_start((size_t)s->cfg.log_buffer_bytes) != 0) log_warn("main", "event=log_blocking");
     log_effective_config(&s->cfg);
 #ifdef TICKETD_CANNED
     log_warn("main", "event=canned_mode note=\"bench-only binary: POST answers a canned 201, nothing is stored\"");
@@ -479,5 +481,6 @@ int main(int argc, char **argv)
 
     rc = cmd->fn(&c, argc - argi, argv + argi);
     cfg_free(&c);
+    log_flush(2000); /* serve's buffered lines, unless stderr is stuck */
     return rc;
 }
