@@ -532,6 +532,18 @@ class IngestFaultTest(IngestCase):
             self.assertEqual(r.status, 409, r.body)
             self.assertEqual(td2.request("GET", f"/v1/applications/{resp['reference']}").status, 200)
 
+    def test_canned_is_not_a_setting_of_the_service(self):
+        """Issue 12: on main CANNED=true made ticketd answer 201 without touching the database.
+        That mode exists only in the bench binary ticketd-canned now; ticketd ignores it."""
+        td = self.track(Ticketd(self.pg, role="api", env={"CANNED": "true"}))
+        ev = new_event("canned")
+        r = td.request("POST", "/v1/applications", json={"event_id": ev, "phone": "010-4545-1212",
+                                                          "name": "Not Canned"})
+        self.assertEqual(r.status, 201, r.body)
+        self.assertEqual(self.pg.count(f"applications WHERE event_id = {sql_str(ev)} AND "
+                                       f"reference = {sql_str(r.json()['reference'])}"), 1)
+        self.assertNotIn("canned", td.log_text())
+
     def test_sigterm_answers_in_flight_and_exits_0(self):
         td = self.track(Ticketd(self.pg, role="api"))
         ev = new_event("term")
