@@ -8,12 +8,12 @@
 #                                       (Dockerfile final stage)
 set -euo pipefail
 build_pkgs=(build-essential cmake pkg-config
-            libuv1-dev libpq-dev librdkafka-dev libjson-c-dev libcurl4-openssl-dev node-llhttp
+            libuv1-dev libpq-dev librdkafka-dev libjson-c-dev libcurl4-openssl-dev node-llhttp libssl-dev
             python3-minimal)  # test/CMakeLists.txt looks for python3 when configuring
-runtime_pkgs=(libuv1 libpq5 librdkafka1 libjson-c5 libcurl4 ca-certificates)
+runtime_pkgs=(libuv1 libpq5 librdkafka1 libjson-c5 libcurl4 libssl3 ca-certificates)
 case "${1:-}" in
   "")        pkgs=(build-essential cmake pkg-config clang
-                   libuv1-dev libpq-dev librdkafka-dev libjson-c-dev libcurl4-openssl-dev node-llhttp
+                   libuv1-dev libpq-dev librdkafka-dev libjson-c-dev libcurl4-openssl-dev node-llhttp libssl-dev
                    postgresql-15 postgresql-client-15 kcat wrk python3 python3-aiosmtpd python3-yaml procps) ;;
   --build)   pkgs=("${build_pkgs[@]}") ;;
   --runtime) pkgs=("${runtime_pkgs[@]}") ;;

@@ -9,13 +9,13 @@
  *   KEY_MISMATCH      -> 422 {"error":"idempotency_key_reused"}
  *   UNAVAILABLE       -> 503 {"error":"unavailable"}, Retry-After: 1
  *   OVERLOADED        -> 503 {"error":"overloaded"}, Retry-After: 1
+ * Overload is answered with 503 rather than 429: it is the server shedding load, not a
+ * client exceeding a quota, and load balancers and clients treat 503 + Retry-After as
+ * "try again shortly, maybe elsewhere".
  *
  * Who may read what (docs/PRIVACY.md): the public API knows applications only by their
  * random reference and answers status and a masked phone; full records and the lookup by
  * (event_id, phone) are admin routes behind the bearer token.
- * Overload is answered with 503 rather than 429: it is the server shedding load, not a
- * client exceeding a quota, and load balancers and clients treat 503 + Retry-After as
- * "try again shortly, maybe elsewhere".
  *
  * Every response the handlers send goes through api_send(), which counts it in
  * ticketd_http_requests_total{route,code} and ticketd_http_request_duration_seconds{route}. */
