@@ -12,7 +12,7 @@
  * --tail seconds at --tail-rate.
  *
  * Output: a JSON document (--json FILE or stdout) with totals, latency percentiles and one
- * entry per second; the ids of every 201 go to --ids FILE (one per line) so the bench can
+ * entry per second; the reference of every 201 goes to --ids FILE (one per line) so the bench can
  * check the DB holds exactly one row per distinct 201. */
 #include <errno.h>
 #include <getopt.h>
@@ -247,8 +247,9 @@ static void record(struct conn *c, int status, bool timed_out) {
         default: s->other++; break;
         }
         if (status == 201 && ids_out) {
-            const char *p = strstr(c->body, "\"id\":");
-            if (p) fprintf(ids_out, "%lld\n", strtoll(p + 5, NULL, 10));
+            /* the reference of the 201 (a UUID; the internal id is not public) */
+            const char *p = strstr(c->body, "\"reference\":\"");
+            if (p) fprintf(ids_out, "%.36s\n", p + 13);
         }
     }
 }

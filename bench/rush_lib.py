@@ -317,10 +317,11 @@ class Stack:
             "LISTEN": f"127.0.0.1:{self.port}", "ADMIN_TOKEN": ADMIN_TOKEN,
             "DATA_PLATFORM_URL": f"http://127.0.0.1:{self.sink_port}/events",
             "SMTP_URL": "", "CONSUMER_GROUP": self.group,
-            "CANNED": "true" if canned else "false",
         })
+        self.canned = canned
         self.env.update(env_extra)
-        self.td = Proc([self.bins["ticketd"], "serve"], self.env,
+        # the HTTP ceiling: the bench-only build that answers 201 without a database
+        self.td = Proc([self.bins["ticketd-canned" if canned else "ticketd"], "serve"], self.env,
                        os.path.join(self.rundir, "ticketd.log"))
         deadline = time.monotonic() + 60
         while True:
@@ -374,7 +375,7 @@ class Sampler(threading.Thread):
         self.samples = []
         self.stop_event = threading.Event()
         self.loadgen_pid = None
-        self.db = not stack.env.get("CANNED") == "true"
+        self.db = not stack.canned
         self._prev = {}
 
     def _cpu(self, key, pids, now):
@@ -541,7 +542,7 @@ def median(v):
 def run_once(bins, cfg, rundir, label):
     """One staged opening on a fresh stack. cfg: connections, rate, idle, ramp, duration, tail,
     tail_rate, total, partitions, env (dict), canned, ingest_only, drain_timeout, timeout_ms,
-    log_level. canned: CANNED=true, no DB checks. ingest_only: ROLE=api (no relay, no consumer):
+    log_level. canned: the bench-only ticketd-canned binary, no DB checks. ingest_only: ROLE=api (no relay, no consumer):
     the DB rows are checked, the pipeline (drain, audit) is not.
     Returns the run's result dict (never raises for a failed check; raises BenchError when
     the stack cannot be brought up)."""
@@ -701,15 +702,16 @@ def client_unanswered(loadgen):
 
 
 def check_ids(pg, ids_path, event_id, loadgen):
-    """DB rows of the event == distinct ids answered 201, and every such id has its row."""
+    """DB rows of the event == distinct references answered 201, and every such reference has
+    its row (loadgen writes the "reference" of every 201; the internal id is not public)."""
     with open(ids_path) as f:
-        ids = [int(x) for x in f.read().split()]
+        ids = f.read().split()
     distinct = len(set(ids))
     os.chmod(ids_path, 0o644)
-    rows = pg.psql("CREATE TEMP TABLE got (id bigint)", f"\\copy got FROM '{ids_path}'",
+    rows = pg.psql("CREATE TEMP TABLE got (reference uuid)", f"\\copy got FROM '{ids_path}'",
                    f"SELECT (SELECT count(*) FROM applications WHERE event_id = '{event_id}'), "
-                   f"(SELECT count(DISTINCT g.id) FROM got g JOIN applications a ON a.id = g.id "
-                   f"AND a.event_id = '{event_id}'), "
+                   f"(SELECT count(DISTINCT g.reference) FROM got g JOIN applications a "
+                   f"ON a.reference = g.reference AND a.event_id = '{event_id}'), "
                    f"(SELECT count(*) FROM applications a JOIN outbox o ON o.aggregate_id = a.id "
                    f"WHERE a.event_id = '{event_id}')")[0]
     db_rows, found, outbox_rows = (int(x) for x in rows)

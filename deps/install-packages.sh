@@ -9,7 +9,7 @@
 set -euo pipefail
 build_pkgs=(build-essential cmake pkg-config
             libuv1-dev libpq-dev librdkafka-dev libjson-c-dev libcurl4-openssl-dev node-llhttp
-            libssl-dev  # report.c: SHA-256 (libcrypto)
+            libssl-dev  # SHA-256 (libcrypto): report.c, idempotency fingerprints
             python3-minimal)  # test/CMakeLists.txt looks for python3 when configuring
 runtime_pkgs=(libuv1 libpq5 librdkafka1 libjson-c5 libcurl4 libssl3 ca-certificates)
 case "${1:-}" in

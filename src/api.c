@@ -2,13 +2,20 @@
  * outcomes to HTTP status codes and JSON bodies.
  *
  * Status mapping (ingest outcome -> reply):
- *   CREATED, REPLAYED -> 201 (REPLAYED adds "Idempotent-Replayed: true")
- *   DUPLICATE         -> 409 {"error":"already_applied","id":N}
+ *   CREATED, REPLAYED -> 201 {"reference":...} (REPLAYED adds "Idempotent-Replayed: true")
+ *   DUPLICATE         -> 409 {"error":"already_applied"} (no reference: a stranger who knows
+ *                        someone's phone must not get their handle)
+ *   KEY_IN_FLIGHT     -> 409 {"error":"idempotency_key_in_flight"}, Retry-After: 1
+ *   KEY_MISMATCH      -> 422 {"error":"idempotency_key_reused"}
  *   UNAVAILABLE       -> 503 {"error":"unavailable"}, Retry-After: 1
  *   OVERLOADED        -> 503 {"error":"overloaded"}, Retry-After: 1
  * Overload is answered with 503 rather than 429: it is the server shedding load, not a
  * client exceeding a quota, and load balancers and clients treat 503 + Retry-After as
  * "try again shortly, maybe elsewhere".
+ *
+ * Who may read what (docs/PRIVACY.md): the public API knows applications only by their
+ * random reference and answers status and a masked phone; full records and the lookup by
+ * (event_id, phone) are admin routes behind the bearer token.
  *
  * Every response the handlers send goes through api_send(), which counts it in
  * ticketd_http_requests_total{route,code} and ticketd_http_request_duration_seconds{route}. */
@@ -50,8 +57,9 @@ struct api_route {
 };
 
 static void handle_apply(struct app *app, struct http_request *req);
-static void handle_get_application(struct app *app, struct http_request *req);
-static void handle_lookup(struct app *app, struct http_request *req);
+static void handle_get_status(struct app *app, struct http_request *req);
+static void handle_admin_application(struct app *app, struct http_request *req);
+static void handle_admin_lookup(struct app *app, struct http_request *req);
 static void handle_healthz(struct app *app, struct http_request *req);
 static void handle_readyz(struct app *app, struct http_request *req);
 static void handle_metrics(struct app *app, struct http_request *req);
@@ -59,11 +67,12 @@ static void handle_metrics(struct app *app, struct http_request *req);
 /* First match wins: exact paths before prefixes that could cover them. */
 static const struct api_route routes[] = {
     {HTTP_POST, "/v1/applications", false, false, "apply", handle_apply},
-    {HTTP_GET, "/v1/applications", false, false, "lookup", handle_lookup},
-    {HTTP_GET, "/v1/applications/", true, false, "application", handle_get_application},
+    {HTTP_GET, "/v1/applications/", true, false, "application_status", handle_get_status},
     {HTTP_GET, "/healthz", false, false, "healthz", handle_healthz},
     {HTTP_GET, "/readyz", false, false, "readyz", handle_readyz},
     {HTTP_GET, "/metrics", false, false, "metrics", handle_metrics},
+    {HTTP_GET, "/admin/applications", false, true, "admin_lookup", handle_admin_lookup},
+    {HTTP_GET, "/admin/applications/", true, true, "admin_application", handle_admin_application},
     /* wiring: audit */
     {HTTP_GET, "/admin/audit", false, true, "admin_audit", audit_handle_http},
     /* wiring: trace */
@@ -199,22 +208,28 @@ static void respond_method_not_allowed(struct http_request *req)
     api_respond_error(req, 405, "method_not_allowed", NULL, allow);
 }
 
+#ifdef TICKETD_CANNED
+/* Only in the bench binary ticketd-canned (CMakeLists.txt), never in ticketd: the HTTP
+ * ceiling of bench/rush, a 201 with no parsing, no DB, no metrics. */
 static void respond_canned(struct http_request *req)
 {
-    /* Bench-only ceiling: no parsing, no DB, no metrics. */
-    static const char canned[] = "{\"id\":1,\"event_id\":\"canned\",\"status\":\"applied\","
+    static const char canned[] = "{\"reference\":\"00000000-0000-4000-8000-000000000000\","
+                                 "\"event_id\":\"canned\",\"status\":\"applied\","
                                  "\"created_at\":\"2026-01-01T00:00:00.000000Z\"}";
     http_respond(req, 201, JSON_TYPE, canned, sizeof canned - 1, NULL);
 }
+#endif
 
 void api_handle(struct http_request *req, void *ud)
 {
     struct app *app = ud;
 
-    if (app->cfg->canned && req->method == HTTP_POST && strcmp(req->path, "/v1/applications") == 0) {
+#ifdef TICKETD_CANNED
+    if (req->method == HTTP_POST && strcmp(req->path, "/v1/applications") == 0) {
         respond_canned(req);
         return;
     }
+#endif
     const struct api_route *r = find_route(req->method, req->path);
     if (!r) {
         for (size_t i = 0; i < NROUTES; i++) {
@@ -408,13 +423,19 @@ static bool idempotency_key_ok(const char *key)
     return true;
 }
 
-static void respond_invalid(struct http_request *req, const char *field, const char *message)
+void api_respond_bad_field(struct http_request *req, const char *code, const char *field,
+                           const char *message)
 {
     json_object *obj = json_object_new_object();
-    json_object_object_add(obj, "error", json_object_new_string("invalid"));
+    json_object_object_add(obj, "error", json_object_new_string(code));
     json_object_object_add(obj, "field", json_object_new_string(field));
     json_object_object_add(obj, "message", json_object_new_string(message));
     api_respond_json(req, 400, obj, NULL);
+}
+
+static void respond_invalid(struct http_request *req, const char *field, const char *message)
+{
+    api_respond_bad_field(req, "invalid", field, message);
 }
 
 struct apply_ctx {
@@ -430,23 +451,15 @@ static char *append(char *p, const char *end, const char *s)
     return p + n;
 }
 
-/* {"id":ID,"event_id":"E","status":"applied","created_at":"C"} into buf (NUL-terminated,
- * truncated like snprintf would); returns its length. */
-static int format_created(char *buf, size_t cap, int64_t id, const char *event_id,
+/* {"reference":"R","event_id":"E","status":"applied","created_at":"C"} into buf
+ * (NUL-terminated, truncated like snprintf would); returns its length. */
+static int format_created(char *buf, size_t cap, const char *reference, const char *event_id,
                           const char *created_at)
 {
-    char num[24], *q = num + sizeof num;
-    uint64_t v = id < 0 ? 0u - (uint64_t)id : (uint64_t)id;
-    *--q = '\0';
-    do {
-        *--q = (char)('0' + v % 10);
-        v /= 10;
-    } while (v);
-    if (id < 0) *--q = '-';
     char *p = buf, *end = buf + cap - 1;
-    p = append(p, end, "{\"id\":");
-    p = append(p, end, q);
-    p = append(p, end, ",\"event_id\":\"");
+    p = append(p, end, "{\"reference\":\"");
+    p = append(p, end, reference);
+    p = append(p, end, "\",\"event_id\":\"");
     p = append(p, end, event_id);
     p = append(p, end, "\",\"status\":\"applied\",\"created_at\":\"");
     p = append(p, end, created_at);
@@ -465,17 +478,29 @@ static void on_applied(void *ud, const struct ingest_result *res)
     switch (res->status) {
     case INGEST_CREATED:
     case INGEST_REPLAYED:
-        /* event_id is [A-Za-z0-9._-] and created_at comes from the DB: no escaping needed.
-         * Built by hand (the hot path; snprintf cost more than the rest of this function). */
-        n = format_created(body, sizeof body, res->id, ctx->event_id, res->created_at);
+        /* event_id is [A-Za-z0-9._-], reference and created_at come from the DB: no escaping
+         * needed. Built by hand (the hot path; snprintf cost more than the rest of this
+         * function). */
+        n = format_created(body, sizeof body, res->reference, ctx->event_id, res->created_at);
         api_send(req, 201, JSON_TYPE, body, (size_t)n,
                  res->status == INGEST_REPLAYED ? "Idempotent-Replayed: true\r\n" : NULL);
         return;
     case INGEST_DUPLICATE:
-        n = snprintf(body, sizeof body, "{\"error\":\"already_applied\",\"id\":%" PRId64 "}",
-                     res->id);
-        api_send(req, 409, JSON_TYPE, body, (size_t)n, NULL);
+        api_respond_error(req, 409, "already_applied",
+                          "an application for this event and phone number exists already", NULL);
         return;
+    case INGEST_KEY_IN_FLIGHT:
+        api_respond_error(req, 409, "idempotency_key_in_flight",
+                          "a request with this Idempotency-Key is still being processed; retry "
+                          "shortly for its answer", RETRY_AFTER_1);
+        return;
+    case INGEST_KEY_MISMATCH:
+        api_respond_error(req, 422, "idempotency_key_reused",
+                          "this Idempotency-Key was used with a different request body; use a new "
+                          "key for a new request", NULL);
+        return;
+    case INGEST_NSTATUS:
+        break;
     case INGEST_OVERLOADED:
         api_respond_error(req, 503, "overloaded", "too many pending applications, retry shortly",
                           RETRY_AFTER_1);
@@ -512,29 +537,46 @@ static void handle_apply(struct app *app, struct http_request *req)
     ingest_submit(app->ingest, &in, req->idempotency_key, on_applied, ctx);
 }
 
-/* ---- GET /v1/applications/{id} and ?event_id=&phone= ---- */
+/* ---- GET /v1/applications/{reference}, /admin/applications/{id} and ?event_id=&phone= ---- */
 
-/* One application as JSON, built by PostgreSQL: the row, its newest outbox row, its
+/* The status rules of ARCHITECTURE.md: dead_lettered (a dead letter not replayed) > processed
+ * (processed_events row and no effect left undone) > published > applied. */
+#define APPLICATION_STATUS_SQL                                                                 \
+    "CASE "                                                                                    \
+    "  WHEN EXISTS (SELECT 1 FROM dead_letters d WHERE d.event_id = o.event_id "               \
+    "               AND d.replayed_at IS NULL) THEN 'dead_lettered' "                          \
+    "  WHEN p.event_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM event_effects e "             \
+    "       WHERE e.event_id = o.event_id AND NOT e.done) THEN 'processed' "                   \
+    "  WHEN o.published_at IS NOT NULL THEN 'published' "                                      \
+    "  ELSE 'applied' END"
+
+/* What the applicant (anyone holding the reference) sees: no name, no e-mail, the phone
+ * masked like log_mask_phone. */
+#define APPLICATION_PUBLIC_JSON_SQL                                                            \
+    "json_build_object("                                                                       \
+    "'reference', a.reference, 'event_id', a.event_id, "                                       \
+    "'status', " APPLICATION_STATUS_SQL ", "                                                   \
+    "'phone', CASE length(a.phone) "                                                           \
+    "  WHEN 11 THEN substr(a.phone,1,3)||'-****-'||substr(a.phone,8,4) "                       \
+    "  WHEN 10 THEN substr(a.phone,1,3)||'-***-'||substr(a.phone,7,4) "                        \
+    "  ELSE '***' END, "                                                                       \
+    "'seats', a.seats, 'created_at', " DBP_RFC3339_UTC("a.created_at") ")"
+
+/* The full record (admin only), built by PostgreSQL: the row, its newest outbox row, its
  * processed_events row, effects and newest dead letter, with the status rules of
  * ARCHITECTURE.md: dead_lettered (a dead letter not replayed) > processed (processed_events
  * row and no effect left undone) > published > applied. Expects aliases a (applications),
  * o (outbox, lateral) and p (processed_events). */
 #define APPLICATION_JSON_SQL                                                                   \
     "json_build_object("                                                                       \
-    "'id', a.id, 'event_id', a.event_id, "                                                     \
+    "'id', a.id, 'reference', a.reference, 'event_id', a.event_id, "                          \
     "'phone', CASE length(a.phone) "                                                           \
     "  WHEN 11 THEN substr(a.phone,1,3)||'-'||substr(a.phone,4,4)||'-'||substr(a.phone,8,4) "  \
     "  WHEN 10 THEN substr(a.phone,1,3)||'-'||substr(a.phone,4,3)||'-'||substr(a.phone,7,4) "  \
     "  ELSE a.phone END, "                                                                     \
     "'name', a.name, 'email', a.email, 'seats', a.seats, "                                     \
     "'created_at', " DBP_RFC3339_UTC("a.created_at") ", " \
-    "'status', CASE "                                                                          \
-    "  WHEN EXISTS (SELECT 1 FROM dead_letters d WHERE d.event_id = o.event_id "               \
-    "               AND d.replayed_at IS NULL) THEN 'dead_lettered' "                          \
-    "  WHEN p.event_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM event_effects e "             \
-    "       WHERE e.event_id = o.event_id AND NOT e.done) THEN 'processed' "                   \
-    "  WHEN o.published_at IS NOT NULL THEN 'published' "                                      \
-    "  ELSE 'applied' END, "                                                                   \
+    "'status', " APPLICATION_STATUS_SQL ", "                                                   \
     "'outbox', CASE WHEN o.id IS NULL THEN NULL ELSE json_build_object("                       \
     "  'event_id', o.event_id, "                                                               \
     "  'created_at', " DBP_RFC3339_UTC("o.created_at") ", " \
@@ -561,6 +603,9 @@ static void handle_apply(struct app *app, struct http_request *req)
     "LEFT JOIN LATERAL (SELECT * FROM outbox ob WHERE ob.aggregate_id = a.id "                 \
     "                   ORDER BY ob.id DESC LIMIT 1) o ON true "                               \
     "LEFT JOIN processed_events p ON p.event_id = o.event_id "
+
+static const char get_status_sql[] =
+    "SELECT " APPLICATION_PUBLIC_JSON_SQL "::text" APPLICATION_FROM_SQL "WHERE a.reference = $1::uuid";
 
 static const char get_application_sql[] =
     "SELECT " APPLICATION_JSON_SQL "::text" APPLICATION_FROM_SQL "WHERE a.id = $1::bigint";
@@ -615,9 +660,33 @@ static void run_query(struct app *app, struct http_request *req, const char *sql
     }
 }
 
-static void handle_get_application(struct app *app, struct http_request *req)
+/* A UUID in its 36-character text form (8-4-4-4-12 hex digits). */
+static bool is_uuid_text(const char *s)
 {
-    const char *id = req->path + strlen("/v1/applications/");
+    if (strlen(s) != 36) return false;
+    for (int i = 0; i < 36; i++) {
+        bool dash = i == 8 || i == 13 || i == 18 || i == 23;
+        if (dash ? s[i] != '-' : hex_value(s[i]) < 0) return false;
+    }
+    return true;
+}
+
+static void handle_get_status(struct app *app, struct http_request *req)
+{
+    const char *ref = req->path + strlen("/v1/applications/");
+    /* Anything else cannot name an application: 404 without asking the database (which also
+     * answers a walk over 1, 2, 3, ... exactly like one over random strings). */
+    if (!is_uuid_text(ref)) {
+        api_respond_error(req, 404, "not_found", NULL, NULL);
+        return;
+    }
+    const char *params[1] = {ref};
+    run_query(app, req, get_status_sql, 1, params);
+}
+
+static void handle_admin_application(struct app *app, struct http_request *req)
+{
+    const char *id = req->path + strlen("/admin/applications/");
     size_t n = strlen(id);
     /* A positive bigint in plain decimal; anything else cannot name an application. */
     bool ok = n >= 1 && n <= 18 && id[0] != '0';
@@ -626,11 +695,12 @@ static void handle_get_application(struct app *app, struct http_request *req)
         api_respond_error(req, 404, "not_found", NULL, NULL);
         return;
     }
+    log_info("api", "event=admin_read req=%" PRIu64 " application_id=%s", req->id, id);
     const char *params[1] = {id};
     run_query(app, req, get_application_sql, 1, params);
 }
 
-static void handle_lookup(struct app *app, struct http_request *req)
+static void handle_admin_lookup(struct app *app, struct http_request *req)
 {
     char event_id[EVENT_ID_MAX_CHARS + 2], phone_raw[32], phone[PHONE_DIGITS_MAX + 1];
     int elen = api_query_param(req->query, "event_id", event_id, sizeof event_id);
@@ -648,6 +718,10 @@ static void handle_lookup(struct app *app, struct http_request *req)
                         "010-1234-5678");
         return;
     }
+    char masked[24];
+    log_mask_phone(phone, masked, sizeof masked);
+    log_info("api", "event=admin_lookup req=%" PRIu64 " event_id=%s phone=%s", req->id, event_id,
+             masked);
     const char *params[2] = {event_id, phone};
     run_query(app, req, lookup_sql, 2, params);
 }

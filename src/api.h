@@ -18,6 +18,10 @@ void api_respond_json(struct http_request *req, int status, json_object *obj,
 void api_respond_error(struct http_request *req, int status, const char *code,
                        const char *message, const char *extra_headers);
 
+/* 400 {"error": code, "field": field, "message": msg}: bad input, naming what was wrong. */
+void api_respond_bad_field(struct http_request *req, const char *code, const char *field,
+                           const char *message);
+
 /* true when the request carries "Authorization: Bearer <ADMIN_TOKEN>" (constant-time
  * compare). Otherwise answers 401 (or 403 when no token is configured) and returns false. */
 bool api_admin_authorized(struct app *app, struct http_request *req);

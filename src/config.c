@@ -80,6 +80,9 @@ static const struct cfg_setting settings[] = {
      "applications per group commit; 1 turns group commit off", F(batch_max)},
     {"queue_max", "QUEUE_MAX", CFG_INT, "20000", 1, 10000000, false, NULL,
      "pending applications before new ones get 503 at once", F(queue_max)},
+    {"idempotency_key_ttl", "IDEMPOTENCY_KEY_TTL", CFG_DURATION, "24h", 0, 365 * DAY_MS, false,
+     NULL, "how long an Idempotency-Key replays its 201 (pruned within a quarter of it "
+     "afterwards); 0 keeps keys forever", F(idempotency_key_ttl_ms)},
 
     /* HTTP limits */
     {"max_connections", "MAX_CONNECTIONS", CFG_INT, "10000", 1, 1000000, false, NULL,
@@ -97,9 +100,6 @@ static const struct cfg_setting settings[] = {
      F(header_timeout_ms)},
     {"shutdown_grace", "SHUTDOWN_GRACE", CFG_DURATION, "20s", 0, HOUR_MS, false, NULL,
      "drain budget after SIGTERM/SIGINT before closing anyway", F(shutdown_grace_ms)},
-    {"canned", "CANNED", CFG_BOOL, "false", 0, 0, false, NULL,
-     "bench only: POST /v1/applications answers a canned 201 without touching the DB",
-     F(canned)},
 
     /* relay */
     {"relay_interval", "RELAY_INTERVAL", CFG_DURATION, "1s", 1, HOUR_MS, false, NULL,
@@ -132,6 +132,9 @@ static const struct cfg_setting settings[] = {
 
     {"log_level", "LOG_LEVEL", CFG_ENUM, "info", 0, 0, false, "debug,info,warn,error",
      "least severe level logged", F(log_level)},
+    {"log_buffer", "LOG_BUFFER", CFG_SIZE, "1M", 4096, 268435456, false, NULL,
+     "serve: log bytes buffered for stderr; when stderr does not keep up, lines beyond it are "
+     "dropped (ticketd_log_dropped_total) rather than stalling the service", F(log_buffer_bytes)},
 };
 
 #define NSETTINGS (sizeof settings / sizeof settings[0])
@@ -440,7 +443,7 @@ int cfg_load(struct cfg *c, int argc, char **argv, int *argi)
             value = eq + 1;
             i++;
         } else if (s->type == CFG_BOOL) {
-            /* "--canned" alone means true; "--canned false" is accepted too. */
+            /* "--retry-exponential" alone means true; "... false" is accepted too. */
             bool ignored;
             if (i + 1 < argc && parse_bool(argv[i + 1], &ignored) == 0) {
                 value = argv[i + 1];

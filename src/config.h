@@ -29,6 +29,7 @@ struct cfg {
     int db_pool;               /* DB_POOL: PostgreSQL connections for the API */
     int batch_max;             /* BATCH_MAX: applications per group commit; 1 = off */
     int queue_max;             /* QUEUE_MAX: pending applications before 503 */
+    int64_t idempotency_key_ttl_ms; /* IDEMPOTENCY_KEY_TTL: keys replay this long, then pruned */
 
     /* HTTP limits */
     int max_connections;       /* MAX_CONNECTIONS */
@@ -38,7 +39,6 @@ struct cfg {
     int64_t idle_timeout_ms;   /* IDLE_TIMEOUT: keep-alive idle */
     int64_t header_timeout_ms; /* HEADER_TIMEOUT: whole request head must arrive (slowloris) */
     int64_t shutdown_grace_ms; /* SHUTDOWN_GRACE: drain budget after SIGTERM */
-    bool canned;               /* CANNED: bench-only; POST answers a canned 201, no DB */
 
     /* relay */
     int64_t relay_interval_ms; /* RELAY_INTERVAL: fallback poll when no NOTIFY */
@@ -58,6 +58,7 @@ struct cfg {
     int64_t audit_grace_ms;    /* AUDIT_GRACE: rows younger than this may be unpublished */
 
     char *log_level;           /* LOG_LEVEL: debug, info, warn, error */
+    int log_buffer_bytes;      /* LOG_BUFFER: serve's stderr buffer; beyond it lines are dropped */
 };
 
 /* Fills c with defaults, then the environment, then flags argv[*argi..] ("--batch-max 1" or

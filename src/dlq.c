@@ -515,36 +515,81 @@ void dlq_handle_list(struct app *app, struct http_request *req)
     admin_job_start(app, req, &job->base, list_work);
 }
 
+static void replay_bad_request(struct http_request *req, const char *field, const char *message)
+{
+    api_respond_bad_field(req, "bad_request", field, message);
+}
+
+/* The body says what to replay, explicitly: {"event_id": "<uuid>"} or {"all": true}.
+ * Anything else (empty, null values, unknown or misspelled fields, both, trailing bytes) is
+ * a 400 naming the field, so that a typo can never mean "everything". */
+static bool parse_replay_body(struct http_request *req, bool *has_event, char *event_id, size_t cap)
+{
+    static const char usage[] = "body: {\"event_id\": \"<uuid>\"} or {\"all\": true}";
+    size_t len = req->body_len;
+    const char *b = req->body ? req->body : "";
+    while (len && (b[len - 1] == ' ' || b[len - 1] == '\t' || b[len - 1] == '\r' || b[len - 1] == '\n'))
+        len--;
+    if (len == 0) {
+        replay_bad_request(req, "body", usage);
+        return false;
+    }
+    json_tokener *tok = json_tokener_new();
+    if (!tok) {
+        api_respond_error(req, 503, "unavailable", NULL, "Retry-After: 1\r\n");
+        return false;
+    }
+    json_tokener_set_flags(tok, JSON_TOKENER_STRICT);
+    json_object *o = json_tokener_parse_ex(tok, b, (int)len);
+    bool whole = json_tokener_get_error(tok) == json_tokener_success &&
+                 json_tokener_get_parse_end(tok) == len;
+    json_tokener_free(tok);
+    if (!o || !whole || !json_object_is_type(o, json_type_object)) {
+        json_object_put(o);
+        replay_bad_request(req, "body", usage);
+        return false;
+    }
+    bool ok = true, all = false;
+    *has_event = false;
+    json_object_object_foreach(o, key, v) {
+        if (!ok) break;
+        if (strcmp(key, "event_id") == 0) {
+            const char *e = json_object_is_type(v, json_type_string) ? json_object_get_string(v) : NULL;
+            if (!e || !effects_is_uuid(e, strlen(e))) {
+                replay_bad_request(req, "event_id", "event_id: a UUID (the ce_id) as a string");
+                ok = false;
+            } else {
+                snprintf(event_id, cap, "%s", e);
+                *has_event = true;
+            }
+        } else if (strcmp(key, "all") == 0) {
+            if (!json_object_is_type(v, json_type_boolean) || !json_object_get_boolean(v)) {
+                replay_bad_request(req, "all", "all: true (the only value; to replay one event "
+                                               "give event_id instead)");
+                ok = false;
+            }
+            all = true;
+        } else {
+            char msg[160];
+            snprintf(msg, sizeof msg, "unknown field \"%.60s\"; %s", key, usage);
+            replay_bad_request(req, key, msg);
+            ok = false;
+        }
+    }
+    json_object_put(o);
+    if (ok && *has_event == all) {
+        replay_bad_request(req, "body", *has_event ? "give event_id or all, not both" : usage);
+        ok = false;
+    }
+    return ok;
+}
+
 void dlq_handle_replay(struct app *app, struct http_request *req)
 {
     if (!api_admin_authorized(app, req)) return;
     bool has_event = false;
     char event_id[UUID_STR_LEN + 1] = "";
-    size_t len = req->body_len;
-    const char *b = req->body ? req->body : "";
-    while (len && (*b == ' ' || *b == '\t' || *b == '\r' || *b == '\n')) b++, len--;
-    if (len > 0) {
-        json_object *o = json_tokener_parse(b);
-        if (!o || !json_object_is_type(o, json_type_object)) {
-            if (o) json_object_put(o);
-            api_respond_error(req, 400, "bad_request",
-                              "body: {} or {\"event_id\": \"<uuid>\"}", NULL);
-            return;
-        }
-        json_object *v;
-        if (json_object_object_get_ex(o, "event_id", &v) && v) {
-            const char *s = json_object_is_type(v, json_type_string) ? json_object_get_string(v)
-                                                                     : NULL;
-            if (!s || !effects_is_uuid(s, strlen(s))) {
-                json_object_put(o);
-                api_respond_error(req, 400, "bad_request", "event_id: a UUID (the ce_id)", NULL);
-                return;
-            }
-            snprintf(event_id, sizeof event_id, "%s", s);
-            has_event = true;
-        }
-        json_object_put(o);
-    }
+    if (!parse_replay_body(req, &has_event, event_id, sizeof event_id)) return;
     struct dlq_job *job = admin_job_alloc(req, sizeof *job);
     if (!job) return;
     job->has_event = has_event;

@@ -19,15 +19,19 @@
 enum ingest_status {
     INGEST_CREATED = 0,   /* committed with its outbox row: 201 */
     INGEST_REPLAYED,      /* same (event_id, phone) and same Idempotency-Key: the original 201 */
-    INGEST_DUPLICATE,     /* (event_id, phone) exists: 409 with the existing id */
+    INGEST_DUPLICATE,     /* (event_id, phone) exists: 409, without its reference */
     INGEST_UNAVAILABLE,   /* DB down or the commit's outcome unknown: 503 */
     INGEST_OVERLOADED,    /* pending queue full: 503 at once */
+    INGEST_KEY_MISMATCH,  /* Idempotency-Key stored with another body's fingerprint: 422 */
+    INGEST_KEY_IN_FLIGHT, /* Idempotency-Key of a request still queued or in a batch: 409 */
+    INGEST_NSTATUS
 };
 
 struct ingest_result {
     enum ingest_status status;
     int64_t id;              /* application id (CREATED, REPLAYED, DUPLICATE) */
     char created_at[40];     /* RFC 3339 UTC, CREATED and REPLAYED */
+    char reference[40];      /* the application's UUID, CREATED and REPLAYED */
     const char *error;       /* UNAVAILABLE: why, for logs */
 };
 
@@ -36,6 +40,7 @@ typedef void (*ingest_done_fn)(void *ud, const struct ingest_result *res);
 struct ingest_opts {
     int batch_max;           /* >= 1 */
     int queue_max;           /* pending applications (queued + in flight) */
+    int64_t key_ttl_ms;      /* Idempotency-Keys older than this are pruned; 0 = never */
 };
 
 struct ingest;
@@ -43,9 +48,12 @@ struct ingest;
 int ingest_create(struct ingest **out, uv_loop_t *loop, struct dbp *db,
                   const struct ingest_opts *opts);
 
-/* Queues one application (copied). done runs exactly once, on a later loop turn for
- * CREATED/REPLAYED/DUPLICATE/UNAVAILABLE; OVERLOADED and UNAVAILABLE-because-down may be
- * reported before ingest_submit returns. idempotency_key may be NULL. */
+/* Queues one application (copied). idempotency_key (may be NULL) is stored with the
+ * application's fingerprint; a later submission with the same key replays (same body) or
+ * gets KEY_MISMATCH, one while the first is still queued or in flight gets KEY_IN_FLIGHT.
+ * done runs exactly once, on a later loop turn for CREATED/REPLAYED/DUPLICATE/KEY_MISMATCH/
+ * UNAVAILABLE; OVERLOADED, KEY_IN_FLIGHT and UNAVAILABLE-because-down may be reported
+ * before ingest_submit returns. */
 void ingest_submit(struct ingest *ing, const struct application_in *app,
                    const char *idempotency_key, ingest_done_fn done, void *ud);
 
@@ -57,5 +65,7 @@ void ingest_close(struct ingest *ing);
 /* The SQL of the schema lives in migrate.c; this is the statement group commit uses
  * (exposed for tests). */
 extern const char *const ingest_batch_sql;
+/* Clears expired Idempotency-Keys of up to one id range: $1 cursor id, $2 TTL in ms. */
+extern const char *const ingest_prune_sql;
 
 #endif

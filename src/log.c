@@ -1,13 +1,24 @@
-/* log: logfmt lines on stderr. Each line is formatted into one buffer and written with a
- * single write(2) so lines from the loop and the thread pool never interleave. */
+/* log: logfmt lines on stderr. Each line is formatted into one buffer and written whole, so
+ * lines from the loop and the thread pool never interleave.
+ *
+ * Until log_async_start (CLI commands, start-up) a line is one blocking write(2). After it
+ * (serve), lines go into a bounded buffer that a writer thread empties with blocking writes:
+ * a slow or stuck reader of stderr (a log collector that stalls, a full pipe) then costs
+ * dropped lines, counted in ticketd_log_dropped_total and reported in the stream once it
+ * moves again, and never stalls the loop. */
 #include "log.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <stdarg.h>
+#include <stdbool.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+
+#include "metrics.h"
 
 #define LOG_LINE_MAX 4096
 
@@ -40,23 +51,162 @@ static void write_all(int fd, const char *buf, size_t len)
     }
 }
 
-void log_emit(int level, const char *module, const char *fmt, ...)
+/* ---- the buffered writer ---- */
+
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t more;    /* writer waits for lines */
+    pthread_cond_t drained; /* log_flush waits for an empty buffer */
+    char *buf;              /* ring of whole lines */
+    size_t cap, head, len;
+    bool running, writing;
+    unsigned long long dropped;    /* lines dropped since start */
+    unsigned long long unreported; /* dropped lines not yet reported in the stream */
+    unsigned long long counted;    /* dropped lines already added to the metric */
+} wq = {.mu = PTHREAD_MUTEX_INITIALIZER, .more = PTHREAD_COND_INITIALIZER,
+        .drained = PTHREAD_COND_INITIALIZER};
+
+static size_t format_prefix(char *line, size_t cap, int level, const char *module)
 {
-    char line[LOG_LINE_MAX];
     struct timespec ts;
     struct tm tm;
-
-    if (level < LOG_DEBUG) level = LOG_DEBUG;
-    if (level > LOG_ERROR) level = LOG_ERROR;
     clock_gettime(CLOCK_REALTIME, &ts);
     gmtime_r(&ts.tv_sec, &tm);
-
-    int n = snprintf(line, sizeof line, "ts=%04d-%02d-%02dT%02d:%02d:%02d.%03dZ level=%s mod=%s ",
+    int n = snprintf(line, cap, "ts=%04d-%02d-%02dT%02d:%02d:%02d.%03dZ level=%s mod=%s ",
                      tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min,
                      tm.tm_sec, (int)(ts.tv_nsec / 1000000), level_names[level],
                      module ? module : "-");
-    if (n < 0) return;
-    size_t len = (size_t)n < sizeof line ? (size_t)n : sizeof line - 1;
+    if (n < 0) return 0;
+    return (size_t)n < cap ? (size_t)n : cap - 1;
+}
+
+static void *writer_main(void *arg)
+{
+    (void)arg;
+    pthread_mutex_lock(&wq.mu);
+    for (;;) {
+        while (wq.len == 0 && wq.unreported == 0) pthread_cond_wait(&wq.more, &wq.mu);
+        size_t n = wq.len;
+        if (wq.head + n > wq.cap) n = wq.cap - wq.head; /* up to the end of the ring */
+        const char *chunk = wq.buf + wq.head;
+        unsigned long long lost = wq.unreported;
+        wq.unreported = 0;
+        wq.writing = true;
+        pthread_mutex_unlock(&wq.mu);
+        /* Only this thread reads the ring between head and head+n, and producers only
+         * append after head+len, so the chunk is stable without the lock. */
+        if (n) write_all(STDERR_FILENO, chunk, n);
+        if (lost) {
+            char note[160];
+            size_t len = format_prefix(note, sizeof note, LOG_WARN, "log");
+            int m = snprintf(note + len, sizeof note - len,
+                             "event=lines_dropped count=%llu reason=stderr_not_keeping_up\n", lost);
+            if (m > 0) write_all(STDERR_FILENO, note, len + (size_t)m);
+        }
+        pthread_mutex_lock(&wq.mu);
+        wq.writing = false;
+        wq.head = (wq.head + n) % wq.cap;
+        wq.len -= n;
+        if (wq.len == 0) pthread_cond_broadcast(&wq.drained);
+    }
+    return NULL;
+}
+
+/* Adds the lines dropped since the last scrape to the counter (the registry is loop-only,
+ * so it is not touched from log_emit). */
+static void collect_dropped(void *ud)
+{
+    (void)ud;
+    pthread_mutex_lock(&wq.mu);
+    unsigned long long delta = wq.dropped - wq.counted;
+    wq.counted = wq.dropped;
+    pthread_mutex_unlock(&wq.mu);
+    metrics_counter_add("ticketd_log_dropped_total", NULL, (double)delta);
+}
+
+int log_async_start(size_t buffer_bytes)
+{
+    if (wq.running) return 0;
+    if (buffer_bytes < LOG_LINE_MAX) buffer_bytes = LOG_LINE_MAX;
+    char *buf = malloc(buffer_bytes);
+    if (!buf) return -ENOMEM;
+    pthread_mutex_lock(&wq.mu);
+    wq.buf = buf;
+    wq.cap = buffer_bytes;
+    wq.head = wq.len = 0;
+    pthread_mutex_unlock(&wq.mu);
+    pthread_t t;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    int rc = pthread_create(&t, &attr, writer_main, NULL);
+    pthread_attr_destroy(&attr);
+    if (rc != 0) {
+        wq.buf = NULL;
+        free(buf);
+        return -rc;
+    }
+    wq.running = true; /* from here on log_emit only appends */
+    metrics_describe("ticketd_log_dropped_total", "counter",
+                     "Log lines dropped because stderr did not keep up (LOG_BUFFER full)");
+    metrics_counter_add("ticketd_log_dropped_total", NULL, 0);
+    metrics_add_collector(collect_dropped, NULL);
+    return 0;
+}
+
+bool log_flush(int timeout_ms)
+{
+    if (!wq.running) return true;
+    struct timespec deadline;
+    clock_gettime(CLOCK_REALTIME, &deadline);
+    deadline.tv_sec += timeout_ms / 1000;
+    deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+    if (deadline.tv_nsec >= 1000000000L) {
+        deadline.tv_sec++;
+        deadline.tv_nsec -= 1000000000L;
+    }
+    pthread_mutex_lock(&wq.mu);
+    while ((wq.len > 0 || wq.writing) &&
+           pthread_cond_timedwait(&wq.drained, &wq.mu, &deadline) == 0) {
+    }
+    bool empty = wq.len == 0 && !wq.writing;
+    pthread_mutex_unlock(&wq.mu);
+    return empty;
+}
+
+unsigned long long log_dropped_lines(void)
+{
+    pthread_mutex_lock(&wq.mu);
+    unsigned long long n = wq.dropped;
+    pthread_mutex_unlock(&wq.mu);
+    return n;
+}
+
+/* Appends a whole line, or drops it when it does not fit. */
+static void enqueue(const char *line, size_t len)
+{
+    pthread_mutex_lock(&wq.mu);
+    if (wq.cap - wq.len < len) {
+        wq.dropped++;
+        wq.unreported++;
+    } else {
+        size_t tail = (wq.head + wq.len) % wq.cap;
+        size_t first = len < wq.cap - tail ? len : wq.cap - tail;
+        memcpy(wq.buf + tail, line, first);
+        memcpy(wq.buf, line + first, len - first);
+        wq.len += len;
+        pthread_cond_signal(&wq.more);
+    }
+    pthread_mutex_unlock(&wq.mu);
+}
+
+void log_emit(int level, const char *module, const char *fmt, ...)
+{
+    char line[LOG_LINE_MAX];
+
+    if (level < LOG_DEBUG) level = LOG_DEBUG;
+    if (level > LOG_ERROR) level = LOG_ERROR;
+    size_t len = format_prefix(line, sizeof line, level, module);
 
     va_list ap;
     va_start(ap, fmt);
@@ -72,7 +222,8 @@ void log_emit(int level, const char *module, const char *fmt, ...)
     }
     while (len > 0 && line[len - 1] == ' ') len--;
     line[len++] = '\n';
-    write_all(STDERR_FILENO, line, len);
+    if (wq.running) enqueue(line, len);
+    else write_all(STDERR_FILENO, line, len);
 }
 
 void log_mask_phone(const char *phone, char *out, size_t outlen)

@@ -7,6 +7,7 @@
 #ifndef TICKETD_LOG_H
 #define TICKETD_LOG_H
 
+#include <stdbool.h>
 #include <stddef.h>
 
 enum log_level { LOG_DEBUG = 0, LOG_INFO, LOG_WARN, LOG_ERROR };
@@ -27,6 +28,18 @@ void log_emit(int level, const char *module, const char *fmt, ...)
 #define log_info(mod, ...) log_at(LOG_INFO, mod, __VA_ARGS__)
 #define log_warn(mod, ...) log_at(LOG_WARN, mod, __VA_ARGS__)
 #define log_error(mod, ...) log_at(LOG_ERROR, mod, __VA_ARGS__)
+
+/* From here on lines go through a buffer of buffer_bytes that a writer thread empties, so a
+ * stalled stderr never blocks the caller; a line that does not fit is dropped and counted
+ * (ticketd_log_dropped_total, registered here; a "lines_dropped" line follows once stderr
+ * moves again). Before it, and in CLI commands that never call it, writes are blocking.
+ * Call from the loop thread before other threads log. Returns 0 or a negative errno. */
+int log_async_start(size_t buffer_bytes);
+
+/* Waits up to timeout_ms for the buffer to be written out; true when it was. */
+bool log_flush(int timeout_ms);
+
+unsigned long long log_dropped_lines(void);
 
 /* Writes a masked form of a phone number ("01012345678" or "010-1234-5678" ->
  * "010-****-5678") into out (at least 16 bytes). Anything that is not a phone becomes "***". */

@@ -303,8 +303,12 @@ static int cmd_serve(struct cfg *c, int argc, char **argv)
     s->app.loop = loop;
     s->app.cfg = &s->cfg;
     s->app.kafka_brokers = s->cfg.kafka_brokers;
+    /* from here on a stalled stderr drops lines instead of stalling the loop */
+    if (log_async_start((size_t)s->cfg.log_buffer_bytes) != 0) log_warn("main", "event=log_blocking");
     log_effective_config(&s->cfg);
-    if (s->cfg.canned) log_warn("main", "event=canned_mode note=\"bench only: POST answers a canned 201, nothing is stored\"");
+#ifdef TICKETD_CANNED
+    log_warn("main", "event=canned_mode note=\"bench-only binary: POST answers a canned 201, nothing is stored\"");
+#endif
 
     /* 1. schema (blocking, start-up only) */
     if (run_migrations(&s->cfg)) return 1;
@@ -329,7 +333,8 @@ static int cmd_serve(struct cfg *c, int argc, char **argv)
     }
 
     /* 4. group commit */
-    struct ingest_opts ing_opts = {.batch_max = s->cfg.batch_max, .queue_max = s->cfg.queue_max};
+    struct ingest_opts ing_opts = {.batch_max = s->cfg.batch_max, .queue_max = s->cfg.queue_max,
+                                   .key_ttl_ms = s->cfg.idempotency_key_ttl_ms};
     if ((rc = ingest_create(&s->app.ingest, loop, s->app.db, &ing_opts)) != 0) {
         log_error("main", "event=ingest_failed err=\"%s\"", strerror(rc < 0 ? -rc : rc));
         return 1;
@@ -478,5 +483,6 @@ int main(int argc, char **argv)
 
     rc = cmd->fn(&c, argc - argi, argv + argi);
     cfg_free(&c);
+    log_flush(2000); /* serve's buffered lines, unless stderr is stuck */
     return rc;
 }

@@ -97,6 +97,24 @@ static const struct migration migrations[] = {
     {2, "hash index for phone lookups",
      "DROP INDEX IF EXISTS applications_phone_idx;"
      "CREATE INDEX applications_phone_idx ON applications USING hash (phone);"},
+    /* Issue 12. reference: the applicant's unguessable handle (UUID v4, 122 random bits);
+     * the volatile default fills existing rows in the same rewrite. Idempotency keys become
+     * unique where given (an earlier row keeps a key reused by later ones) and carry the
+     * SHA-256 of the canonical request (validate_fingerprint; computed here the same way
+     * for the keys already stored). Keys are pruned after IDEMPOTENCY_KEY_TTL (by created_at). */
+    {3, "application reference, idempotency fingerprint",
+     "ALTER TABLE applications ADD COLUMN reference uuid NOT NULL DEFAULT gen_random_uuid(),"
+     "  ADD COLUMN idempotency_fingerprint bytea;"
+     "CREATE UNIQUE INDEX applications_reference_idx ON applications (reference);"
+     "UPDATE applications a SET idempotency_key = NULL WHERE idempotency_key IS NOT NULL"
+     "  AND EXISTS (SELECT 1 FROM applications b WHERE b.idempotency_key = a.idempotency_key"
+     "              AND b.id < a.id);"
+     "UPDATE applications SET idempotency_fingerprint = sha256("
+     "  convert_to(event_id, 'UTF8') || '\\x00'::bytea || convert_to(phone, 'UTF8') || '\\x00'::bytea"
+     "  || convert_to(name, 'UTF8') || '\\x00'::bytea || convert_to(coalesce(email, ''), 'UTF8')"
+     "  || '\\x00'::bytea || convert_to(seats::text, 'UTF8')) WHERE idempotency_key IS NOT NULL;"
+     "CREATE UNIQUE INDEX applications_idempotency_key_idx ON applications (idempotency_key)"
+     "  WHERE idempotency_key IS NOT NULL;"},
 };
 
 #define NMIGRATIONS ((int)(sizeof migrations / sizeof migrations[0]))

@@ -35,6 +35,13 @@ int validate_phone(const char *in, size_t len, char out[PHONE_DIGITS_MAX + 1]);
 
 bool validate_event_id(const char *s, size_t len);
 
+/* The Idempotency-Key fingerprint of a validated application: SHA-256 over its normalised
+ * fields (event_id, phone digits, name, email, seats; NUL-separated, so unambiguous), as 64
+ * lowercase hex digits. Equal bodies in any spelling (phone format, key order, whitespace,
+ * seats omitted vs 1) give the same fingerprint. */
+#define VALIDATE_FINGERPRINT_HEX 64
+void validate_fingerprint(const struct application_in *app, char hex[VALIDATE_FINGERPRINT_HEX + 1]);
+
 /* Well-formed UTF-8 (no overlongs, no surrogates) with no NUL or other C0 control; returns
  * the number of code points, or -1. */
 long validate_utf8_text(const char *s, size_t len);

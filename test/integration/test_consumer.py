@@ -53,7 +53,7 @@ class ConsumerTest(h.TicketdTestCase):
     def apply(self, td, i, email=None):
         r = td.apply(phone=h.phone_for(i), name=f"Applicant {i}", email=email)
         self.assertEqual(r.status, 201, r)
-        return r.json()["id"]
+        return self.pg.application_id(r.json())
 
     def event(self, app_id):
         """The outbox row of an application once published: event_id, partition, offset, payload."""
@@ -67,7 +67,7 @@ class ConsumerTest(h.TicketdTestCase):
                 "payload": json.loads(payload)}
 
     def status(self, td, app_id):
-        r = td.request("GET", f"/v1/applications/{app_id}")
+        r = td.admin("GET", f"/admin/applications/{app_id}")
         self.assertEqual(r.status, 200, r)
         return r.json()
 
@@ -141,7 +141,7 @@ class ConsumerTest(h.TicketdTestCase):
 
         # the sink is fixed; replay
         self.sink.ok()
-        r = td.admin("POST", "/admin/dlq/replay", json={})
+        r = td.admin("POST", "/admin/dlq/replay", json={"all": True})
         self.assertEqual(r.status, 200, r)
         self.assertEqual(r.json(), {"replayed": 1, "skipped": 0, "failed": 0})
         self.wait_status(td, victim, "processed")
@@ -152,7 +152,7 @@ class ConsumerTest(h.TicketdTestCase):
             f"SELECT replayed_at FROM dead_letters WHERE event_id = '{ev['event_id']}'"))
         self.assertTrue(td.admin("GET", "/admin/dlq").json()["dead_letters"][0]["replayed"])
         # a second replay does nothing
-        self.assertEqual(td.admin("POST", "/admin/dlq/replay", json={}).json(),
+        self.assertEqual(td.admin("POST", "/admin/dlq/replay", json={"all": True}).json(),
                          {"replayed": 0, "skipped": 1, "failed": 0})
         self.assertEqual(self.pg.count("points_ledger"), 3)
         self.assertEqual(self.pg.count("processed_events"), 3)

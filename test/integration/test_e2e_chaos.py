@@ -28,7 +28,7 @@ class Applicant(threading.Thread):
         self.get_port = get_port
         self.next = first
         self.stop = threading.Event()
-        self.created = {}      # application id -> phone
+        self.created = {}      # application reference -> phone
         self.statuses = {}     # status -> count
 
     def run(self):
@@ -48,7 +48,7 @@ class Applicant(threading.Thread):
                     continue
                 self.statuses[r.status] = self.statuses.get(r.status, 0) + 1
                 if r.status == 201:
-                    self.created[r.json()["id"]] = body["phone"]
+                    self.created[r.json()["reference"]] = body["phone"]
                     break
                 if r.status != 503:
                     break
@@ -93,7 +93,9 @@ class ChaosTest(h.TicketdTestCase):
         load.join(timeout=60)
         self.assertFalse(load.is_alive())
 
-        created = load.created
+        by_ref = dict(self.pg.query("SELECT reference, id FROM applications WHERE reference IN ("
+                                    + ",".join(f"'{r}'" for r in load.created) + ")"))
+        created = {int(by_ref.get(r, 0)): p for r, p in load.created.items()}  # 0: no row
         n = len(created)
         print(f"chaos: {n} applications created; answers seen: {load.statuses}", file=sys.stderr)
         self.assertGreater(n, 50, f"too few applications got through: {load.statuses}")

@@ -118,7 +118,7 @@ class HttpLimitsTest(TicketdTestCase):
                             + get_bytes("/no-such-path", close=True), timeout=10)
         rs = parse_responses(data)
         self.assertEqual([r.status for r in rs], [200, 201, 404], data[:600])
-        self.assertEqual(self.phone_of(rs[1].json()["id"]), json.loads(post)["phone"].replace("-", ""))
+        self.assertEqual(self.phone_of(self.pg.application_id(rs[1].json())), json.loads(post)["phone"].replace("-", ""))
 
         # Twenty POSTs in one write: answer i belongs to request i (its id has phone i).
         posts = [self.body() for _ in range(20)]
@@ -127,7 +127,7 @@ class HttpLimitsTest(TicketdTestCase):
         rs = parse_responses(data)
         self.assertEqual([r.status for r in rs], [201] * 20 + [200])
         for p, r in zip(posts, rs):
-            self.assertEqual(self.phone_of(r.json()["id"]),
+            self.assertEqual(self.phone_of(self.pg.application_id(r.json())),
                              json.loads(p)["phone"].replace("-", ""), "answers out of order")
         self.assert_serving()
 
@@ -160,7 +160,7 @@ class HttpLimitsTest(TicketdTestCase):
             s.sendall(msg)
             r = read_response(s)
         self.assertEqual(r.status, 201, r.body)
-        self.assertEqual(self.phone_of(r.json()["id"]),
+        self.assertEqual(self.phone_of(self.pg.application_id(r.json())),
                          json.loads(body)["phone"].replace("-", ""))
         self.assert_serving()
 

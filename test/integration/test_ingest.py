@@ -82,10 +82,10 @@ class IngestCase(TicketdTestCase):
     def applications(self, pg, event_id):
         rows = pg.query(
             "SELECT id, phone, name, email, seats, "
-            "       extract(epoch FROM created_at)::text FROM applications "
+            "       extract(epoch FROM created_at)::text, reference FROM applications "
             f"WHERE event_id = {sql_str(event_id)} ORDER BY id")
         return {int(r[0]): {"phone": r[1], "name": r[2], "email": r[3], "seats": int(r[4]),
-                            "created_at": float(r[5])} for r in rows}
+                            "created_at": float(r[5]), "reference": r[6]} for r in rows}
 
     def outbox(self, pg, event_id):
         """Outbox rows of an event (found by payload, so rows without an application count)."""
@@ -105,9 +105,11 @@ class IngestCase(TicketdTestCase):
     def assert_created_durable(self, pg, event_id, created, exact=True):
         """created: [(request body, 201 JSON)]. Every 201 has exactly one application row and
         one outbox row, both matching the request; with exact=True the event holds no others."""
-        ids = [resp["id"] for _, resp in created]
-        self.assertEqual(len(ids), len(set(ids)), "two 201s carry the same id")
+        refs = [resp["reference"] for _, resp in created]
+        self.assertEqual(len(refs), len(set(refs)), "two 201s carry the same reference")
         apps = self.applications(pg, event_id)
+        by_ref = {row["reference"]: i for i, row in apps.items()}
+        ids = [by_ref.get(ref) for ref in refs]
         outbox = self.outbox(pg, event_id)
         per_aggregate = {}
         for agg, etype, payload in outbox:
@@ -115,9 +117,10 @@ class IngestCase(TicketdTestCase):
         if exact:
             self.assertEqual(set(apps), set(ids), "application rows differ from the 201s")
             self.assertEqual(set(per_aggregate), set(ids), "outbox rows differ from the 201s")
-        for req, resp in created:
-            i = resp["id"]
-            self.assertIsInstance(i, int)
+        for (req, resp), i in zip(created, ids):
+            self.assertNotIn("id", resp, "the internal id is not in public answers")
+            self.assertRegex(resp["reference"], r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+            self.assertIsInstance(i, int, f"201 reference {resp['reference']} has no application row")
             self.assertEqual(resp["event_id"], req["event_id"])
             self.assertEqual(resp["status"], "applied")
             self.assertIn(i, apps, f"201 id {i} has no application row")
@@ -152,7 +155,7 @@ class IngestCase(TicketdTestCase):
 
     def run_duplicates(self, td, pg, n=DUPLICATES_N):
         """n concurrent applications of one person (phone written two ways): one 201, n-1
-        409s naming the same id, one row."""
+        409s without any reference, one row."""
         event_id = new_event("dup")
         barrier = threading.Barrier(n)
 
@@ -168,11 +171,12 @@ class IngestCase(TicketdTestCase):
         statuses = sorted(r.status for _, r in results)
         self.assertEqual(statuses, [201] + [409] * (n - 1))
         created = [(b, r.json()) for b, r in results if r.status == 201]
-        the_id = created[0][1]["id"]
+        the_id = pg.application_id(created[0][1])
         for _, r in results:
             if r.status == 409:
                 self.assertEqual(r.json().get("error"), "already_applied", r.body)
-                self.assertEqual(r.json().get("id"), the_id, r.body)
+                self.assertNotIn("reference", r.json(), r.body)
+                self.assertNotIn("id", r.json(), r.body)
         self.assert_created_durable(pg, event_id, created)
         return the_id
 
@@ -212,14 +216,74 @@ class IngestTest(IngestCase):
         other = self.td.request("POST", "/v1/applications", json=body,
                                 headers={"Idempotency-Key": f"other-{uuid.uuid4()}"})
         self.assertEqual(other.status, 409, other.body)
-        self.assertEqual(other.json()["id"], first.json()["id"])
+        self.assertNotIn("reference", other.json())
         nokey = self.td.request("POST", "/v1/applications", json=body)
         self.assertEqual(nokey.status, 409, nokey.body)
-        self.assertEqual(nokey.json()["id"], first.json()["id"])
+        self.assertNotIn("reference", nokey.json())
         self.assert_created_durable(self.pg, event_id, [(body, first.json())])
         self.assertEqual(self.pg.scalar(
-            f"SELECT idempotency_key FROM applications WHERE id = {first.json()['id']}"),
+            f"SELECT idempotency_key FROM applications WHERE id = {self.pg.application_id(first.json())}"),
             key["Idempotency-Key"])
+
+    def test_idempotency_key_with_another_body_is_422_and_writes_nothing(self):
+        """Issue 12: on main the same key with another phone created a second application and
+        the same key with another name replayed the old 201, dropping the change."""
+        event_id = new_event("idem422")
+        body = {"event_id": event_id, "phone": "010-2222-4444", "name": "Choi Yuna"}
+        key = {"Idempotency-Key": f"k422-{uuid.uuid4()}"}
+        first = self.td.request("POST", "/v1/applications", json=body, headers=key)
+        self.assertEqual(first.status, 201, first.body)
+        # the same body in another spelling (phone format, key order, seats given as the
+        # default) is the same request: replayed
+        same = {"seats": 1, "name": "Choi Yuna", "phone": "01022224444", "event_id": event_id}
+        again = self.td.request("POST", "/v1/applications", json=same, headers=key)
+        self.assertEqual(again.status, 201, again.body)
+        self.assertEqual(again.json(), first.json())
+        self.assertEqual(again.headers.get("idempotent-replayed"), "true")
+        for change in ({"phone": "010-2222-5555"}, {"name": "Choi Yuna Changed"},
+                       {"seats": 2}, {"event_id": new_event("idem422other")}):
+            r = self.td.request("POST", "/v1/applications", json=dict(body, **change), headers=key)
+            self.assertEqual(r.status, 422, f"{change}: {r.body}")
+            self.assertEqual(r.json()["error"], "idempotency_key_reused", r.body)
+            self.assertNotIn("reference", r.json())
+        self.assertEqual(self.pg.count(f"applications WHERE phone = '01022225555'"), 0)
+        self.assertEqual(self.pg.count(f"applications WHERE idempotency_key = {sql_str(key['Idempotency-Key'])}"), 1)
+        self.assertEqual(self.pg.count(f"applications WHERE event_id = {sql_str(event_id)}"), 1)
+        self.assertEqual(self.pg.scalar(f"SELECT name FROM applications WHERE event_id = {sql_str(event_id)}"),
+                         "Choi Yuna")
+
+    def test_idempotency_key_in_flight_is_409(self):
+        """A second request with a key whose first request is still waiting for its commit
+        gets 409 at once (the first is held by a lock on the applications table)."""
+        event_id = new_event("inflight")
+        body = {"event_id": event_id, "phone": "010-2222-6666", "name": "Choi Yuna"}
+        key = {"Idempotency-Key": f"kif-{uuid.uuid4()}"}
+        lock = subprocess.Popen(
+            ["psql", "-X", "-h", self.pg.dir, "-p", str(self.pg.port), "-U", "postgres", "-d", "ticketd",
+             "-v", "ON_ERROR_STOP=1", "-c",
+             "BEGIN; LOCK TABLE applications IN EXCLUSIVE MODE; SELECT pg_sleep(4); COMMIT;"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_until(lambda: self.pg.count("pg_locks l JOIN pg_class c ON c.oid = l.relation "
+                                             "WHERE c.relname = 'applications' AND l.mode = 'ExclusiveLock' "
+                                             "AND l.granted") == 1, timeout=30, what="table lock")
+            results = []
+            t = threading.Thread(target=lambda: results.append(post(self.td, body, headers=key)))
+            t.start()
+            wait_until(lambda: self.pg.count("pg_locks l JOIN pg_class c ON c.oid = l.relation "
+                                             "WHERE c.relname = 'applications' AND NOT l.granted") >= 1,
+                       timeout=30, what="the first insert waiting on the lock")
+            second = self.td.request("POST", "/v1/applications", json=body, headers=key)
+            self.assertEqual(second.status, 409, second.body)
+            self.assertEqual(second.json()["error"], "idempotency_key_in_flight", second.body)
+            self.assertEqual(second.headers.get("retry-after"), "1")
+            t.join(timeout=60)
+        finally:
+            lock.wait(timeout=60)
+        self.assertEqual(results[0][1].status, 201, results[0][1].body)
+        third = self.td.request("POST", "/v1/applications", json=body, headers=key)
+        self.assertEqual(third.status, 201, third.body)
+        self.assertEqual(third.json(), results[0][1].json())
 
     def test_bad_bodies_get_4xx_with_field_message_and_no_row(self):
         ev = new_event("bad")
@@ -325,37 +389,48 @@ class IngestTest(IngestCase):
         self.assertEqual(r.status, 201, r.body)
         self.assertEqual(self.pg.count(f"applications WHERE event_id = {sql_str(ev)}"), 1)
 
-    def test_get_by_id_and_lookup_and_404(self):
+    def test_get_by_reference_admin_by_id_and_lookup_and_404(self):
         ev = new_event("get")
         body = {"event_id": ev, "phone": "010-3141-5926", "name": "Han Seol", "seats": 3}
         created = self.td.request("POST", "/v1/applications", json=body)
         self.assertEqual(created.status, 201, created.body)
-        app_id = created.json()["id"]
+        ref = created.json()["reference"]
+        app_id = self.pg.application_id(created.json())
 
-        r = self.td.request("GET", f"/v1/applications/{app_id}")
+        r = self.td.request("GET", f"/v1/applications/{ref}")
         self.assertEqual(r.status, 200, r.body)
         got = r.json()
-        self.assertEqual(got["id"], app_id)
-        self.assertEqual(got["event_id"], ev)
-        self.assertEqual(got["status"], "applied")  # ROLE=api: no relay publishes it
+        self.assertEqual(got, {"reference": ref, "event_id": ev, "status": "applied",
+                               "phone": "010-****-5926", "seats": 3,
+                               "created_at": created.json()["created_at"]})
+        r = self.td.request("GET", f"/v1/applications/{ref.upper()}")
+        self.assertEqual(r.status, 200, r.body)
 
+        r = self.td.admin("GET", f"/admin/applications/{app_id}")
+        self.assertEqual(r.status, 200, r.body)
+        got = r.json()
+        self.assertEqual((got["id"], got["reference"], got["event_id"], got["status"], got["name"]),
+                         (app_id, ref, ev, "applied", "Han Seol"))
         for phone in ("010-3141-5926", "01031415926"):
             q = urllib.parse.urlencode({"event_id": ev, "phone": phone})
-            r = self.td.request("GET", f"/v1/applications?{q}")
+            r = self.td.admin("GET", f"/admin/applications?{q}")
             self.assertEqual(r.status, 200, r.body)
             found = as_list(r.json())
             self.assertEqual([a["id"] for a in found], [app_id], found)
 
         q = urllib.parse.urlencode({"event_id": new_event("none"), "phone": "010-3141-5926"})
-        r = self.td.request("GET", f"/v1/applications?{q}")
+        r = self.td.admin("GET", f"/admin/applications?{q}")
         self.assertEqual(r.status, 200, r.body)
         self.assertEqual(as_list(r.json()), [])
 
         max_id = int(self.pg.scalar("SELECT coalesce(max(id), 0) FROM applications"))
-        r = self.td.request("GET", f"/v1/applications/{max_id + 1000}")
+        r = self.td.admin("GET", f"/admin/applications/{max_id + 1000}")
         self.assertEqual(r.status, 404, r.body)
-        r = self.td.request("GET", "/v1/applications/not-a-number")
-        self.assertIn(r.status, (400, 404), r.body)
+        r = self.td.request("GET", f"/v1/applications/{uuid.uuid4()}")
+        self.assertEqual(r.status, 404, r.body)
+        for bad in ("not-a-number", str(app_id), ref[:-1], ref + "0", ref.replace("-", "")):
+            r = self.td.request("GET", f"/v1/applications/{bad}")
+            self.assertEqual(r.status, 404, f"{bad}: {r.body}")
 
 
 class IngestFaultTest(IngestCase):
@@ -449,12 +524,25 @@ class IngestFaultTest(IngestCase):
         self.assertGreaterEqual(len(created), 300)
         self.assert_created_durable(self.pg, ev, created, exact=False)
         self.assert_no_orphans(self.pg)
-        # A new process sees them: re-applying gets 409 with the id the client was given.
+        # A new process sees them: re-applying gets 409; the reference the client was given
+        # names the row.
         td2 = self.track(Ticketd(self.pg, role="api"))
         for b, resp in created[:5] + created[-5:]:
             r = td2.request("POST", "/v1/applications", json=b)
             self.assertEqual(r.status, 409, r.body)
-            self.assertEqual(r.json()["id"], resp["id"])
+            self.assertEqual(td2.request("GET", f"/v1/applications/{resp['reference']}").status, 200)
+
+    def test_canned_is_not_a_setting_of_the_service(self):
+        """Issue 12: on main CANNED=true made ticketd answer 201 without touching the database.
+        That mode exists only in the bench binary ticketd-canned now; ticketd ignores it."""
+        td = self.track(Ticketd(self.pg, role="api", env={"CANNED": "true"}))
+        ev = new_event("canned")
+        r = td.request("POST", "/v1/applications", json={"event_id": ev, "phone": "010-4545-1212",
+                                                          "name": "Not Canned"})
+        self.assertEqual(r.status, 201, r.body)
+        self.assertEqual(self.pg.count(f"applications WHERE event_id = {sql_str(ev)} AND "
+                                       f"reference = {sql_str(r.json()['reference'])}"), 1)
+        self.assertNotIn("canned", td.log_text())
 
     def test_sigterm_answers_in_flight_and_exits_0(self):
         td = self.track(Ticketd(self.pg, role="api"))

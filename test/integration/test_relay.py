@@ -40,7 +40,7 @@ class RelayTest(TicketdTestCase):
         rs = parallel(one, range(start, start + n), workers=16)
         for r in rs:
             self.assertEqual(r.status, 201, r)
-        return [r.json()["id"] for r in rs]
+        return [self.pg.application_id(r.json()) for r in rs]
 
     def unpublished(self):
         return self.pg.count("outbox WHERE published_at IS NULL")
@@ -114,7 +114,7 @@ class RelayTest(TicketdTestCase):
             self.assertEqual(row["payload"]["event_id"], "relay-basic")
         # GET shows published with the row's partition and offset.
         some = ids[0]
-        body = t.request("GET", f"/v1/applications/{some}").json()
+        body = t.admin("GET", f"/admin/applications/{some}").json()
         self.assertEqual(body["status"], "published")
         row = [r for r in rows.values() if int(r["aggregate_id"]) == some][0]
         self.assertEqual(body["outbox"]["partition"], row["partition"])
@@ -154,7 +154,7 @@ class RelayTest(TicketdTestCase):
             self.assertIn("authoriz", (row["last_error"] or "").lower())
         self.assertEqual(kcat_consume(self.kafka.brokers, TOPIC), [])
         self.assertGreaterEqual(self.metric(t, "ticketd_relay_failures_total"), 6)
-        body = t.request("GET", f"/v1/applications/{ids[0]}").json()
+        body = t.admin("GET", f"/admin/applications/{ids[0]}").json()
         self.assertEqual(body["status"], "applied")
         # Once the broker accepts again, the retries get through.
         self.kafka.command("clear-errors")

@@ -67,7 +67,7 @@ def post_application(port, phone, timeout=60):
         rec["outcome"] = "answered"
         rec["status"] = r.status
         if r.status == 201:
-            rec["id"] = int(json.loads(data)["id"])
+            rec["reference"] = json.loads(data)["reference"]
         return rec
     finally:
         conn.close()
@@ -244,7 +244,8 @@ class ShutdownUnderLoad(harness.TicketdTestCase):
                          {201, 503}, set(), "unexpected statuses")
 
         # 201 => application row and outbox row.
-        ok = {r["id"]: r["phone"] for r in results if r["status"] == 201}
+        by_ref = dict(self.pg.query("SELECT reference, id FROM applications"))
+        ok = {int(by_ref.get(r["reference"], 0)): r["phone"] for r in results if r["status"] == 201}  # 0: no row
         rows = {int(i): p for i, p in self.pg.query(
             f"SELECT id, phone FROM applications WHERE event_id = '{EVENT}'")}
         outbox = {int(a) for (a,) in self.pg.query("SELECT aggregate_id FROM outbox")}

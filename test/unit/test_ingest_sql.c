@@ -144,14 +144,23 @@ static void on_done(void *ud, const struct ingest_result *res)
     if (g->all) g->all->n++;
 }
 
+/* Copies src into dst[cap], cut to fit (memcpy: snprintf here warns at -O2 under
+ * -Wformat-truncation, the Release build of issue 12). */
+static void copy_text(char *dst, size_t cap, const char *src)
+{
+    size_t n = strnlen(src, cap - 1);
+    memcpy(dst, src, n);
+    dst[n] = '\0';
+}
+
 static void make_app(struct application_in *a, const char *event_id, const char *phone,
                      const char *name, const char *email, int seats)
 {
     memset(a, 0, sizeof *a);
-    snprintf(a->event_id, sizeof a->event_id, "%s", event_id);
-    snprintf(a->phone, sizeof a->phone, "%s", phone);
-    snprintf(a->name, sizeof a->name, "%s", name);
-    snprintf(a->email, sizeof a->email, "%s", email ? email : "");
+    copy_text(a->event_id, sizeof a->event_id, event_id);
+    copy_text(a->phone, sizeof a->phone, phone);
+    copy_text(a->name, sizeof a->name, name);
+    copy_text(a->email, sizeof a->email, email ? email : "");
     a->seats = seats;
 }
 
@@ -291,7 +300,9 @@ static void test_distinct_batch(struct dbp *pool)
         snprintf(email, sizeof email, "user%d@example.com", i);
         make_app(&apps[i], ev, phone, name, i % 3 ? email : NULL, 1 + i % 4);
         got[i] = (struct got){.all = &all};
-        ingest_submit(ing, &apps[i], i % 2 ? "key-odd" : NULL, on_done, &got[i]);
+        char key[64];
+        snprintf(key, sizeof key, "%s-key-%d", run_id, i);
+        ingest_submit(ing, &apps[i], i % 2 ? key : NULL, on_done, &got[i]);
     }
     CHECK(all.n == 0, "no result before the loop runs");
     CHECK(ingest_pending(ing) == N, "all pending");
@@ -299,7 +310,9 @@ static void test_distinct_batch(struct dbp *pool)
     int created = 0, once = 0;
     for (int i = 0; i < N; i++) {
         if (got[i].calls == 1) once++;
-        if (got[i].r.status == INGEST_CREATED && got[i].r.id > 0 && got[i].r.created_at[0]) created++;
+        if (got[i].r.status == INGEST_CREATED && got[i].r.id > 0 && got[i].r.created_at[0] &&
+            strlen(got[i].r.reference) == 36 && got[i].r.reference[14] == '4')
+            created++;
     }
     CHECK(once == N, "every submission answered exactly once (%d)", once);
     CHECK(created == N, "1000 distinct applications all CREATED (%d)", created);
@@ -318,8 +331,8 @@ static void test_distinct_batch(struct dbp *pool)
     /* Read back every row and payload and compare with what was submitted. */
     const char *params[1] = {ev};
     PGresult *r = sqlq("SELECT a.id, a.phone, a.name, a.email, a.seats, a.idempotency_key,"
-                       " o.payload::text FROM applications a JOIN outbox o ON o.aggregate_id = a.id"
-                       " WHERE a.event_id = $1", 1, params);
+                       " o.payload::text, a.reference::text FROM applications a"
+                       " JOIN outbox o ON o.aggregate_id = a.id WHERE a.event_id = $1", 1, params);
     int rows_ok = 0, payload_ok = 0;
     for (int row = 0; row < PQntuples(r); row++) {
         long long id = atoll(PQgetvalue(r, row, 0));
@@ -328,8 +341,11 @@ static void test_distinct_batch(struct dbp *pool)
         const struct application_in *a = &apps[i];
         bool email_ok = a->email[0] ? !PQgetisnull(r, row, 3) && strcmp(PQgetvalue(r, row, 3), a->email) == 0
                                     : PQgetisnull(r, row, 3);
-        bool key_ok = i % 2 ? strcmp(PQgetvalue(r, row, 5), "key-odd") == 0 : PQgetisnull(r, row, 5);
+        char key[64];
+        snprintf(key, sizeof key, "%s-key-%d", run_id, i);
+        bool key_ok = i % 2 ? strcmp(PQgetvalue(r, row, 5), key) == 0 : PQgetisnull(r, row, 5);
         if (strcmp(PQgetvalue(r, row, 2), a->name) == 0 && email_ok && key_ok &&
+            strcmp(PQgetvalue(r, row, 7), got[i].r.reference) == 0 &&
             atoi(PQgetvalue(r, row, 4)) == a->seats)
             rows_ok++;
         json_object *j = json_tokener_parse(PQgetvalue(r, row, 6));
@@ -349,7 +365,7 @@ static void test_distinct_batch(struct dbp *pool)
         json_object_put(j);
     }
     PQclear(r);
-    CHECK(rows_ok == N, "every row holds exactly what was submitted, under the id returned (%d)", rows_ok);
+    CHECK(rows_ok == N, "every row holds exactly what was submitted, under the id and reference returned (%d)", rows_ok);
     CHECK(payload_ok == N, "every outbox payload matches its application (%d)", payload_ok);
     const char *sample = got[0].r.created_at;
     CHECK(strlen(sample) == 27 && sample[4] == '-' && sample[10] == 'T' && sample[19] == '.' &&
@@ -443,8 +459,9 @@ static void test_idempotency(struct dbp *pool)
     CHECK(ingest_create(&ing, loop, pool, &o) == 0, "ingest_create");
     char ev[64];
     event_name(ev, sizeof ev, "idem");
-    const char *key = "k,{\"NULL\"}\\ 키";
-    struct got a, b, c, d;
+    char key[96];
+    snprintf(key, sizeof key, "k,{\"NULL\"}\\ 키 %s", run_id);
+    struct got a, b, c, d, e;
     struct counter all = {0, 1};
     submit1(ing, ev, "01011112222", key, &a, &all);
     run_until(counter_done, &all, 5000);
@@ -455,10 +472,30 @@ static void test_idempotency(struct dbp *pool)
     submit1(ing, ev, "01011112222", NULL, &d, &all);
     run_until(counter_done, &all, 5000);
     CHECK(b.r.status == INGEST_REPLAYED && b.r.id == a.r.id &&
-              strcmp(b.r.created_at, a.r.created_at) == 0,
-          "same Idempotency-Key: REPLAYED with the original id and created_at");
-    CHECK(c.r.status == INGEST_DUPLICATE && c.r.id == a.r.id, "other key: DUPLICATE with the id");
-    CHECK(d.r.status == INGEST_DUPLICATE && d.r.id == a.r.id, "no key: DUPLICATE with the id");
+              strcmp(b.r.created_at, a.r.created_at) == 0 &&
+              strcmp(b.r.reference, a.r.reference) == 0,
+          "same Idempotency-Key: REPLAYED with the original id, reference and created_at");
+    CHECK(c.r.status == INGEST_DUPLICATE && c.r.id == a.r.id && !c.r.reference[0],
+          "other key: DUPLICATE, no reference");
+    CHECK(d.r.status == INGEST_DUPLICATE && d.r.id == a.r.id && !d.r.reference[0],
+          "no key: DUPLICATE, no reference");
+    /* issue 12: the same key with another body (another phone; the same phone, another name)
+     * is refused and writes nothing */
+    all = (struct counter){0, 1};
+    submit1(ing, ev, "01011119999", key, &e, &all);
+    run_until(counter_done, &all, 5000);
+    all = (struct counter){0, 1};
+    struct application_in renamed;
+    make_app(&renamed, ev, "01011112222", "Someone Else", "i@example.com", 1);
+    struct got f = {.all = &all};
+    ingest_submit(ing, &renamed, key, on_done, &f);
+    run_until(counter_done, &all, 5000);
+    CHECK(e.r.status == INGEST_KEY_MISMATCH && !e.r.reference[0],
+          "same key, another phone: KEY_MISMATCH (status %d)", e.r.status);
+    CHECK(f.r.status == INGEST_KEY_MISMATCH && !f.r.reference[0],
+          "same key, same phone, another name: KEY_MISMATCH (status %d)", f.r.status);
+    CHECK(sql_count("SELECT count(*) FROM applications WHERE event_id = $1", ev) == 1,
+          "still one row for the event");
     const char *params[1] = {ev};
     PGresult *r = sqlq("SELECT idempotency_key FROM applications WHERE event_id = $1", 1, params);
     CHECK(PQntuples(r) == 1 && strcmp(PQgetvalue(r, 0, 0), key) == 0, "key stored byte for byte");
@@ -467,13 +504,22 @@ static void test_idempotency(struct dbp *pool)
     /* Retries landing in the same batch as the original. */
     event_name(ev, sizeof ev, "idem-batch");
     all = (struct counter){0, 3};
-    submit1(ing, ev, "01033334444", "kk", &a, &all);
-    submit1(ing, ev, "01033334444", "kk", &b, &all);
-    submit1(ing, ev, "01033334444", "zz", &c, &all);
+    char kk[64], zz[64];
+    snprintf(kk, sizeof kk, "%s-kk", run_id);
+    snprintf(zz, sizeof zz, "%s-zz", run_id);
+    submit1(ing, ev, "01033334444", kk, &a, &all);
+    submit1(ing, ev, "01033334444", kk, &b, &all);
+    CHECK(b.calls == 1 && b.r.status == INGEST_KEY_IN_FLIGHT,
+          "the same key while the first is queued: KEY_IN_FLIGHT at once (status %d)", b.r.status);
+    submit1(ing, ev, "01033334444", zz, &c, &all);
     run_until(counter_done, &all, 5000);
-    CHECK(a.r.status == INGEST_CREATED && b.r.status == INGEST_REPLAYED &&
-              c.r.status == INGEST_DUPLICATE && b.r.id == a.r.id && c.r.id == a.r.id,
-          "in one batch: CREATED, REPLAYED, DUPLICATE with one id");
+    CHECK(a.r.status == INGEST_CREATED && c.r.status == INGEST_DUPLICATE && c.r.id == a.r.id,
+          "in one batch: CREATED, then DUPLICATE for another key");
+    all = (struct counter){0, 1};
+    submit1(ing, ev, "01033334444", kk, &b, &all);
+    run_until(counter_done, &all, 5000);
+    CHECK(b.r.status == INGEST_REPLAYED && strcmp(b.r.reference, a.r.reference) == 0,
+          "the same key once answered: REPLAYED (status %d)", b.r.status);
     CHECK(sql_count("SELECT count(*) FROM outbox o JOIN applications a ON a.id = o.aggregate_id"
                     " WHERE a.event_id = $1", ev) == 1,
           "one outbox row");
@@ -510,16 +556,25 @@ static void test_concurrent_commit(struct dbp *pool)
     watcher = PQconnectdb(db_url);
     if (PQstatus(watcher) != CONNECTION_OK) die("watcher: %s", PQerrorMessage(watcher));
     PQclear(sqlq("BEGIN", 0, NULL));
-    const char *params[1] = {ev};
-    PGresult *r = sqlq("INSERT INTO applications (event_id, phone, name, idempotency_key)"
-                       " VALUES ($1, '01055556666', 'Other Tx', 'rk') RETURNING id", 1, params);
+    /* The other transaction stores the fingerprint computed in SQL the way migration 3 does:
+     * the replay below also checks that it equals validate_fingerprint's. */
+    char rk[64];
+    snprintf(rk, sizeof rk, "%s-rk", run_id);
+    const char *iparams[2] = {ev, rk};
+    PGresult *r = sqlq("INSERT INTO applications (event_id, phone, name, email, idempotency_key,"
+                       " idempotency_fingerprint) SELECT $1, '01055556666', 'Idem Potent',"
+                       " 'i@example.com', $2, sha256(convert_to($1, 'UTF8') || '\\x00'::bytea"
+                       " || convert_to('01055556666', 'UTF8') || '\\x00'::bytea"
+                       " || convert_to('Idem Potent', 'UTF8') || '\\x00'::bytea"
+                       " || convert_to('i@example.com', 'UTF8') || '\\x00'::bytea"
+                       " || convert_to('1', 'UTF8')) RETURNING id", 2, iparams);
     long long other_id = atoll(PQgetvalue(r, 0, 0));
     PQclear(r);
 
     double lookups0 = metric_value("ticketd_group_commit_lookups_total");
     struct got a, b, c;
     struct counter all = {0, 3};
-    submit1(ing, ev, "01055556666", "rk", &a, &all);
+    submit1(ing, ev, "01055556666", rk, &a, &all);
     submit1(ing, ev, "01055556666", NULL, &b, &all);
     submit1(ing, ev, "01077778888", NULL, &c, &all);
     uv_timer_t t;
@@ -540,6 +595,41 @@ static void test_concurrent_commit(struct dbp *pool)
     CHECK(metric_value("ticketd_group_commit_lookups_total") - lookups0 == 1,
           "the conflicting key was looked up again");
     CHECK(sql_count("SELECT count(*) FROM applications WHERE event_id = $1", ev) == 2, "two rows");
+    ingest_close(ing);
+    uv_run(loop, UV_RUN_NOWAIT);
+}
+
+static bool key_cleared(void *ud)
+{
+    return sql_count("SELECT count(*) FROM applications WHERE idempotency_key = $1", ud) == 0;
+}
+
+/* Keys older than the TTL are cleared in the background; then the key is free again. */
+static void test_key_expiry(struct dbp *pool)
+{
+    struct ingest *ing;
+    struct ingest_opts o = {.batch_max = 100, .queue_max = 1000, .key_ttl_ms = 300};
+    CHECK(ingest_create(&ing, loop, pool, &o) == 0, "ingest_create (key TTL 300 ms)");
+    char ev[64], key[64];
+    event_name(ev, sizeof ev, "expiry");
+    snprintf(key, sizeof key, "%s-expiring", run_id);
+    struct got a, b;
+    struct counter all = {0, 1};
+    submit1(ing, ev, "01044445555", key, &a, &all);
+    run_until(counter_done, &all, 5000);
+    CHECK(a.r.status == INGEST_CREATED, "keyed application CREATED");
+    double pruned0 = metric_value("ticketd_idempotency_keys_pruned_total");
+    CHECK(run_until(key_cleared, key, 20000), "the key is cleared after its TTL");
+    CHECK(metric_value("ticketd_idempotency_keys_pruned_total") > pruned0,
+          "ticketd_idempotency_keys_pruned_total rose");
+    CHECK(sql_count("SELECT count(*) FROM applications WHERE event_id = $1 AND"
+                    " idempotency_fingerprint IS NULL", ev) == 1,
+          "its fingerprint is cleared with it, the application stays");
+    all = (struct counter){0, 1};
+    submit1(ing, ev, "01044446666", key, &b, &all);
+    run_until(counter_done, &all, 5000);
+    CHECK(b.r.status == INGEST_CREATED, "an expired key is free for a new request (status %d)",
+          b.r.status);
     ingest_close(ing);
     uv_run(loop, UV_RUN_NOWAIT);
 }
@@ -719,6 +809,7 @@ int main(void)
     test_concurrent_commit(pool);
     test_batch_max_one(pool);
     test_overload_and_close(pool);
+    test_key_expiry(pool);
     test_unreachable();
 
     /* Closing with a query running and one queued: both fail with "closing". */

@@ -305,6 +305,34 @@ static void test_event_id_and_utf8(void)
     CHECK(validate_utf8_text("\xE4\xB8", 2) == -1, "utf8 truncated rejected");
 }
 
+/* Idempotency fingerprints: one per request meaning, whatever the spelling. */
+static void test_fingerprint(void)
+{
+    char a[VALIDATE_FINGERPRINT_HEX + 1], b[VALIDATE_FINGERPRINT_HEX + 1];
+    CHECK(parse("{\"event_id\":\"gayo\",\"phone\":\"010-1234-5678\",\"name\":\"김민지\","
+                "\"email\":\"minji@example.com\",\"seats\":2}") == 0, "fingerprint body");
+    validate_fingerprint(&app, a);
+    /* sha256("gayo\0" "01012345678\0" "김민지\0" "minji@example.com\0" "2"), by Python's hashlib */
+    CHECK(strcmp(a, "589c81d82d3f5b823dab8c0f706cb50705e97e6cc3c20b9108b365dfa663d73b") == 0,
+          "SHA-256 of the NUL-separated normalised fields (%s)", a);
+    CHECK(parse(" {\"seats\":2, \"email\":\"minji@example.com\",\"name\":\"\\uae40\ubbfc\uc9c0\","
+                "\"phone\":\"01012345678\",\"event_id\":\"gayo\",\"extra\":1}") == 0, "respelled body");
+    validate_fingerprint(&app, b);
+    CHECK(strcmp(a, b) == 0, "same fields in another order and spelling: same fingerprint");
+    static const char *const changed[] = {
+        "{\"event_id\":\"gayo2\",\"phone\":\"010-1234-5678\",\"name\":\"김민지\",\"email\":\"minji@example.com\",\"seats\":2}",
+        "{\"event_id\":\"gayo\",\"phone\":\"010-1234-5679\",\"name\":\"김민지\",\"email\":\"minji@example.com\",\"seats\":2}",
+        "{\"event_id\":\"gayo\",\"phone\":\"010-1234-5678\",\"name\":\"김민\",\"email\":\"minji@example.com\",\"seats\":2}",
+        "{\"event_id\":\"gayo\",\"phone\":\"010-1234-5678\",\"name\":\"김민지\",\"seats\":2}",
+        "{\"event_id\":\"gayo\",\"phone\":\"010-1234-5678\",\"name\":\"김민지\",\"email\":\"minji@example.com\"}",
+    };
+    for (size_t i = 0; i < sizeof changed / sizeof changed[0]; i++) {
+        CHECK(parse(changed[i]) == 0, "changed body %zu parses", i);
+        validate_fingerprint(&app, b);
+        CHECK(strcmp(a, b) != 0, "changed body %zu: another fingerprint", i);
+    }
+}
+
 int main(void)
 {
     test_valid_bodies();
@@ -312,6 +340,7 @@ int main(void)
     test_body_level();
     test_phone();
     test_event_id_and_utf8();
+    test_fingerprint();
     printf("%d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;
 }
