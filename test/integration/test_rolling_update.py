@@ -47,6 +47,10 @@ SESSION_TIMEOUT_MS = 6000
 RELAY_GAP_BOUND_S = 15.0
 CONSUMER_STALL_BOUND_S = 20.0
 ALLOWED = {201, 409, 400, 503}
+# The client's keep-alive idle limit, below HAProxy's `timeout http-keep-alive 10s` as it
+# must be for any client: a connection idle longer may be closing at the other end, and a
+# request sent on it is lost in that race (nothing to do with the replicas).
+CLIENT_IDLE_S = 5.0
 
 
 def haproxy_available():
@@ -153,7 +157,7 @@ class Fleet:
 class OpenLoad(threading.Thread):
     """Open-loop POST /v1/applications through one port on keep-alive connections (asyncio in
     its own thread). Each result: [intended time, latency s, status or 0, retry_after, body
-    (dict for 201) or error text]. A mix: dup_every-th request re-sends an earlier phone (409),
+    (dict for 201) or error text]. Idle connections are not reused after CLIENT_IDLE_S. A mix: dup_every-th request re-sends an earlier phone (409),
     invalid_every-th has a bad phone (400)."""
 
     def __init__(self, port, rate, event_id, phone_base=0, dup_every=20, invalid_every=50,
@@ -177,7 +181,7 @@ class OpenLoad(threading.Thread):
         return json.dumps({"event_id": self.event_id, "phone": phone, "name": "Rolling Update"}).encode()
 
     async def _exchange(self, conn, payload):
-        reader, writer = conn
+        reader, writer, _ = conn
         writer.write(b"POST /v1/applications HTTP/1.1\r\nHost: ticketd\r\n"
                      b"Content-Type: application/json\r\nContent-Length: " +
                      str(len(payload)).encode() + b"\r\n\r\n" + payload)
@@ -198,17 +202,25 @@ class OpenLoad(threading.Thread):
         payload = self.body(i)
         async with sem:
             conn = pool.pop() if pool else None
+            while conn and time.monotonic() - conn[2]["last"] > CLIENT_IDLE_S:
+                conn[1].close()  # HAProxy may be closing it: never reuse it
+                conn = pool.pop() if pool else None
             try:
                 if conn is None:
-                    conn = await asyncio.open_connection("127.0.0.1", self.port)
+                    conn = (*await asyncio.open_connection("127.0.0.1", self.port),
+                            {"uses": 0, "last": time.monotonic()})
                 status, headers, body, keep = await asyncio.wait_for(
                     self._exchange(conn, payload), self.timeout)
             except Exception as e:  # refused, reset, EOF, timeout: all are failures here
+                what = f"{type(e).__name__}: {e}"
                 if conn:
                     conn[1].close()
-                self.results.append([intended, time.monotonic() - intended, 0, None,
-                                     f"{type(e).__name__}: {e}"])
+                    what += (f" (at {intended - self.t0:.2f} s, connection used {conn[2]['uses']}"
+                             f" times, idle {time.monotonic() - conn[2]['last']:.2f} s)")
+                self.results.append([intended, time.monotonic() - intended, 0, None, what])
                 return
+            conn[2]["uses"] += 1
+            conn[2]["last"] = time.monotonic()
             if keep:
                 pool.append(conn)
             else:
@@ -236,7 +248,7 @@ class OpenLoad(threading.Thread):
             i += 1
         if tasks:
             await asyncio.wait(tasks)
-        for _, w in pool:
+        for _, w, _ in pool:
             w.close()
 
     def run(self):
@@ -361,7 +373,7 @@ def verify(pg, kafka, group, event_id, results, timeout=180):
     problems = []
     errors = [r for r in results if r[2] == 0]
     if errors:
-        problems.append(f"{len(errors)} connection errors, first: {errors[0][4]}")
+        problems.append(f"{len(errors)} connection errors: " + "; ".join(r[4] for r in errors[:5]))
     odd = sorted({r[2] for r in results} - ALLOWED - {0})
     if odd:
         problems.append(f"statuses outside {sorted(ALLOWED)}: {odd}")
