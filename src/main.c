@@ -29,6 +29,7 @@
 #include "log.h"
 #include "metrics.h"
 #include "migrate.h"
+#include "pooler_check.h"
 
 #define MIGRATE_TIMEOUT_MS 30000
 #define MAX_PIPELINED 64
@@ -310,8 +311,14 @@ static int cmd_serve(struct cfg *c, int argc, char **argv)
     log_warn("main", "event=canned_mode note=\"bench-only binary: POST answers a canned 201, nothing is stored\"");
 #endif
 
-    /* 1. schema (blocking, start-up only) */
+    /* 1. schema (blocking, start-up only); our sessions must be our own (no transaction pooler) */
     if (run_migrations(&s->cfg)) return 1;
+    char perr[768];
+    if (pooler_check(s->cfg.database_url, perr, sizeof perr) != 0) {
+        log_error("main", "event=pooler_refused");
+        fprintf(stderr, "ticketd: refusing to start: %s\n", perr);
+        return 1;
+    }
 
     /* 2. Kafka */
     /* wiring: kafka mock (KAFKA_BROKERS empty) */

@@ -199,12 +199,37 @@ static enum metric_type parse_type(const char *type)
     return MT_UNTYPED;
 }
 
+/* The series that carry no labels. Each is created at 0 when its module describes it (at
+ * start), so a new process exposes them from its first scrape: an alert or a rate() on
+ * ticketd_outbox_backlog must not see "no data" until the relay's first round. Series with
+ * labels appear when a label value is first seen. test_metrics.py checks that every
+ * label-less series of a busy process is in a fresh process's first scrape. */
+static const char *const label_less[] = {
+    "ticketd_consumer_db_unavailable_total", "ticketd_consumer_marks_batch_size",
+    "ticketd_consumer_points_batch_size", "ticketd_consumer_processed_total",
+    "ticketd_consumer_publish_to_processed_seconds", "ticketd_consumer_retries_total",
+    "ticketd_dlq_produced_total", "ticketd_draining", "ticketd_group_commit_batch_size",
+    "ticketd_group_commit_duration_seconds", "ticketd_group_commit_lookups_total",
+    "ticketd_http_pending_requests", "ticketd_ingest_pending", "ticketd_outbox_backlog",
+    "ticketd_outbox_oldest_unpublished_age_seconds", "ticketd_points_granted_total",
+    "ticketd_relay_active", "ticketd_relay_commit_to_ack_seconds", "ticketd_relay_failures_total",
+    "ticketd_relay_kafka_up", "ticketd_relay_published_total",
+};
+
+static int is_label_less(const char *name)
+{
+    for (size_t i = 0; i < sizeof label_less / sizeof label_less[0]; i++)
+        if (strcmp(label_less[i], name) == 0) return 1;
+    return 0;
+}
+
 void metrics_describe(const char *name, const char *type, const char *help)
 {
     if (!name) return;
     pthread_mutex_lock(&registry_lock);
     struct family *f = get_family(name, parse_type(type));
     if (help && !f->help) f->help = dup_or_die(help);
+    if (f->type != MT_UNTYPED && is_label_less(name)) get_series(f, NULL, NULL, 0);
     pthread_mutex_unlock(&registry_lock);
 }
 
@@ -234,6 +259,17 @@ void metrics_observe_buckets(const char *name, const char *labels, double v,
     struct family *f = get_family(name, MT_HISTOGRAM);
     if (f->type == MT_HISTOGRAM) {
         struct series *s = get_series(f, labels, bounds, nbounds);
+        /* A series created empty at describe has the default buckets: the first
+         * observation's own bounds replace them. */
+        if (s->count == 0 && bounds && nbounds &&
+            (nbounds != s->nbounds || memcmp(bounds, s->bounds, nbounds * sizeof *bounds))) {
+            free(s->bounds);
+            free(s->bucket_counts);
+            s->bounds = calloc_or_die(nbounds, sizeof *s->bounds);
+            memcpy(s->bounds, bounds, nbounds * sizeof *bounds);
+            s->nbounds = nbounds;
+            s->bucket_counts = calloc_or_die(nbounds + 1, sizeof *s->bucket_counts);
+        }
         size_t i = 0;
         while (i < s->nbounds && v > s->bounds[i]) i++;
         s->bucket_counts[i]++;

@@ -478,8 +478,8 @@ class Ticketd(_Proc):
     mock when brokers is ""). Waits for /healthz (and /readyz when ready=True)."""
 
     def __init__(self, pg, brokers="", env=None, args=None, ready=True, role=None,
-                 start_timeout=60, name="ticketd"):
-        self.port = free_port()
+                 start_timeout=60, name="ticketd", port=None):
+        self.port = port or free_port()  # a given port: a replacement behind a balancer
         e = dict(os.environ)
         e.update({"DATABASE_URL": pg.url if pg is not None else "", "KAFKA_BROKERS": brokers,
                   "LISTEN": f"127.0.0.1:{self.port}", "ADMIN_TOKEN": ADMIN_TOKEN,

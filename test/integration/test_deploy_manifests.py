@@ -5,6 +5,8 @@ env names against `ticketd config-table`, ports against the LISTEN default, prob
 against a running service, the drain budget against SHUTDOWN_GRACE, Job/CronJob commands
 against the commands ticketd knows, the runtime package list against the libraries the
 binary links, and the Dockerfile's HEALTHCHECK is executed against a running service.
+deploy/haproxy.cfg passes `haproxy -c` with its variables set and keeps the rules
+deploy/README.md states (it runs for real in test_rolling_update.py).
 """
 import glob
 import http.server
@@ -23,6 +25,7 @@ import yaml  # Debian's python3-yaml  # noqa: E402
 
 K8S_DIR = os.path.join(harness.SOURCE_DIR, "deploy", "k8s")
 DOCKERFILE = os.path.join(harness.SOURCE_DIR, "Dockerfile")
+HAPROXY_CFG = os.path.join(harness.SOURCE_DIR, "deploy", "haproxy.cfg")
 PACKAGE_SCRIPT = os.path.join(harness.SOURCE_DIR, "deps", "install-packages.sh")
 
 REQUIRED_KINDS = {"Deployment", "Service", "ConfigMap", "Secret", "PodDisruptionBudget",
@@ -415,6 +418,52 @@ class DockerfileChecks(unittest.TestCase):
             if pkg not in runtime | base:
                 missing[lib] = pkg
         self.assertEqual(missing, {}, "libraries linked but not in install-packages.sh --runtime")
+
+
+@unittest.skipUnless(subprocess.run(["sh", "-c", "command -v haproxy"]).returncode == 0,
+                     "haproxy not installed")
+class HaproxyConfig(unittest.TestCase):
+    """The reference load-balancer configuration: valid, and the rules the README states."""
+
+    def setUp(self):
+        with open(HAPROXY_CFG, encoding="utf-8") as f:
+            self.lines = [line.split("#", 1)[0].strip() for line in f]
+        self.directives = [line for line in self.lines if line]
+
+    def directive(self, name):
+        found = [d for d in self.directives if d == name or d.startswith(name + " ")]
+        self.assertTrue(found, f"no {name!r} in deploy/haproxy.cfg")
+        return found[-1][len(name):].strip()
+
+    def test_haproxy_accepts_it_with_its_variables_set(self):
+        env = dict(os.environ, TICKETD_LB_BIND="127.0.0.1:8080", TICKETD_LB_STATS_BIND="127.0.0.1:8404",
+                   TICKETD_LB_SOCKET="/tmp/ticketd-haproxy-check.sock",
+                   **{f"TICKETD_REPLICA_{i}": f"127.0.0.1:{8080 + i}" for i in (1, 2, 3)})
+        r = subprocess.run(["haproxy", "-c", "-f", HAPROXY_CFG], env=env, capture_output=True, text=True)
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        self.assertNotIn("[WARNING]", r.stdout + r.stderr)
+        servers = [d for d in self.directives if d.startswith("server ")]
+        self.assertEqual(len(servers), 3)
+        self.assertTrue(all('"${TICKETD_REPLICA_' in d for d in servers), servers)
+
+    def test_health_check_is_readyz_and_retries_never_replay_a_slow_answer(self):
+        self.assertIn("uri /readyz", self.directive("http-check send"))
+        self.assertEqual(self.directive("http-check expect"), "status 200")
+        retry_on = self.directive("retry-on").split()
+        self.assertIn("conn-failure", retry_on)
+        for unsafe in ("response-timeout", "all-retryable-errors", "junk-response"):
+            self.assertNotIn(unsafe, retry_on, "a slow or odd answer may be a committed application")
+        self.assertTrue(self.directive("option redispatch").startswith("1"))
+        self.assertIn("Retry-After 1", self.directive("http-error"))
+
+    def test_timeouts_cover_the_drain_and_match_ticketd(self):
+        table = config_table()
+        grace_ms = parse_duration_ms(table["SHUTDOWN_GRACE"])
+        self.assertGreater(parse_duration_ms(self.directive("timeout server")), grace_ms)
+        self.assertEqual(parse_duration_ms(self.directive("timeout http-request")),
+                         parse_duration_ms(table["HEADER_TIMEOUT"]))
+        self.assertIn("maxconn", self.directive("default-server"))
+        self.directive("timeout queue")
 
 
 class ProbesAgainstTheService(harness.TicketdTestCase):

@@ -10,6 +10,11 @@ bodies raise 409 and 400; the relay's published counter rises by the rows it pub
 the consumer's processed/retry/DLQ/sink-failure counters agree with the DB; backlog, age
 and lag gauges return to 0.
 
+FirstScrape (issue 16): `promtool check metrics` (Debian's prometheus package) accepts the
+exposition of a process that has just started and of one under load, and every series
+without labels that a busy process exposes is already in a fresh process's first scrape
+(an alert on ticketd_outbox_backlog must not see "no data" on a new pod).
+
 EXPECTED_SERIES below is the one list of the series issue 7 asks for, with the module
 that owns each: test_expected_series_exist fails naming every one that is missing.
 """
@@ -18,8 +23,11 @@ import json
 import math
 import os
 import re
+import shutil
+import subprocess
 import sys
 import threading
+import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -490,6 +498,75 @@ class MetricsEndpoint(harness.TicketdTestCase):
         used = {p for (p,) in self.pg.query("SELECT DISTINCT kafka_partition FROM outbox")}
         self.assertLessEqual(used, partitions, "lag of every partition that got events")
         self.assertLessEqual(partitions, {str(p) for p in range(4)})
+
+
+def promtool_problems(text):
+    """`promtool check metrics` on an exposition: '' when it passes, else its complaints."""
+    r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
+                       text=True, timeout=60)
+    return "" if r.returncode == 0 else (r.stdout + r.stderr).strip() or f"exit {r.returncode}"
+
+
+def label_less_samples(families):
+    """Sample names that carry no labels (histogram buckets always carry le)."""
+    return {sname for fam in families.values() for sname, labels, _ in fam["samples"]
+            if not labels}
+
+
+@unittest.skipUnless(shutil.which("promtool"), "promtool not installed (Debian package prometheus)")
+class FirstScrape(harness.TicketdTestCase):
+    """A fresh process, scraped as soon as it answers, then under load and when quiet."""
+
+    def test_first_scrape_has_every_label_less_series_and_promtool_accepts_it(self):
+        t = self.track(harness.Ticketd(self.pg, ready=False, env={
+            "KAFKA_PARTITIONS": "4", "CONSUMER_GROUP": harness.unique_group("first-scrape")}))
+        first_text = t.request("GET", "/metrics").body.decode("utf-8")
+        first = parse_exposition(first_text)
+        self.assertEqual(promtool_problems(first_text), "", "first scrape")
+        t.wait_ready()
+
+        # Load: writers post while the scrapes run; every scrape under load passes promtool.
+        stop = threading.Event()
+        statuses = []
+
+        def writer(base):
+            i = 0
+            while not stop.is_set():
+                statuses.append(t.apply(event_id="first-scrape", phone=harness.phone_for(base + i)).status)
+                i += 1
+
+        writers = [threading.Thread(target=writer, args=(8_000_000 + k * 100_000,)) for k in range(4)]
+        for w in writers:
+            w.start()
+        try:
+            for _ in range(5):
+                text = t.request("GET", "/metrics").body.decode("utf-8")
+                self.assertEqual(promtool_problems(text), "", "scrape under load")
+                parse_exposition(text)
+                time.sleep(0.3)
+        finally:
+            stop.set()
+            for w in writers:
+                w.join()
+        self.assertTrue(statuses)
+        self.assertEqual(set(statuses), {201})
+        harness.wait_until(lambda: self.pg.count("outbox WHERE published_at IS NULL") == 0,
+                           timeout=60, what="every outbox row published")
+        harness.wait_until(lambda: self.pg.count("processed_events") >= len(statuses),
+                           timeout=60, what="every event processed")
+        busy_text = t.request("GET", "/metrics").body.decode("utf-8")
+        self.assertEqual(promtool_problems(busy_text), "", "scrape after the load")
+        busy = parse_exposition(busy_text)
+        missing = sorted(label_less_samples(busy) - label_less_samples(first))
+        self.assertEqual(missing, [], "series without labels absent from the first scrape "
+                         "(zero them at describe: label_less[] in src/metrics.c)")
+        for name in ("ticketd_outbox_backlog", "ticketd_relay_published_total",
+                     "ticketd_consumer_processed_total", "ticketd_relay_active"):
+            self.assertIn(name, label_less_samples(first), name)
+        self.assertGreater(value(busy, "ticketd_relay_published_total"), 0)
+
+    def test_promtool_can_fail(self):
+        self.assertNotEqual(promtool_problems("# TYPE ticketd_x counter\nticketd_x 1\n"), "")
 
 
 if __name__ == "__main__":
