@@ -80,6 +80,9 @@ static const struct cfg_setting settings[] = {
      "applications per group commit; 1 turns group commit off", F(batch_max)},
     {"queue_max", "QUEUE_MAX", CFG_INT, "20000", 1, 10000000, false, NULL,
      "pending applications before new ones get 503 at once", F(queue_max)},
+    {"queue_wait_max", "QUEUE_WAIT_MAX", CFG_DURATION, "2s", 0, HOUR_MS, false, NULL,
+     "oldest queued application's wait beyond which new ones get 503 at once; 0 turns it off",
+     F(queue_wait_max_ms)},
 
     /* HTTP limits */
     {"max_connections", "MAX_CONNECTIONS", CFG_INT, "10000", 1, 1000000, false, NULL,
@@ -95,6 +98,13 @@ static const struct cfg_setting settings[] = {
     {"header_timeout", "HEADER_TIMEOUT", CFG_DURATION, "10s", 1, HOUR_MS, false, NULL,
      "time for a whole request head to arrive (slowloris guard); beyond it 408",
      F(header_timeout_ms)},
+    {"request_timeout", "REQUEST_TIMEOUT", CFG_DURATION, "30s", 0, HOUR_MS, false, NULL,
+     "time for a whole request (head and body) to arrive; beyond it 408; 0 turns it off",
+     F(request_timeout_ms)},
+    {"connection_overflow", "CONNECTION_OVERFLOW", CFG_ENUM, "backlog", 0, 0, false,
+     "backlog,reject",
+     "at MAX_CONNECTIONS: backlog stops accepting (the kernel queues), reject answers 503",
+     F(connection_overflow)},
     {"shutdown_grace", "SHUTDOWN_GRACE", CFG_DURATION, "20s", 0, HOUR_MS, false, NULL,
      "drain budget after SIGTERM/SIGINT before closing anyway", F(shutdown_grace_ms)},
     {"canned", "CANNED", CFG_BOOL, "false", 0, 0, false, NULL,

@@ -29,6 +29,7 @@ struct ingest_result {
     int64_t id;              /* application id (CREATED, REPLAYED, DUPLICATE) */
     char created_at[40];     /* RFC 3339 UTC, CREATED and REPLAYED */
     const char *error;       /* UNAVAILABLE: why, for logs */
+    int retry_after_s;       /* OVERLOADED: jittered Retry-After (1..3 s); 0 = not given */
 };
 
 typedef void (*ingest_done_fn)(void *ud, const struct ingest_result *res);
@@ -36,6 +37,8 @@ typedef void (*ingest_done_fn)(void *ud, const struct ingest_result *res);
 struct ingest_opts {
     int batch_max;           /* >= 1 */
     int queue_max;           /* pending applications (queued + in flight) */
+    uint64_t queue_wait_max_ms; /* admission by time: refuse while the oldest queued
+                                 * application has waited longer; 0 = off */
 };
 
 struct ingest;
