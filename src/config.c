@@ -86,7 +86,7 @@ static const struct cfg_setting settings[] = {
 
     /* HTTP limits */
     {"max_connections", "MAX_CONNECTIONS", CFG_INT, "10000", 1, 1000000, false, NULL,
-     "open HTTP connections; beyond it new ones get 503", F(max_connections)},
+     "open HTTP connections; beyond it new ones wait (CONNECTION_OVERFLOW)", F(max_connections)},
     {"max_header_bytes", "MAX_HEADER_BYTES", CFG_SIZE, "8192", 256, 1048576, false, NULL,
      "total bytes of a request head; beyond it 431", F(max_header_bytes)},
     {"max_headers", "MAX_HEADERS", CFG_INT, "64", 1, 1000, false, NULL,
