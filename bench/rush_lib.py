@@ -505,7 +505,7 @@ def wait_drained(stack, sampler, timeout, stall=30.0):
 def summarize_loadgen(lg, cfg):
     """Peak-window figures from loadgen's per-second entries."""
     secs = lg.get("seconds", [])
-    if cfg["rate"] > 0:
+    if cfg["rate"] > 0 or cfg.get("crowd"):
         start = cfg["idle"] + cfg["ramp"]
         end = start + cfg["duration"]
         peak = [s for s in secs if s["t"] >= math.ceil(start) and s["t"] + 1 <= math.floor(end) + 1e-9]
@@ -565,6 +565,7 @@ def run_once(bins, cfg, rundir, label):
     sampler = None
     try:
         base_id = warm_up(stack) if pipeline else 0
+        wal0 = stack.pg.psql("SELECT pg_current_wal_lsn()")[0][0] if not canned else None
         ids_path = os.path.join(rundir, "ids.txt")
         lg_json = os.path.join(rundir, "loadgen.json")
         argv = [bins["loadgen"], "--port", str(stack.port), "--connections", str(cfg["connections"]),
@@ -574,6 +575,9 @@ def run_once(bins, cfg, rundir, label):
                 "--timeout-ms", str(cfg.get("timeout_ms", 2000)), "--json", lg_json, "--ids", ids_path]
         if cfg.get("total"):
             argv += ["--total", str(cfg["total"])]
+        if cfg.get("crowd"):
+            argv += ["--crowd", "--sources", str(cfg.get("sources", 1)),
+                     "--give-up", str(cfg.get("give_up", 120))]
         res["loadgen_argv"] = argv
         t0 = time.time()
         sampler = Sampler(stack, t0)
@@ -582,7 +586,8 @@ def run_once(bins, cfg, rundir, label):
         with open(os.path.join(rundir, "loadgen.log"), "wb") as lgl:
             lg = subprocess.Popen(argv, stdout=lgl, stderr=lgl, preexec_fn=_die_with_parent)
             sampler.loadgen_pid = lg.pid
-            limit = cfg["idle"] + cfg["ramp"] + cfg["duration"] + cfg["tail"] + 60
+            limit = (cfg["idle"] + cfg["ramp"] + cfg["duration"] + cfg["tail"] + 60
+                     + (cfg.get("give_up", 120) if cfg.get("crowd") else 0))
             try:
                 rc = lg.wait(timeout=limit)
             except subprocess.TimeoutExpired:
@@ -622,6 +627,12 @@ def run_once(bins, cfg, rundir, label):
             res["audit"] = run_audit(bins, stack, event_id, rundir)
         if not canned:
             res["ids"] = check_ids(stack.pg, ids_path, event_id, loadgen)
+            # work per application: WAL written from the start of the load to the drain
+            # (ingest, relay marks, consumer effects), over the rows of the run
+            wal = int(float(stack.pg.psql(f"SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '{wal0}')")[0][0]))
+            res["wal_bytes"] = wal
+            if res["ids"]["db_rows"]:
+                res["wal_bytes_per_application"] = round(wal / res["ids"]["db_rows"])
             try:
                 res["sink_posts"] = json.loads(http_get(stack.sink_port, "/_count")[1])["posts"]
             except (OSError, ValueError, KeyError):
@@ -702,16 +713,18 @@ def client_unanswered(loadgen):
 
 
 def check_ids(pg, ids_path, event_id, loadgen):
-    """DB rows of the event == distinct references answered 201, and every such reference has
-    its row (loadgen writes the "reference" of every 201; the internal id is not public)."""
+    """DB rows of the event == distinct applicants answered 201, and every such applicant has
+    its row. loadgen writes the application key (the phone, digits) of each 201, not anything
+    from the body, so this holds whatever a 201 body carries; rows are looked up by
+    (event_id, phone) as the test harness does."""
     with open(ids_path) as f:
         ids = f.read().split()
     distinct = len(set(ids))
     os.chmod(ids_path, 0o644)
-    rows = pg.psql("CREATE TEMP TABLE got (reference uuid)", f"\\copy got FROM '{ids_path}'",
+    rows = pg.psql("CREATE TEMP TABLE got (phone text)", f"\\copy got FROM '{ids_path}'",
                    f"SELECT (SELECT count(*) FROM applications WHERE event_id = '{event_id}'), "
-                   f"(SELECT count(DISTINCT g.reference) FROM got g JOIN applications a "
-                   f"ON a.reference = g.reference AND a.event_id = '{event_id}'), "
+                   f"(SELECT count(DISTINCT g.phone) FROM got g JOIN applications a ON "
+                   f"a.phone = g.phone AND a.event_id = '{event_id}'), "
                    f"(SELECT count(*) FROM applications a JOIN outbox o ON o.aggregate_id = a.id "
                    f"WHERE a.event_id = '{event_id}')")[0]
     db_rows, found, outbox_rows = (int(x) for x in rows)
@@ -770,6 +783,8 @@ def run_chart_svg(res):
     thr = [{"name": "accepted (201)/s", "color": C[0],
             "points": [(s["t"] + 0.5, s["201"]) for s in secs]},
            {"name": "sent/s", "color": "#aaaaaa", "points": [(s["t"] + 0.5, s["sent"]) for s in secs]}]
+    if any(s["503"] for s in secs):
+        thr.append({"name": "503/s", "color": C[3], "points": [(s["t"] + 0.5, s["503"]) for s in secs]})
     if ps.get("published"):
         thr.append({"name": "published/s", "color": C[2],
                     "points": sorted((k + 0.5, v) for k, v in ps["published"].items() if k >= 0)})
@@ -782,7 +797,7 @@ def run_chart_svg(res):
     samples = [s for s in res.get("samples", []) if "error" not in s]
     marks = []
     cfg = res["config"]
-    if cfg["rate"] > 0:
+    if cfg["rate"] > 0 or cfg.get("crowd"):
         marks = [(cfg["idle"], "ramp"), (res.get("t_peak_start", 0), "peak"),
                  (res.get("t_peak_end", 0), "peak end")]
     if res.get("t_load_end"):
@@ -808,6 +823,7 @@ def run_chart_svg(res):
               "points": [(s["t"], s.get("ticketd_rss_mb")) for s in samples]}]}, "marks": marks},
     ]
     title = f"rush {res['label']}: {cfg['connections']} connections, " + (
+        "a crowd (one person per connection, Retry-After honoured)" if cfg.get("crowd") else
         f"open loop {cfg['rate']:,.0f} req/s peak" if cfg["rate"] > 0 else "closed loop")
     return chart.line_chart(title, panels)
 

@@ -99,6 +99,21 @@ def main():
         cc = keep(c.get("chart"), "compare.svg")
         if cc:
             charts.append(("compare", cc))
+    if doc.get("crowd"):
+        print("| crowd run | CONNECTION_OVERFLOW | accepted/s | × 64 connections | 503/s | p99 201 ms | "
+              "p99 503 ms | connect errors (timed out) | transport errors | people in / started | "
+              "last in after the peak (s) | person p99 ms | ticketd RSS max MB | WAL bytes/application | audit |")
+        print("|---|---|---:|---:|---:|---:|---:|---|---:|---|---:|---:|---:|---:|---|")
+        for c in doc["crowd"]["runs"]:
+            audit = c.get("audit") or "–"
+            print(f"| {c['label']} | {c['overflow'] if c['connections'] > 64 else '–'} | "
+                  f"{n(c['accepted_per_s'])} | {c['over_64']} | {n(c['s503_per_s'])} | "
+                  f"{ms(c['p99_201_ms'])} | {ms(c['p99_503_ms'])} | {n(c['connect_errors'])} "
+                  f"({n(c['connect_timeouts'])}) | {n(c['transport_errors'])} | {n(c['persons_in'])} / "
+                  f"{n(c['persons'])} | {c['time_all_in_s']} | {ms(c['person_p99_ms'])} | "
+                  f"{c['ticketd_rss_mb_max']} | {n(c.get('wal_bytes_per_application'))} | "
+                  f"{audit[:60] + '…' if len(audit) > 60 else audit} |")
+        print()
     if doc.get("sweep"):
         s = doc["sweep"]
         print("| offered/s | accepted/s | answered/s | p50 ms | p99 ms (median s) | p99 ms (worst s) | "

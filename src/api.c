@@ -8,7 +8,7 @@
  *   KEY_IN_FLIGHT     -> 409 {"error":"idempotency_key_in_flight"}, Retry-After: 1
  *   KEY_MISMATCH      -> 422 {"error":"idempotency_key_reused"}
  *   UNAVAILABLE       -> 503 {"error":"unavailable"}, Retry-After: 1
- *   OVERLOADED        -> 503 {"error":"overloaded"}, Retry-After: 1
+ *   OVERLOADED        -> 503 {"error":"overloaded"}, Retry-After: 1-3 (jittered by ingest)
  * Overload is answered with 503 rather than 429: it is the server shedding load, not a
  * client exceeding a quota, and load balancers and clients treat 503 + Retry-After as
  * "try again shortly, maybe elsewhere".
@@ -501,10 +501,14 @@ static void on_applied(void *ud, const struct ingest_result *res)
         return;
     case INGEST_NSTATUS:
         break;
-    case INGEST_OVERLOADED:
+    case INGEST_OVERLOADED: {
+        char retry[32];
+        snprintf(retry, sizeof retry, "Retry-After: %d\r\n",
+                 res->retry_after_s > 0 ? res->retry_after_s : 1);
         api_respond_error(req, 503, "overloaded", "too many pending applications, retry shortly",
-                          RETRY_AFTER_1);
+                          retry);
         return;
+    }
     case INGEST_UNAVAILABLE:
         break;
     }

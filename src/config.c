@@ -83,10 +83,13 @@ static const struct cfg_setting settings[] = {
     {"idempotency_key_ttl", "IDEMPOTENCY_KEY_TTL", CFG_DURATION, "24h", 0, 365 * DAY_MS, false,
      NULL, "how long an Idempotency-Key replays its 201 (pruned within a quarter of it "
      "afterwards); 0 keeps keys forever", F(idempotency_key_ttl_ms)},
+    {"queue_wait_max", "QUEUE_WAIT_MAX", CFG_DURATION, "2s", 0, HOUR_MS, false, NULL,
+     "oldest queued application's wait beyond which new ones get 503 at once; 0 turns it off",
+     F(queue_wait_max_ms)},
 
     /* HTTP limits */
     {"max_connections", "MAX_CONNECTIONS", CFG_INT, "10000", 1, 1000000, false, NULL,
-     "open HTTP connections; beyond it new ones get 503", F(max_connections)},
+     "open HTTP connections; beyond it new ones wait (CONNECTION_OVERFLOW)", F(max_connections)},
     {"max_header_bytes", "MAX_HEADER_BYTES", CFG_SIZE, "8192", 256, 1048576, false, NULL,
      "total bytes of a request head; beyond it 431", F(max_header_bytes)},
     {"max_headers", "MAX_HEADERS", CFG_INT, "64", 1, 1000, false, NULL,
@@ -98,6 +101,13 @@ static const struct cfg_setting settings[] = {
     {"header_timeout", "HEADER_TIMEOUT", CFG_DURATION, "10s", 1, HOUR_MS, false, NULL,
      "time for a whole request head to arrive (slowloris guard); beyond it 408",
      F(header_timeout_ms)},
+    {"request_timeout", "REQUEST_TIMEOUT", CFG_DURATION, "30s", 0, HOUR_MS, false, NULL,
+     "time for a whole request (head and body) to arrive; beyond it 408; 0 turns it off",
+     F(request_timeout_ms)},
+    {"connection_overflow", "CONNECTION_OVERFLOW", CFG_ENUM, "backlog", 0, 0, false,
+     "backlog,reject",
+     "at MAX_CONNECTIONS: backlog stops accepting (the kernel queues), reject answers 503",
+     F(connection_overflow)},
     {"shutdown_grace", "SHUTDOWN_GRACE", CFG_DURATION, "20s", 0, HOUR_MS, false, NULL,
      "drain budget after SIGTERM/SIGINT before closing anyway", F(shutdown_grace_ms)},
 

@@ -30,6 +30,7 @@ struct cfg {
     int batch_max;             /* BATCH_MAX: applications per group commit; 1 = off */
     int queue_max;             /* QUEUE_MAX: pending applications before 503 */
     int64_t idempotency_key_ttl_ms; /* IDEMPOTENCY_KEY_TTL: keys replay this long, then pruned */
+    int64_t queue_wait_max_ms; /* QUEUE_WAIT_MAX: admission by queue wait; 0 = off */
 
     /* HTTP limits */
     int max_connections;       /* MAX_CONNECTIONS */
@@ -38,6 +39,8 @@ struct cfg {
     int max_body_bytes;        /* MAX_BODY_BYTES -> 413 */
     int64_t idle_timeout_ms;   /* IDLE_TIMEOUT: keep-alive idle */
     int64_t header_timeout_ms; /* HEADER_TIMEOUT: whole request head must arrive (slowloris) */
+    int64_t request_timeout_ms;/* REQUEST_TIMEOUT: whole request incl. body; 0 = off */
+    char *connection_overflow; /* CONNECTION_OVERFLOW: backlog or reject */
     int64_t shutdown_grace_ms; /* SHUTDOWN_GRACE: drain budget after SIGTERM */
 
     /* relay */

@@ -8,15 +8,23 @@
  * writev, tried synchronously first (uv_try_write) and queued with uv_write for the rest.
  *
  * Decisions worth knowing:
- * - Over max_connections: the connection is accepted, answered 503 (Retry-After: 1,
- *   Connection: close) and closed; past 64 such connections at once, new ones are closed
- *   without an answer.
+ * - Over max_connections the server stops accepting (nginx's way): the listen socket is no
+ *   longer polled (libuv stops watching it while an accepted descriptor waits for
+ *   uv_accept), so new connections wait in the kernel's accept queue (the listen backlog,
+ *   capped by net.core.somaxconn) and, beyond it, their SYNs are retried by the client's
+ *   kernel; each close below the limit accepts the next one. Nothing is spent on the waiting
+ *   clients, and a load balancer in front sees a slow connect, not an error. With
+ *   overflow_reject the connection is accepted, answered 503 (Retry-After: 1, Connection:
+ *   close) and closed instead; past 64 such connections at once, new ones are closed without
+ *   an answer. docs/SIZING.md has the measurements of both.
  * - Expect: 100-continue is answered with "100 Continue" when the request is next in line
  *   and its announced body is within the limit (413 otherwise).
  * - Timers, one per connection: header timeout from the first byte of a head until the
- *   head is complete (then 408 and close); idle timeout while keep-alive idle (silent
- *   close) and as a progress timeout while a body arrives or a write is stuck; none while
- *   the handler holds a request.
+ *   head is complete (then 408 and close); the request deadline from that first byte until
+ *   the body is complete (408 and close: a body trickled a byte at a time would otherwise
+ *   restart the progress timer forever); idle timeout while keep-alive idle (silent close)
+ *   and as a progress timeout while a body arrives or a write is stuck; none while the
+ *   handler holds a request.
  * - A connection that closes after an error answer (400, 408, 413, 431, 503) is shut down
  *   for writing and drained for up to HTTP_LINGER_MS before it is closed, so the client
  *   reads the answer instead of a reset; other closes are immediate once all is written.
@@ -27,11 +35,12 @@
 #include <arpa/inet.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 
 #include "http_parse.h"
 #include "log.h"
 
-#define HTTP_BACKLOG 4096
+#define HTTP_BACKLOG 65535 /* the kernel caps it at net.core.somaxconn */
 #define HTTP_READ_BUF_BYTES 65536
 #define HTTP_WRITE_BATCH 64
 #define HTTP_LINGER_MS 2000
@@ -51,6 +60,7 @@ struct conn {
     unsigned handles_open;
     unsigned writes;                /* uv_write requests in flight */
     uint64_t timer_msg;             /* session message count the head timer was armed for */
+    uint64_t deadline_ms;           /* uv_now() by which the current request must be in */
     enum timer_mode tmode;
     bool dirty, reading, closing, lingering, eof, progress, rejected, in_list;
 };
@@ -78,6 +88,7 @@ struct http_server {
     unsigned handles_open;
     int port;
     bool accepting, closing, finishing;
+    bool accept_paused;             /* a connection waits in libuv for uv_accept (at the limit) */
     void (*done)(void *);
     void *done_ud;
     char readbuf[HTTP_READ_BUF_BYTES];
@@ -89,6 +100,7 @@ static void on_idle(uv_idle_t *h);
 static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf);
 static void on_timer(uv_timer_t *t);
 static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf);
+static void accept_one(struct http_server *srv);
 
 /* ---- dirty list ---- */
 
@@ -172,6 +184,11 @@ static void on_conn_handle_closed(uv_handle_t *h)
         c->in_list = false;
         if (c->rejected) srv->nrejecting--;
         else srv->nconns--;
+    }
+    if (srv->accept_paused && srv->accepting &&
+        srv->nconns < (unsigned)srv->env.limits.max_connections) {
+        srv->accept_paused = false;
+        accept_one(srv); /* uv_accept also resumes polling the listen socket */
     }
     if (c->dirty) { /* rare: unlink from the dirty list */
         struct conn **pp = &srv->dirty;
@@ -328,19 +345,30 @@ static int conn_write(struct conn *c, uv_buf_t *bufs, unsigned n, unsigned nreqs
     return 0;
 }
 
+static void conn_timeout_408(struct conn *c, const char *event)
+{
+    log_debug("http", "event=%s", event);
+    c->tmode = TM_NONE;
+    http_session_fail(&c->sess, 408);
+    mark_dirty(c);
+}
+
 static void on_timer(uv_timer_t *t)
 {
     struct conn *c = t->data;
     if (c->closing) return;
     switch (c->tmode) {
     case TM_HEAD:
-        log_debug("http", "event=header_timeout");
-        c->tmode = TM_NONE;
-        http_session_fail(&c->sess, 408);
-        mark_dirty(c);
+        conn_timeout_408(c, "header_timeout");
         break;
-    case TM_IDLE:
     case TM_PROGRESS:
+        if (c->srv->env.limits.request_timeout_ms && uv_now(c->srv->loop) >= c->deadline_ms &&
+            http_session_phase(&c->sess) == HTTP_PHASE_BODY) {
+            conn_timeout_408(c, "request_timeout");
+            break;
+        }
+        /* fall through */
+    case TM_IDLE:
         log_debug("http", "event=idle_timeout");
         conn_close(c);
         break;
@@ -356,11 +384,18 @@ static void conn_update_timer(struct conn *c)
 {
     const struct http_limits *lim = &c->srv->env.limits;
     enum http_phase ph = http_session_phase(&c->sess);
+    bool new_msg = (ph == HTTP_PHASE_HEAD || ph == HTTP_PHASE_BODY) &&
+                   c->timer_msg != c->sess.messages;
+    if (new_msg) { /* the head may have arrived whole in one read: start the clock here too */
+        c->timer_msg = c->sess.messages;
+        c->deadline_ms = uv_now(c->srv->loop) + lim->request_timeout_ms;
+    }
     if (ph == HTTP_PHASE_HEAD) {
-        if (c->tmode != TM_HEAD || c->timer_msg != c->sess.messages) {
+        if (c->tmode != TM_HEAD || new_msg) {
             c->tmode = TM_HEAD;
-            c->timer_msg = c->sess.messages;
-            uv_timer_start(&c->timer, on_timer, lim->header_timeout_ms, 0);
+            uint64_t ms = lim->header_timeout_ms;
+            if (lim->request_timeout_ms && lim->request_timeout_ms < ms) ms = lim->request_timeout_ms;
+            uv_timer_start(&c->timer, on_timer, ms, 0);
         }
     } else if (ph == HTTP_PHASE_IDLE) {
         if (c->tmode != TM_IDLE) {
@@ -368,9 +403,14 @@ static void conn_update_timer(struct conn *c)
             uv_timer_start(&c->timer, on_timer, lim->idle_timeout_ms, 0);
         }
     } else if (ph == HTTP_PHASE_BODY || c->writes > 0) {
-        if (c->tmode != TM_PROGRESS || c->progress) {
+        if (c->tmode != TM_PROGRESS || c->progress || new_msg) {
             c->tmode = TM_PROGRESS;
-            uv_timer_start(&c->timer, on_timer, lim->idle_timeout_ms, 0);
+            uint64_t ms = lim->idle_timeout_ms, now = uv_now(c->srv->loop);
+            if (ph == HTTP_PHASE_BODY && lim->request_timeout_ms) {
+                uint64_t left = c->deadline_ms > now ? c->deadline_ms - now : 0;
+                if (left < ms) ms = left;
+            }
+            uv_timer_start(&c->timer, on_timer, ms, 0);
         }
     } else if (c->tmode != TM_NONE) {
         /* Waiting for the handler (or a paused pipeline): its own timeouts apply. */
@@ -433,6 +473,19 @@ static void on_connection(uv_stream_t *listener, int status)
         log_debug("http", "event=accept_error err=%s", uv_err_name(status));
         return;
     }
+    if (!srv->env.limits.overflow_reject &&
+        srv->nconns >= (unsigned)srv->env.limits.max_connections) {
+        /* Not calling uv_accept makes libuv stop polling the listener until we do. */
+        if (!srv->accept_paused) log_debug("http", "event=accept_paused open=%u", srv->nconns);
+        srv->accept_paused = true;
+        return;
+    }
+    accept_one(srv);
+}
+
+static void accept_one(struct http_server *srv)
+{
+    uv_stream_t *listener = (uv_stream_t *)&srv->listener;
     struct conn *c = calloc(1, sizeof *c);
     if (!c) {
         log_error("http", "event=oom bytes=%zu", sizeof *c);
@@ -498,6 +551,25 @@ static void on_start_failed_closed(uv_handle_t *h)
     if (--srv->handles_open == 0) free(srv);
 }
 
+void http_raise_fd_limit(int max_connections)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0) return;
+    rlim_t before = rl.rlim_cur;
+    if (rl.rlim_cur < rl.rlim_max) {
+        rl.rlim_cur = rl.rlim_max;
+        if (setrlimit(RLIMIT_NOFILE, &rl) != 0) rl.rlim_cur = before;
+    }
+    log_info("http", "event=fd_limit soft=%llu hard=%llu was=%llu",
+             (unsigned long long)rl.rlim_cur, (unsigned long long)rl.rlim_max,
+             (unsigned long long)before);
+    /* Descriptors beyond the connections: PostgreSQL, Kafka, the sink, logs: a few dozen. */
+    if (rl.rlim_cur != RLIM_INFINITY && (rlim_t)max_connections + 64 > rl.rlim_cur)
+        log_warn("http", "event=fd_limit_low max_connections=%d soft=%llu "
+                 "hint=\"accept fails with EMFILE before MAX_CONNECTIONS; raise ulimit -n\"",
+                 max_connections, (unsigned long long)rl.rlim_cur);
+}
+
 int http_server_start(struct http_server **out, uv_loop_t *loop, const char *listen,
                       const struct http_limits *limits, http_handler_fn handler, void *ud)
 {
@@ -515,6 +587,7 @@ int http_server_start(struct http_server **out, uv_loop_t *loop, const char *lis
     srv->env.handler_ud = ud;
     srv->env.output_ready = on_output_ready;
     srv->env.released = on_released;
+    http_raise_fd_limit(srv->env.limits.max_connections);
 
     uv_tcp_init(loop, &srv->listener);
     srv->listener.data = srv;

@@ -2,9 +2,10 @@
  *
  * Keep-alive; pipelined requests are answered in order (a response is written only once all
  * earlier ones on the connection are); limits on connections, header bytes and count (431),
- * body size (413), a header timeout (slowloris) and a keep-alive idle timeout. Errors the
- * layer answers itself: 400 (malformed), 413, 431, 408 (header timeout), 503 (too many
- * connections). Chunked request bodies are decoded.
+ * body size (413), a header timeout (slowloris), a whole-request deadline (slow bodies) and a
+ * keep-alive idle timeout. Errors the layer answers itself: 400 (malformed), 413, 431, 408
+ * (header timeout, request deadline), 503 (too many connections, when overflow_reject).
+ * Chunked request bodies are decoded.
  *
  * Ownership: the server owns each struct http_request. The handler must call http_respond()
  * exactly once per request, now or later (after a DB round trip); the request and everything
@@ -47,6 +48,8 @@ struct http_limits {
     int max_pipelined;          /* parsed-but-unanswered requests per connection before reading pauses */
     uint64_t idle_timeout_ms;
     uint64_t header_timeout_ms;
+    uint64_t request_timeout_ms;  /* first byte of a head to the end of its body; 0 = none */
+    bool overflow_reject;         /* over max_connections: 503 and close (else stop accepting) */
 };
 
 /* Binds "host:port" (port 0 picks one; see http_server_port) and starts accepting.
@@ -77,5 +80,9 @@ unsigned http_server_pending(const struct http_server *s);
 void http_server_close(struct http_server *s, void (*done)(void *ud), void *ud);
 
 const char *http_status_text(int status);
+
+/* Raises RLIMIT_NOFILE's soft limit to the hard limit (each connection is a descriptor) and
+ * logs both; warns when max_connections does not fit. Called by http_server_start. */
+void http_raise_fd_limit(int max_connections);
 
 #endif

@@ -127,6 +127,7 @@ static const double batch_size_bounds[] = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512
 
 struct ingest_item {
     struct ingest_item *next; /* pending FIFO */
+    uint64_t queued_ms;       /* uv_now() when submitted: its sojourn time is measured from it */
     ingest_done_fn done;
     void *ud;
     struct application_in app;
@@ -164,6 +165,8 @@ struct ingest {
     struct dbp *db;
     int batch_max;
     size_t queue_max;
+    uint64_t queue_wait_max_ms;
+    unsigned jitter;             /* xorshift state for Retry-After */
     int stmt;                    /* prepared batch statement, or -1 */
     uv_check_t check;
     uv_idle_t idle;
@@ -760,6 +763,8 @@ int ingest_create(struct ingest **out, uv_loop_t *loop, struct dbp *db,
     ing->keys_mask = buckets - 1;
     ing->key_ttl_ms = opts->key_ttl_ms;
     ing->prune_cursor = -1;
+    ing->queue_wait_max_ms = opts->queue_wait_max_ms;
+    ing->jitter = (unsigned)uv_hrtime() | 1u;
     ing->stmt = dbp_prepare(db, ingest_batch_sql);
     if (ing->stmt < 0) ing->stmt = -1; /* falls back to unprepared statements */
     uv_check_init(loop, &ing->check);
@@ -804,15 +809,47 @@ static bool storable(const struct application_in *app, size_t elen, size_t plen,
            validate_event_id(app->event_id, elen);
 }
 
+/* Admission control (CoDel's sojourn time, as "Fail at Scale" applies it to request
+ * queues): when the oldest queued application has waited longer than queue_wait_max, a new
+ * one would wait at least as long, so it is refused at once with a jittered Retry-After
+ * (1-3 s, so refused clients do not come back in step) rather than queued behind a backlog
+ * that a stalled database or a rush past capacity is not draining. Applications already
+ * queued keep their place: first come stays first served for whoever got in. */
+static bool over_admission(struct ingest *ing, const char **why)
+{
+    if (ing->npending + ing->ninflight >= ing->queue_max) {
+        *why = "ingest queue full";
+        return true;
+    }
+    if (ing->queue_wait_max_ms && ing->head &&
+        uv_now(ing->loop) - ing->head->queued_ms > ing->queue_wait_max_ms) {
+        *why = "queue wait over QUEUE_WAIT_MAX";
+        return true;
+    }
+    return false;
+}
+
+static void answer_overloaded(struct ingest *ing, ingest_done_fn done, void *ud, const char *why)
+{
+    ing->jitter ^= ing->jitter << 13;
+    ing->jitter ^= ing->jitter >> 17;
+    ing->jitter ^= ing->jitter << 5;
+    struct ingest_result res = {.status = INGEST_OVERLOADED, .created_at = "", .error = why,
+                                .retry_after_s = 1 + (int)(ing->jitter % 3)};
+    count_result(INGEST_OVERLOADED, 1);
+    done(ud, &res);
+}
+
 void ingest_submit(struct ingest *ing, const struct application_in *app,
                    const char *idempotency_key, ingest_done_fn done, void *ud)
 {
+    const char *why;
     if (ing->closing) {
         answer_now(done, ud, INGEST_UNAVAILABLE, "shutting down");
         return;
     }
-    if (ing->npending + ing->ninflight >= ing->queue_max) {
-        answer_now(done, ud, INGEST_OVERLOADED, "ingest queue full");
+    if (over_admission(ing, &why)) {
+        answer_overloaded(ing, done, ud, why);
         return;
     }
     if (dbp_connected(ing->db) == 0) {
@@ -835,6 +872,7 @@ void ingest_submit(struct ingest *ing, const struct application_in *app,
         return;
     }
     it->next = NULL;
+    it->queued_ms = uv_now(ing->loop);
     it->done = done;
     it->ud = ud;
     it->app = *app;

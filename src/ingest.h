@@ -33,6 +33,7 @@ struct ingest_result {
     char created_at[40];     /* RFC 3339 UTC, CREATED and REPLAYED */
     char reference[40];      /* the application's UUID, CREATED and REPLAYED */
     const char *error;       /* UNAVAILABLE: why, for logs */
+    int retry_after_s;       /* OVERLOADED: jittered Retry-After (1..3 s); 0 = not given */
 };
 
 typedef void (*ingest_done_fn)(void *ud, const struct ingest_result *res);
@@ -41,6 +42,8 @@ struct ingest_opts {
     int batch_max;           /* >= 1 */
     int queue_max;           /* pending applications (queued + in flight) */
     int64_t key_ttl_ms;      /* Idempotency-Keys older than this are pruned; 0 = never */
+    uint64_t queue_wait_max_ms; /* admission by time: refuse while the oldest queued
+                                 * application has waited longer; 0 = off */
 };
 
 struct ingest;

@@ -341,7 +341,8 @@ static int cmd_serve(struct cfg *c, int argc, char **argv)
 
     /* 4. group commit */
     struct ingest_opts ing_opts = {.batch_max = s->cfg.batch_max, .queue_max = s->cfg.queue_max,
-                                   .key_ttl_ms = s->cfg.idempotency_key_ttl_ms};
+                                   .key_ttl_ms = s->cfg.idempotency_key_ttl_ms,
+                                   .queue_wait_max_ms = (uint64_t)s->cfg.queue_wait_max_ms};
     if ((rc = ingest_create(&s->app.ingest, loop, s->app.db, &ing_opts)) != 0) {
         log_error("main", "event=ingest_failed err=\"%s\"", strerror(rc < 0 ? -rc : rc));
         return 1;
@@ -372,6 +373,8 @@ static int cmd_serve(struct cfg *c, int argc, char **argv)
         .max_pipelined = MAX_PIPELINED,
         .idle_timeout_ms = (uint64_t)s->cfg.idle_timeout_ms,
         .header_timeout_ms = (uint64_t)s->cfg.header_timeout_ms,
+        .request_timeout_ms = (uint64_t)s->cfg.request_timeout_ms,
+        .overflow_reject = strcmp(s->cfg.connection_overflow, "reject") == 0,
     };
     rc = http_server_start(&s->app.http, loop, s->cfg.listen, &limits, api_handle, &s->app);
     if (rc != 0) {

@@ -3,6 +3,8 @@ through the environment), each followed by a normal request that must still succ
 import json
 import select
 import socket
+import subprocess
+import threading
 import time
 import unittest
 import uuid
@@ -39,8 +41,8 @@ def chunked(pieces):
     return b"".join(f"{len(p):x}\r\n".encode() + p + b"\r\n" for p in pieces) + b"0\r\n\r\n"
 
 
-def wait_closed(sock, timeout, trickle=None):
-    """Waits until the server closes sock; sends one trickle byte per 0.25 s meanwhile if
+def wait_closed(sock, timeout, trickle=None, every=0.25):
+    """Waits until the server closes sock; sends one trickle byte per `every` s meanwhile if
     given. Returns (closed, bytes received before the close)."""
     got = b""
     deadline = time.monotonic() + timeout
@@ -52,7 +54,7 @@ def wait_closed(sock, timeout, trickle=None):
             except (BrokenPipeError, ConnectionResetError):
                 return True, got
             i += 1
-        readable, _, _ = select.select([sock], [], [], 0.25)
+        readable, _, _ = select.select([sock], [], [], every)
         if readable:
             try:
                 b = sock.recv(65536)
@@ -255,27 +257,134 @@ class HttpLimitsTest(TicketdTestCase):
         self.assertTrue(closed, "a silent connection stayed open")
         self.assert_serving()
 
+    def test_slow_body_cut_off_by_request_timeout(self):
+        """Issue 11 item 8: a body trickled one byte per second restarted the progress timer
+        on every byte and held the connection for ever; REQUEST_TIMEOUT bounds the whole
+        request (head and body) and answers 408."""
+        request_timeout_s = 3
+        td = self.track(Ticketd(self.pg, role="api",
+                                env={"REQUEST_TIMEOUT": f"{request_timeout_s}s"}))
+        body = self.body()
+        before = self.rows()
+        with socket.create_connection(("127.0.0.1", td.port), timeout=15) as s:
+            s.sendall(post_bytes(body)[:-len(body)])  # the head, announcing the whole body
+            t0 = time.monotonic()
+            # the body at one byte per second: IDLE_TIMEOUT (60 s) never fires meanwhile
+            closed, got = wait_closed(s, CLOSE_WAIT_S, trickle=body, every=1.0)
+            took = time.monotonic() - t0
+        self.assertTrue(closed, f"a body trickled for {CLOSE_WAIT_S} s was never cut off")
+        self.assertTrue(got, "closed without an answer")
+        self.assertEqual(self.first_status(got), 408, got[:200])
+        self.assertIn(b"request_timeout", got)
+        self.assertGreaterEqual(took, request_timeout_s - 1.5, "cut off before the deadline")
+        self.assertEqual(self.rows(), before, "a cut-off request left a row")
+        self.assert_serving(td)
+
+    # ---------------------------------------------------------------- admission by time
+
+    def test_queue_wait_max_answers_503_at_once_and_loses_nothing(self):
+        """Issue 15.2: while the oldest queued application has waited longer than
+        QUEUE_WAIT_MAX (PostgreSQL stalled: a lock on applications), new ones are answered
+        503 with a Retry-After of 1-3 s at once instead of joining the queue; the queued ones
+        still get their 201 once the database moves, and no 201 lacks its row."""
+        td = self.track(Ticketd(self.pg, role="api", env={"QUEUE_WAIT_MAX": "300ms"}))
+        locker = subprocess.Popen(
+            ["psql", "-X", "-q", "-t", "-A", "-h", self.pg.dir, "-p", str(self.pg.port), "-U", "postgres",
+             "-d", "ticketd", "-v", "ON_ERROR_STOP=1"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.addCleanup(lambda: locker.poll() is None and locker.kill())
+        locker.stdin.write("BEGIN;\nLOCK TABLE applications IN ACCESS EXCLUSIVE MODE;\n"
+                           "SELECT 'locked';\n")
+        locker.stdin.flush()
+        self.assertEqual(locker.stdout.readline().strip(), "locked")
+        released = threading.Event()
+        results = {}
+
+        def send(i, body):
+            try:
+                r = td.request("POST", "/v1/applications", body=body,
+                               headers={"Content-Type": "application/json"}, timeout=60)
+                results[i] = (r.status, r.headers.get("retry-after"), released.is_set())
+            except OSError as e:
+                results[i] = (None, repr(e), released.is_set())
+
+        bodies = [self.body() for _ in range(25)]
+        threads = []
+        for i, b in enumerate(bodies):  # one every 100 ms while the table is locked
+            t = threading.Thread(target=send, args=(i, b), daemon=True)
+            t.start()
+            threads.append(t)
+            time.sleep(0.1)
+        wait_until(lambda: any(r[0] == 503 for r in results.values()), timeout=20,
+                   what="a 503 while the database is stalled")
+        released.set()
+        locker.communicate("COMMIT;\n\\q\n", timeout=30)
+        for t in threads:
+            t.join(timeout=60)
+        self.assertEqual(len(results), len(bodies), results)
+        statuses = sorted({r[0] for r in results.values()}, key=str)
+        self.assertEqual(statuses, [201, 503], results)
+        for i, (st, retry_after, after_release) in results.items():
+            if st == 503:
+                self.assertFalse(after_release, f"request {i}: its 503 waited for the database")
+                self.assertIn(retry_after, ("1", "2", "3"), f"request {i}: Retry-After")
+        # nothing lost: every 201 has its row, no 503 left one
+        for i, (st, _, _) in results.items():
+            phone = json.loads(bodies[i])["phone"].replace("-", "")
+            n = self.pg.count(f"applications WHERE event_id = '{self.ev}' AND "
+                              f"regexp_replace(phone, '[^0-9]', '', 'g') = '{phone}'")
+            self.assertEqual(n, 1 if st == 201 else 0, f"request {i} answered {st}: {n} rows")
+        self.assert_serving(td)
+
     # ---------------------------------------------------------------- connection limit
 
-    def test_connection_limit_enforced(self):
+    def hold_connections(self, td, n):
+        """n keep-alive connections that each got a 200 (the harness's probes may still hold
+        slots briefly)."""
+        def open_one():
+            s = socket.create_connection(("127.0.0.1", td.port), timeout=15)
+            s.sendall(get_bytes("/healthz"))
+            try:
+                r = read_response(s, timeout=3)
+            except OSError:
+                r = None
+            if r is not None and r.status == 200:
+                return s
+            s.close()
+            return None
+        return [wait_until(open_one, timeout=30, what="a connection under the limit")
+                for _ in range(n)]
+
+    def test_connection_limit_stops_accepting(self):
+        """Issue 15.1: at MAX_CONNECTIONS the server stops accepting (the kernel's backlog
+        queues the next connection) instead of answering 503 and inviting a reconnect storm;
+        a slot freed below the limit takes the waiting connection in, which is answered."""
         limit = 4
         td = self.track(Ticketd(self.pg, role="api", env={"MAX_CONNECTIONS": limit}))
-        held = []
+        held = self.hold_connections(td, limit)
         try:
-            def open_one():
-                s = socket.create_connection(("127.0.0.1", td.port), timeout=15)
+            extra = socket.create_connection(("127.0.0.1", td.port), timeout=15)
+            held.append(extra)
+            extra.sendall(get_bytes("/healthz"))
+            readable, _, _ = select.select([extra], [], [], 1.5)
+            self.assertFalse(readable, "a connection over the limit was answered or closed: "
+                                       f"{extra.recv(200) if readable else b''!r}")
+            for s in held[:limit]:  # the held connections still work
                 s.sendall(get_bytes("/healthz"))
-                try:
-                    r = read_response(s)
-                except OSError:
-                    r = None
-                if r is not None and r.status == 200:
-                    return s
+                self.assertEqual(read_response(s).status, 200)
+            held.pop(0).close()
+            self.assertEqual(read_response(extra).status, 200, "the queued connection")
+        finally:
+            for s in held:
                 s.close()
-                return None
+        self.assert_serving(td)
 
-            for _ in range(limit):  # the harness's probes may still hold slots briefly
-                held.append(wait_until(open_one, timeout=20, what="a connection under the limit"))
+    def test_connection_limit_reject_mode(self):
+        limit = 4
+        td = self.track(Ticketd(self.pg, role="api", env={"MAX_CONNECTIONS": limit,
+                                                          "CONNECTION_OVERFLOW": "reject"}))
+        held = self.hold_connections(td, limit)
+        try:
             extra = socket.create_connection(("127.0.0.1", td.port), timeout=15)
             try:
                 extra.sendall(get_bytes("/healthz"))
@@ -288,15 +397,15 @@ class HttpLimitsTest(TicketdTestCase):
             finally:
                 extra.close()
             self.assertTrue(r is None or r.status == 503, f"over the limit: {r!r}")
+            if r is not None:
+                self.assertEqual(r.headers.get("retry-after"), "1")
             for s in held:  # the held connections still work
                 s.sendall(get_bytes("/healthz"))
                 self.assertEqual(read_response(s).status, 200)
             held.pop().close()
 
             def slot_free():
-                s = open_one()
-                if s is None:
-                    return False
+                s = self.hold_connections(td, 1)[0]
                 s.close()
                 return True
 
@@ -305,7 +414,6 @@ class HttpLimitsTest(TicketdTestCase):
             for s in held:
                 s.close()
         self.assert_serving(td)
-
 
 if __name__ == "__main__":
     unittest.main()

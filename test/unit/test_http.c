@@ -527,6 +527,20 @@ static void test_timeouts(void)
     check(got, "slowloris head (a header every 50 ms) -> 408 within the header timeout (got %d)", st);
     client_close(&c);
 
+    /* request_timeout = 1200 ms: a body trickled every 100 ms (each byte restarts the 500 ms
+     * progress timer) is cut off with 408 once the whole request took too long. */
+    client_open(&c, port_main);
+    t0 = now_ms();
+    send_str(&c, "POST /echo HTTP/1.1\r\nContent-Length: 100\r\n\r\n");
+    for (int i = 0; i < 25; i++) {
+        sleep_ms(100);
+        if (send_str(&c, "x") < 0) break;
+    }
+    st = read_resp(&c, &r);
+    check(st == 408 && contains(r.body, "request_timeout"),
+          "body trickled a byte per 100 ms -> 408 by the request timeout (got %d)", st);
+    client_close(&c);
+
     /* idle_timeout = 500 ms: closes a quiet keep-alive connection silently. */
     client_open(&c, port_main);
     send_str(&c, "GET /echo HTTP/1.1\r\n\r\n");
@@ -672,11 +686,13 @@ int main(void)
         .max_pipelined = 4,
         .idle_timeout_ms = 500,
         .header_timeout_ms = 200,
+        .request_timeout_ms = 1200,
     };
     int rc = http_server_start(&srv_main, &loop, "127.0.0.1:0", &lim, handler, &srv_main);
     check(rc == 0, "server starts on 127.0.0.1:0 (%d)", rc);
     lim.max_connections = 2;
     lim.idle_timeout_ms = 5000;
+    lim.overflow_reject = true; /* the backlog default is tested in test_http_limits.py */
     rc = http_server_start(&srv_small, &loop, "127.0.0.1:0", &lim, handler, &srv_small);
     check(rc == 0, "second server starts (%d)", rc);
     if (!srv_main || !srv_small) return 1;
