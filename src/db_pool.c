@@ -68,6 +68,7 @@ struct dbp_conn {
     bool preparing;            /* q waits for the PREPARE of its statement */
     bool flushing;             /* PQflush returned 1: watch writable */
     bool was_ready;            /* reached IDLE since the last BROKEN (for logs) */
+    bool recycled;             /* closed on purpose (read-only session): logged at debug */
     uint32_t prepared;         /* bit i: statement i prepared in this session */
     struct dbp_conn *idle_prev, *idle_next;
     uint64_t backoff_ms;
@@ -294,7 +295,7 @@ static void conn_after_broken(struct dbp_conn *c)
     if (was_ready) {
         c->failures = 0;
         c->backoff_ms = pool->reconnect_min_ms;
-        log_warn("db", "event=disconnected pool=%s conn=%d connected=%d error=%s", pool->name,
+        log_at(c->recycled ? LOG_DEBUG : LOG_WARN, "db", "event=disconnected pool=%s conn=%d connected=%d error=%s", pool->name,
                  c->index, pool->nconnected, c->reason);
         metrics_counter_add("ticketd_db_disconnects_total", pool->labels, 1);
     } else if (c->failures++ == 0) {
@@ -384,8 +385,10 @@ static void conn_ready(struct dbp_conn *c)
     c->failures = 0;
     pool->nconnected++;
     update_gauges(pool);
-    log_info("db", "event=connected pool=%s conn=%d connected=%d failed_attempts=%d target=%s",
-             pool->name, c->index, pool->nconnected, failures, pool->redacted);
+    log_at(c->recycled ? LOG_DEBUG : LOG_INFO, "db",
+           "event=connected pool=%s conn=%d connected=%d failed_attempts=%d target=%s",
+           pool->name, c->index, pool->nconnected, failures, pool->redacted);
+    c->recycled = false;
     conn_watch(c, UV_READABLE);
     if (c->state != DBC_IDLE) return;
     idle_push(c);
@@ -523,6 +526,29 @@ static void conn_send(struct dbp_conn *c, struct dbp_query *q)
     conn_flush(c);
 }
 
+static const char *sqlstate(const PGresult *res)
+{
+    const char *st = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+    return st && strlen(st) == 5 ? st : NULL;
+}
+
+static bool session_read_only(const PGresult *res)
+{
+    const char *st = sqlstate(res);
+    return st && strcmp(st, "25006") == 0;
+}
+
+bool dbp_error_is_ours(const PGresult *res)
+{
+    if (!res) return true;
+    const char *st = sqlstate(res);
+    if (!st) return false;
+    static const char *const classes[] = {"08", "40", "53", "57", "58"};
+    for (size_t i = 0; i < sizeof classes / sizeof *classes; i++)
+        if (strncmp(st, classes[i], 2) == 0) return true;
+    return strcmp(st, "25006") == 0 || strcmp(st, "55P03") == 0;
+}
+
 /* The running command finished (PQgetResult gave NULL). */
 static void conn_command_done(struct dbp_conn *c)
 {
@@ -560,9 +586,15 @@ static void conn_command_done(struct dbp_conn *c)
             error = PQresultErrorMessage(res);
     }
     unsigned gen = c->gen;
+    bool recycle = error && session_read_only(res);
     bool alive = query_finish(pool, q, res, error);
     PQclear(res);
-    if (alive && c->gen == gen) conn_dispatch(c);
+    if (!alive || c->gen != gen) return;
+    if (recycle) {
+        c->recycled = true;
+        conn_broken(c, "the session is read-only: reconnecting");
+    }
+    else conn_dispatch(c);
 }
 
 static void conn_read_results(struct dbp_conn *c)

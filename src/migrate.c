@@ -97,6 +97,11 @@ static const struct migration migrations[] = {
     {2, "hash index for phone lookups",
      "DROP INDEX IF EXISTS applications_phone_idx;"
      "CREATE INDEX applications_phone_idx ON applications USING hash (phone);"},
+    /* The e-mail step claims its row before calling SMTP (effects_claim_email): one sender
+     * per event at a time, across consumers, rebalances and re-sent copies. */
+    {4, "e-mail send claims",
+     "ALTER TABLE event_effects ADD COLUMN claim_token uuid,"
+     " ADD COLUMN claimed_until timestamptz;"},
 };
 
 #define NMIGRATIONS ((int)(sizeof migrations / sizeof migrations[0]))

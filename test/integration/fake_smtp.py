@@ -6,6 +6,7 @@ told to refuse them.
     smtp.accept()
     smtp.messages()              # accepted: [{'from','to':[...],'message_id','data'}]
     smtp.refused_count()         # transactions refused so far
+    smtp.envelopes()             # MAIL FROM / RCPT TO commands received: [('MAIL', addr), ...]
     smtp.close()
 
 Standalone: `python3 fake_smtp.py --port 2525` prints accepted messages' Message-IDs.
@@ -31,6 +32,23 @@ class _Handler:
         self.refusing = False
         self.accepted = []
         self.refused = 0
+        self.envelope_log = []
+
+    # MAIL FROM and RCPT TO are recorded: a client that should have refused to talk in
+    # clear must not get this far.
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        with self.lock:
+            self.envelope_log.append(("MAIL", address))
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        with self.lock:
+            self.envelope_log.append(("RCPT", address))
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):
         raw = envelope.content if isinstance(envelope.content, bytes) else envelope.content.encode()
@@ -74,6 +92,10 @@ class FakeSmtp:
     def refused_count(self):
         with self.handler.lock:
             return self.handler.refused
+
+    def envelopes(self):
+        with self.handler.lock:
+            return list(self.handler.envelope_log)
 
     def close(self):
         self.controller.stop()
