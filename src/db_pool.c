@@ -9,7 +9,11 @@
  * BROKEN is a one-turn state: the failure is noticed wherever it happens (possibly inside
  * dbp_query), the PGconn is finished at once, and a zero timer fails the running query and
  * schedules the reconnect on a later turn, so no callback ever runs inside dbp_query.
- * Idle connections sit on a list and queued queries on a FIFO, so dispatch is O(1).
+ * Idle connections sit on a list and queued queries on FIFOs, so dispatch is O(1). Two
+ * classes: writes (the default) and reads (dbp_query_class DBP_READ: lookups any client can
+ * ask for). A freed connection takes the next write first; reads hold at most read_conns
+ * connections at once and wait in their own bounded queue, so a flood of reads can neither
+ * take every connection nor delay group commit (ingest sends when a connection is idle).
  * The poll handle is allocated separately because the socket may change across reconnects
  * (and even during PQconnectPoll): the old handle is closed (freed in its close callback)
  * and a new one initialised on the new fd. */
@@ -43,6 +47,8 @@ struct dbp_query {
     dbp_result_fn cb;
     void *ud;
     const char *sql;      /* NULL for a prepared statement */
+    bool read;            /* DBP_READ */
+    bool running;         /* sent on a connection (counts in nreads_busy when read) */
     int stmt;             /* prepared statement index, or -1 */
     int nparams;
     const char **params;  /* points into the same allocation */
@@ -100,8 +106,12 @@ struct dbp {
     struct dbp_conn *idle_head;
     int nidle;
     int nconnected;
-    struct dbp_query *qhead, *qtail;
+    struct dbp_query *qhead, *qtail;   /* writes */
     int nqueued;
+    struct dbp_query *rhead, *rtail;   /* reads */
+    int nrqueued;
+    int read_conns, read_queue_max;    /* reads running at once, reads queued */
+    int nreads_busy;
     struct dbp_stmt stmts[DBP_MAX_STATEMENTS];
     int nstmts;
 
@@ -166,6 +176,22 @@ static struct dbp_query *queue_pop(struct dbp *pool)
     return q;
 }
 
+static struct dbp_query *read_queue_pop(struct dbp *pool)
+{
+    struct dbp_query *q = pool->rhead;
+    if (!q) return NULL;
+    pool->rhead = q->next;
+    if (!pool->rhead) pool->rtail = NULL;
+    q->next = NULL;
+    pool->nrqueued--;
+    return q;
+}
+
+static bool read_may_run(const struct dbp *pool)
+{
+    return pool->nreads_busy < pool->read_conns;
+}
+
 static struct dbp_query *query_new(const char *sql, int stmt, int nparams,
                                    const char *const *params, dbp_result_fn cb, void *ud)
 {
@@ -205,6 +231,7 @@ static struct dbp_query *query_new(const char *sql, int stmt, int nparams,
 static bool query_finish(struct dbp *pool, struct dbp_query *q, const PGresult *res,
                          const char *error)
 {
+    if (q->read && q->running) pool->nreads_busy--;
     q->cb(q->ud, res, error);
     free(q);
     return !pool->closing;
@@ -315,7 +342,7 @@ static void conn_after_broken(struct dbp_conn *c)
     }
     if (pool->nconnected == 0) {
         struct dbp_query *queued;
-        while ((queued = queue_pop(pool)))
+        while ((queued = queue_pop(pool)) || (queued = read_queue_pop(pool)))
             if (!query_finish(pool, queued, NULL, "database unavailable")) return;
     }
 }
@@ -364,9 +391,16 @@ static void conn_watch(struct dbp_conn *c, int events)
     }
 }
 
+/* Gives an idle connection the next write, else the next read if reads may take one more;
+ * then lets queued reads take other idle connections within their share. */
 static void conn_dispatch(struct dbp_conn *c)
 {
-    if (c->state == DBC_IDLE && c->pool->qhead) conn_send(c, queue_pop(c->pool));
+    struct dbp *pool = c->pool;
+    if (c->state == DBC_IDLE && pool->qhead) conn_send(c, queue_pop(pool));
+    else if (c->state == DBC_IDLE && pool->rhead && read_may_run(pool))
+        conn_send(c, read_queue_pop(pool));
+    while (pool->rhead && pool->idle_head && read_may_run(pool) && !pool->qhead)
+        conn_send(pool->idle_head, read_queue_pop(pool));
 }
 
 static void conn_ready(struct dbp_conn *c)
@@ -510,6 +544,8 @@ static void conn_send(struct dbp_conn *c, struct dbp_query *q)
     idle_remove(c);
     c->state = DBC_BUSY;
     c->q = q;
+    q->running = true;
+    if (q->read) pool->nreads_busy++;
     int ok;
     if (q->stmt >= 0 && !(c->prepared & (1u << q->stmt))) {
         char name[16];
@@ -704,6 +740,10 @@ int dbp_create(struct dbp **out, uv_loop_t *loop, const struct dbp_opts *opts)
     snprintf(pool->labels, lablen, "pool=\"%s\"", name);
     pool->size = opts->size;
     pool->queue_max = opts->queue_max > 0 ? opts->queue_max : DBP_DEFAULT_QUEUE_MAX;
+    pool->read_conns = opts->read_conns > 0 ? opts->read_conns : opts->size / 2;
+    if (pool->read_conns < 1) pool->read_conns = 1;
+    if (pool->read_conns > opts->size) pool->read_conns = opts->size;
+    pool->read_queue_max = opts->read_queue > 0 ? opts->read_queue : 0;
     pool->reconnect_min_ms = opts->reconnect_min_ms ? opts->reconnect_min_ms : 100;
     pool->reconnect_max_ms = opts->reconnect_max_ms ? opts->reconnect_max_ms : 5000;
     if (pool->reconnect_max_ms < pool->reconnect_min_ms)
@@ -738,6 +778,17 @@ int dbp_create(struct dbp **out, uv_loop_t *loop, const struct dbp_opts *opts)
 
 static int submit(struct dbp *pool, struct dbp_query *q)
 {
+    if (q->read) {
+        if (pool->idle_head && read_may_run(pool)) {
+            conn_send(pool->idle_head, q);
+        } else {
+            if (pool->rtail) pool->rtail->next = q;
+            else pool->rhead = q;
+            pool->rtail = q;
+            pool->nrqueued++;
+        }
+        return 0;
+    }
     if (pool->idle_head) {
         conn_send(pool->idle_head, q);
     } else {
@@ -749,23 +800,34 @@ static int submit(struct dbp *pool, struct dbp_query *q)
     return 0;
 }
 
-static int admit(const struct dbp *pool, int nparams, const char *const *params)
+static int admit(const struct dbp *pool, enum dbp_class cls, int nparams,
+                 const char *const *params)
 {
     if (nparams < 0 || (nparams > 0 && !params)) return -EINVAL;
     if (pool->closing || pool->nconnected == 0) return -ENOTCONN;
+    if (cls == DBP_READ)
+        return (pool->idle_head && read_may_run(pool)) || pool->nrqueued < pool->read_queue_max
+                   ? 0 : -EAGAIN;
     if (!pool->idle_head && pool->nqueued >= pool->queue_max) return -EAGAIN;
     return 0;
+}
+
+int dbp_query_class(struct dbp *pool, enum dbp_class cls, const char *sql, int nparams,
+                    const char *const *params, dbp_result_fn cb, void *ud)
+{
+    if (!sql || !cb) return -EINVAL;
+    int rc = admit(pool, cls, nparams, params);
+    if (rc < 0) return rc;
+    struct dbp_query *q = query_new(sql, -1, nparams, params, cb, ud);
+    if (!q) return -ENOMEM;
+    q->read = cls == DBP_READ;
+    return submit(pool, q);
 }
 
 int dbp_query(struct dbp *pool, const char *sql, int nparams, const char *const *params,
               dbp_result_fn cb, void *ud)
 {
-    if (!sql || !cb) return -EINVAL;
-    int rc = admit(pool, nparams, params);
-    if (rc < 0) return rc;
-    struct dbp_query *q = query_new(sql, -1, nparams, params, cb, ud);
-    if (!q) return -ENOMEM;
-    return submit(pool, q);
+    return dbp_query_class(pool, DBP_WRITE, sql, nparams, params, cb, ud);
 }
 
 int dbp_prepare(struct dbp *pool, const char *sql)
@@ -784,7 +846,7 @@ int dbp_query_prepared(struct dbp *pool, int stmt, int nparams, const char *cons
                        dbp_result_fn cb, void *ud)
 {
     if (stmt < 0 || stmt >= pool->nstmts || !cb) return -EINVAL;
-    int rc = admit(pool, nparams, params);
+    int rc = admit(pool, DBP_WRITE, nparams, params);
     if (rc < 0) return rc;
     struct dbp_query *q = query_new(NULL, stmt, nparams, params, cb, ud);
     if (!q) return -ENOMEM;
@@ -803,7 +865,7 @@ int dbp_idle(const struct dbp *pool)
 
 int dbp_queued(const struct dbp *pool)
 {
-    return pool->nqueued;
+    return pool->nqueued + pool->nrqueued;
 }
 
 static void on_handle_closed_final(struct dbp *pool)
@@ -855,8 +917,10 @@ void dbp_close(struct dbp *pool, void (*done)(void *ud), void *ud)
         uv_close((uv_handle_t *)&c->timer, on_timer_closed);
     }
     *tail = pool->qhead;
-    pool->qhead = pool->qtail = NULL;
-    pool->nqueued = 0;
+    while (*tail) tail = &(*tail)->next;
+    *tail = pool->rhead;
+    pool->qhead = pool->qtail = pool->rhead = pool->rtail = NULL;
+    pool->nqueued = pool->nrqueued = pool->nreads_busy = 0;
     pool->failing = fail;
     pool->idle_head = NULL;
     pool->nidle = 0;

@@ -32,6 +32,8 @@ struct dbp_opts {
     int size;                        /* connections */
     const char *name;                /* for logs: "api", "relay", ... */
     int queue_max;                   /* queued queries beyond busy connections; 0 = 4096 */
+    int read_conns;                  /* DBP_READ queries running at once; 0 = size / 2, >= 1 */
+    int read_queue;                  /* DBP_READ queries queued; beyond it -EAGAIN (0 = none) */
     uint64_t reconnect_min_ms;       /* 0 = 100 */
     uint64_t reconnect_max_ms;       /* 0 = 5000 */
     /* optional hooks, called on the loop */
@@ -60,6 +62,15 @@ int dbp_query(struct dbp *pool, const char *sql, int nparams, const char *const 
  * got 25006 is closed after the callback and reconnects (a new session sees a database made
  * writable again, or follows a failover). */
 bool dbp_error_is_ours(const PGresult *res);
+
+/* Query classes. Writes (dbp_query, dbp_query_prepared) take a freed connection first.
+ * Reads (lookups any client can send) run on at most read_conns connections at once and
+ * queue up to read_queue deep; beyond that dbp_query_class returns -EAGAIN at once (callers
+ * answer 503 with Retry-After), so reads never starve group commit. */
+enum dbp_class { DBP_WRITE, DBP_READ };
+int dbp_query_class(struct dbp *pool, enum dbp_class cls, const char *sql, int nparams,
+                    const char *const *params, dbp_result_fn cb, void *ud)
+    __attribute__((warn_unused_result));
 
 /* Connections ready to run a query (idle or busy). */
 int dbp_connected(const struct dbp *pool);
