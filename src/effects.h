@@ -16,12 +16,19 @@
  *   2. data_platform (effects_call): POST the CloudEvent (structured mode JSON) to
  *      DATA_PLATFORM_URL with "Idempotency-Key: <event id>"; 2xx = success; then its done
  *      mark (effects_mark_batch) must commit.
- *   3. email (effects_call): Message-ID <event-id@ticketd>; then its done mark.
+ *   3. email: effects_claim_email (one sender per event at a time, see below), then
+ *      effects_call with Message-ID <event-id@ticketd>; then its done mark.
  *   The consumer treats an event as handled only after every enabled effect's done mark
  *   committed, and commits the Kafka offset only after that. A crash at any point therefore
  *   leaves the offset uncommitted and the event is re-delivered; done effects are skipped;
- *   an external effect that happened but whose done mark did not commit is sent again with
- *   the same Idempotency-Key / Message-ID (at-least-once, deduplicated by the receiver).
+ *   a data-platform POST that happened but whose done mark did not commit is sent again
+ *   with the same Idempotency-Key (deduplicated by the receiver).
+ *   E-mail (SMTP does not deduplicate by Message-ID): a copy of the event that finds the
+ *   row claimed by another copy waits for that claim's done mark or expiry, so re-sent
+ *   copies and the old and new owners of a rebalanced partition send one mail. THE ONLY
+ *   AT-LEAST-ONCE CASE: the process dies (or loses the SMTP reply, or cannot write the done
+ *   mark before its claim expires) after the SMTP server accepted the message and before
+ *   the done mark committed; the next owner re-sends after the claim expires.
  *   Points first: they are local, transactional and the cheapest to make exactly-once;
  *   the external calls follow, in a fixed order so a failing SMTP server never re-posts
  *   to the data platform (its row is already done).

@@ -4,6 +4,7 @@ told to refuse them.
     smtp = FakeSmtp()            # 127.0.0.1:<free port>; .url is smtp://127.0.0.1:<port>
     smtp.refuse()                # DATA answers 451 (a temporary failure) after recording the try
     smtp.accept()
+    smtp.delay(6)                # DATA is recorded (the mail is sent), the reply comes 6 s late
     smtp.messages()              # accepted: [{'from','to':[...],'message_id','data'}]
     smtp.refused_count()         # transactions refused so far
     smtp.envelopes()             # MAIL FROM / RCPT TO commands received: [('MAIL', addr), ...]
@@ -12,6 +13,7 @@ told to refuse them.
 Standalone: `python3 fake_smtp.py --port 2525` prints accepted messages' Message-IDs.
 """
 import argparse
+import asyncio
 import email
 import sys
 import threading
@@ -33,6 +35,7 @@ class _Handler:
         self.accepted = []
         self.refused = 0
         self.envelope_log = []
+        self.reply_delay = 0
 
     # MAIL FROM and RCPT TO are recorded: a client that should have refused to talk in
     # clear must not get this far.
@@ -61,6 +64,9 @@ class _Handler:
                                   "message_id": msg.get("Message-ID"),
                                   "subject": msg.get("Subject"),
                                   "data": raw.decode("utf-8", "replace"), "time": time.time()})
+            delay = self.reply_delay
+        if delay:
+            await asyncio.sleep(delay)
         return "250 Message accepted for delivery"
 
 
@@ -84,6 +90,10 @@ class FakeSmtp:
     def accept(self):
         with self.handler.lock:
             self.handler.refusing = False
+
+    def delay(self, seconds):
+        with self.handler.lock:
+            self.handler.reply_delay = seconds
 
     def messages(self):
         with self.handler.lock:

@@ -155,6 +155,50 @@ class ConsumerFaultsTest(h.TicketdTestCase):
         self.assertEqual(len(msgs), n)
         self.assertEqual(self.pg.count("points_ledger"), n)
 
+    def test_rebalance_with_mails_in_flight_mails_once(self):
+        api = self.start(name="api", role="api,relay")
+        smtp = FakeSmtp()
+        self.addCleanup(smtp.close)
+        smtp.delay(6)  # sent, but the reply (and so the done mark) comes late
+        kc = "session.timeout.ms=6000,heartbeat.interval.ms=500"
+        b = self.start(name="consumer-b", role="consumer", smtp=smtp, env={"KAFKA_CONFIG": kc})
+        n = 12
+        for i in range(n):
+            self.apply(api, 300 + i, email=f"reb{i}@example.com")
+        h.wait_until(lambda: len(smtp.messages()) >= 2, timeout=60, what="mails in flight")
+        # a second member joins: b's partitions are revoked while its mails are in flight
+        c = self.start(name="consumer-c", role="consumer", smtp=smtp, env={"KAFKA_CONFIG": kc})
+        smtp.delay(0)
+        h.wait_until(lambda: self.all_processed(n) and self.lag_zero(b) and self.lag_zero(c),
+                     timeout=120, what="all processed after the rebalance")
+        self.assertIn("event=revoked", b.log_text() + c.log_text())
+        ids = [r[0] for r in self.pg.query("SELECT event_id FROM outbox")]
+        msgs = smtp.messages()
+        for ev in ids:
+            mine = [m for m in msgs if m["message_id"] == f"<{ev}@ticketd>"]
+            self.assertEqual(len(mine), 1, f"one e-mail for event {ev}, got {len(mine)}")
+        self.assertEqual(self.pg.count("points_ledger"), n)
+
+    def test_killed_consumer_partitions_move_within_the_session_timeout(self):
+        api = self.start(name="api", role="api,relay")
+        b = self.start(name="consumer-b", role="consumer")  # default CONSUMER_SESSION_TIMEOUT
+        c = self.start(name="consumer-c", role="consumer")
+        h.wait_until(lambda: all("event=assigned" in t.log_text()
+                                 and "partitions=0,1,2,3" not in t.log_text().split(
+                                     "event=assigned")[-1].splitlines()[0] for t in (b, c)),
+                     timeout=60, what="the partitions split between b and c")
+        b.kill()
+        t0 = time.time()
+        n = 20
+        for i in range(n):
+            self.apply(api, 500 + i)
+        h.wait_until(lambda: self.all_processed(n), timeout=120, what="all processed by c")
+        took = time.time() - t0
+        # the bound: session timeout (10 s) + one rebalance (~3 s with the mock); the old
+        # default (45 s) could not meet it
+        self.assertLess(took, 35, f"drained {took:.0f} s after the kill")
+        self.assertEqual(self.pg.count("points_ledger"), n)
+
 
 if __name__ == "__main__":
     unittest.main(verbosity=2)
