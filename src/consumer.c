@@ -150,6 +150,7 @@ struct consumer {
     uv_check_t check;           /* cuts the batches after each poll phase */
     uv_idle_t idle;             /* keeps the loop from blocking while a batch can be sent */
     bool commit_scheduled;
+    int commit_failures;        /* consecutive failed commits: the retry interval doubles */
     bool db_unhealthy;          /* a statement failed for the database's sake (logged once) */
     unsigned open_handles;
     bool ready;
@@ -327,20 +328,27 @@ static void schedule_commit(struct consumer *c)
 {
     if (c->commit_scheduled || c->phase >= PH_KAFKA_CLOSING) return;
     c->commit_scheduled = true;
-    uv_timer_start(&c->commit_timer, on_commit_timer, COMMIT_INTERVAL_MS, 0);
+    uint64_t delay = COMMIT_INTERVAL_MS;
+    for (int i = 0; i < c->commit_failures && delay < DB_WAIT_MAX_MS; i++) delay *= 2;
+    uv_timer_start(&c->commit_timer, on_commit_timer,
+                   delay < DB_WAIT_MAX_MS ? delay : DB_WAIT_MAX_MS, 0);
 }
 
 static void commit_result(struct consumer *c, rd_kafka_resp_err_t err,
                           const rd_kafka_topic_partition_list_t *offsets)
 {
     if (err == RD_KAFKA_RESP_ERR__NO_OFFSET) return; /* nothing to commit */
+    bool failed = false;
     for (int i = 0; offsets && i < offsets->cnt; i++) {
         const rd_kafka_topic_partition_t *e = &offsets->elems[i];
         struct cpart *p = part_get(c, e->partition);
         rd_kafka_resp_err_t perr = err ? err : e->err;
         if (perr) {
-            log_warn("consumer", "event=commit_failed partition=%" PRId32 " offset=%" PRId64
-                     " err=\"%s\"", e->partition, e->offset, rd_kafka_err2str(perr));
+            /* the first of a run of failures at warn, the retries (backing off) at debug */
+            log_at(c->commit_failures ? LOG_DEBUG : LOG_WARN, "consumer",
+                   "event=commit_failed partition=%" PRId32 " offset=%" PRId64 " err=\"%s\"",
+                   e->partition, e->offset, rd_kafka_err2str(perr));
+            failed = true;
             if (p && p->commit_sent == e->offset) {
                 p->commit_sent = p->commit_acked;
                 schedule_commit(c);
@@ -349,6 +357,7 @@ static void commit_result(struct consumer *c, rd_kafka_resp_err_t err,
             p->commit_acked = e->offset;
         }
     }
+    c->commit_failures = failed ? c->commit_failures + 1 : 0;
 }
 
 static void offset_commit_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
