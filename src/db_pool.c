@@ -224,6 +224,7 @@ static struct dbp_query *query_new(const char *sql, int stmt, int nparams,
     q->next = NULL;
     q->cb = cb;
     q->ud = ud;
+    q->read = q->running = false;
     q->stmt = stmt;
     q->nparams = nparams;
     q->params = (const char **)(q + 1);

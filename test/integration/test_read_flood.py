@@ -70,6 +70,8 @@ class ReadFloodTest(h.TicketdTestCase):
                 return f"no answer: {e}"
 
         statuses = h.parallel(post, range(POSTS), workers=16)
+        refused = sum(v for k, v in td.metrics().items()
+                      if k.startswith("ticketd_http_requests_total{") and 'code="503"' in k)
         still_flooding = flood.poll() is None
         flood.kill()
         flood.wait()
@@ -77,6 +79,9 @@ class ReadFloodTest(h.TicketdTestCase):
         self.assertEqual(bad, [], f"every POST answered 201 while reads were queued"
                          f" ({len(bad)} of {POSTS} not)")
         self.assertTrue(still_flooding, "the flood ran during every POST")
+        self.assertGreater(refused, 0, "reads beyond the bound got a quick 503")
+        r = td.request("GET", path, headers=headers)  # the flood is over: reads are served
+        self.assertEqual(r.status, 200, r)
         self.assertEqual(self.pg.count("applications WHERE phone LIKE '0100000%'"
                                        " AND phone >= '01000001000'"), POSTS)
 
