@@ -201,6 +201,7 @@ class ConsumerFaultsTest(h.TicketdTestCase):
             self.apply(api, 500 + i)
         h.wait_until(lambda: self.all_processed(n), timeout=120, what="all processed by c")
         took = time.time() - t0
+        print(f"drain after SIGKILL: {took:.1f} s", file=sys.stderr)
         # the bound: session timeout (10 s) + one rebalance (~3 s with the mock); the old
         # default (45 s) could not meet it
         self.assertLess(took, 35, f"drained {took:.0f} s after the kill")
