@@ -1636,6 +1636,8 @@ int consumer_start(struct consumer **out, uv_loop_t *loop, const struct cfg *cfg
                      "high watermark minus the next offset to handle, per partition");
     metrics_describe("ticketd_consumer_publish_to_processed_seconds", "histogram",
                      "message timestamp to effects done");
+    metrics_describe("ticketd_consumer_db_unavailable_total", "counter",
+                     "steps that waited for our own database (no attempt used)");
 
     struct dbp_opts dopts = {.conninfo = cfg->database_url, .size = CONSUMER_DB_POOL,
                              .name = "consumer"};
