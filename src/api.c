@@ -655,10 +655,10 @@ static void run_query(struct app *app, struct http_request *req, const char *sql
 {
     struct query_ctx *ctx = http_request_alloc(req, sizeof *ctx);
     ctx->req = req;
-    int rc = dbp_query(app->db, sql, nparams, params, on_query_result, ctx);
+    int rc = dbp_query_class(app->db, DBP_READ, sql, nparams, params, on_query_result, ctx);
     if (rc < 0) {
         api_respond_error(req, 503, "unavailable",
-                          rc == -EAGAIN ? "too many queries queued, retry shortly"
+                          rc == -EAGAIN ? "too many reads queued, retry shortly"
                                         : "the database is unavailable, retry shortly",
                           RETRY_AFTER_1);
     }

@@ -68,6 +68,10 @@ static const struct cfg_setting settings[] = {
      "data-platform sink endpoint (HTTP POST); empty turns the sink off", F(data_platform_url)},
     {"smtp_url", "SMTP_URL", CFG_URL, "", 0, 0, false, NULL,
      "SMTP server URL (smtp://user:pass@host:port); empty turns e-mail off", F(smtp_url)},
+    {"smtp_allow_cleartext", "SMTP_ALLOW_CLEARTEXT", CFG_BOOL, "false", 0, 0, false, NULL,
+     "allow SMTP without TLS (a local test server); false requires smtps:// or STARTTLS, so "
+     "credentials and addresses never travel in the clear",
+     F(smtp_allow_cleartext)},
     {"mail_from", "MAIL_FROM", CFG_STRING, "ticketd@localhost", 0, 0, false, NULL,
      "sender address of confirmation e-mails", F(mail_from)},
     {"role", "ROLE", CFG_SET, "api,relay,consumer", 0, 0, false, "api,relay,consumer",
@@ -76,6 +80,13 @@ static const struct cfg_setting settings[] = {
     /* ingest */
     {"db_pool", "DB_POOL", CFG_INT, "4", 1, 256, false, NULL,
      "PostgreSQL connections for the API", F(db_pool)},
+    {"db_read_conns", "DB_READ_CONNS", CFG_INT, "0", 0, 256, false, NULL,
+     "API connections that reads (GET lookups) may use at once; 0 = half of DB_POOL (at least "
+     "1); the others stay free for ingest",
+     F(db_read_conns)},
+    {"db_read_queue", "DB_READ_QUEUE", CFG_INT, "64", 0, 100000, false, NULL,
+     "reads queued for a connection; beyond it a read gets 503 with Retry-After at once",
+     F(db_read_queue)},
     {"batch_max", "BATCH_MAX", CFG_INT, "512", 1, 10000, false, NULL,
      "applications per group commit; 1 turns group commit off", F(batch_max)},
     {"queue_max", "QUEUE_MAX", CFG_INT, "20000", 1, 10000000, false, NULL,
@@ -134,6 +145,16 @@ static const struct cfg_setting settings[] = {
      NULL, "points credited per processed application", F(points_per_application)},
     {"sink_timeout", "SINK_TIMEOUT", CFG_DURATION, "5s", 1, 10 * MIN_MS, false, NULL,
      "timeout of a data-platform or SMTP request", F(http_timeout_ms)},
+    {"consumer_session_timeout", "CONSUMER_SESSION_TIMEOUT", CFG_DURATION, "10s", 1000,
+     10 * MIN_MS, false, NULL,
+     "Kafka session.timeout.ms: a consumer that stops heartbeating (killed, frozen) loses its "
+     "partitions after this",
+     F(consumer_session_timeout_ms)},
+    {"consumer_instance_id", "CONSUMER_INSTANCE_ID", CFG_STRING, "", 0, 0, false, NULL,
+     "Kafka group.instance.id (static membership), stable per replica (the pod name of a "
+     "StatefulSet): a restart within the session timeout gets its partitions back without a "
+     "rebalance; empty = dynamic membership",
+     F(consumer_instance_id)},
 
     /* audit */
     {"audit_grace", "AUDIT_GRACE", CFG_DURATION, "10s", 0, 7 * DAY_MS, false, NULL,

@@ -21,12 +21,15 @@ struct cfg {
     char *admin_token;         /* ADMIN_TOKEN (secret); empty -> admin paths refused */
     char *data_platform_url;   /* DATA_PLATFORM_URL; empty -> sink off */
     char *smtp_url;            /* SMTP_URL; empty -> e-mail off */
+    bool smtp_allow_cleartext; /* SMTP_ALLOW_CLEARTEXT: false -> TLS required */
     char *mail_from;           /* MAIL_FROM */
     char *role;                /* ROLE: comma list of api,relay,consumer */
     bool role_api, role_relay, role_consumer; /* derived from role */
 
     /* ingest */
     int db_pool;               /* DB_POOL: PostgreSQL connections for the API */
+    int db_read_conns;         /* DB_READ_CONNS: connections reads may hold; 0 = half */
+    int db_read_queue;         /* DB_READ_QUEUE: reads queued before a quick 503 */
     int batch_max;             /* BATCH_MAX: applications per group commit; 1 = off */
     int queue_max;             /* QUEUE_MAX: pending applications before 503 */
     int64_t idempotency_key_ttl_ms; /* IDEMPOTENCY_KEY_TTL: keys replay this long, then pruned */
@@ -56,6 +59,8 @@ struct cfg {
     bool retry_exponential;    /* RETRY_EXPONENTIAL: backoff doubles, with jitter */
     int points_per_application;/* POINTS_PER_APPLICATION */
     int64_t http_timeout_ms;   /* SINK_TIMEOUT: data platform / SMTP request timeout */
+    int64_t consumer_session_timeout_ms; /* CONSUMER_SESSION_TIMEOUT: session.timeout.ms */
+    char *consumer_instance_id;          /* CONSUMER_INSTANCE_ID: group.instance.id or "" */
 
     /* audit */
     int64_t audit_grace_ms;    /* AUDIT_GRACE: rows younger than this may be unpublished */

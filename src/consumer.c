@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <time.h>
 
 #include "db_pool.h"
@@ -40,9 +41,12 @@ static const char *lq(const char *s, char *buf, size_t n)
 #define CLOSE_DRAIN_MAX_MS 10000  /* wait for work in flight at shutdown, at most */
 #define CLOSE_KAFKA_MAX_MS 10000  /* wait for the asynchronous consumer close, at most */
 #define BACKOFF_MAX_MS 60000      /* cap of the exponential backoff */
+#define DB_WAIT_MIN_MS 200        /* waits for our own database: first ... */
+#define DB_WAIT_MAX_MS 10000      /* ... and longest (doubling, with jitter) */
 #define FETCH_WAIT_MAX_MS "50"   /* see consumer_start */
 #define CONSUMER_DB_POOL 4        /* PostgreSQL connections of the consumer */
 #define DLQ_MESSAGE_MAX 1000      /* bytes of error message kept in the DLQ header and row */
+#define ZOMBIE_MARK_TRIES 3       /* a revoked partition's done marks: statements tried */
 
 /* What a slot in backoff retries when its timer is due (bits: several can be pending). */
 enum retry_what {
@@ -80,11 +84,17 @@ struct slot {
     bool in_points;             /* in a points statement */
     bool points_ok;             /* the points statement committed */
     bool calling;               /* an external call in flight */
+    bool claiming;              /* the e-mail claim statement in flight */
+    bool email_claimed;         /* the claim for the next e-mail attempt is ours */
+    uint64_t claim_sent_at;     /* uv_now() when that claim was sent */
+    int zombie_mark_tries;
+    char token[UUID_STR_LEN + 1]; /* this copy's e-mail claim token ("" until needed) */
     enum effects_kind calling_kind;
     struct ext ext[2];          /* by enum effects_kind */
     unsigned retry;             /* enum retry_what bits while in backoff */
     uint64_t retry_at;          /* uv_now() */
     int fails;                  /* failed attempts (the DLQ's dlq_attempts) */
+    int db_waits;               /* consecutive waits for our own database (not attempts) */
     enum dlq_state dlq;
     bool finished;              /* handled or dead-lettered: its offset may be committed */
     unsigned ops;               /* callbacks still to come that refer to this slot */
@@ -105,6 +115,7 @@ struct cpart {
     size_t nslots, nactive;
     unsigned nbackoff;          /* slots waiting for a retry */
     unsigned busy;              /* callbacks still to come for its slots */
+    unsigned nmarks;            /* its slots on the consumer's marks list */
     bool paused;
     uv_timer_t timer;           /* the earliest retry of its slots */
     int64_t last_seen;          /* offset of the last message queued */
@@ -139,6 +150,8 @@ struct consumer {
     uv_check_t check;           /* cuts the batches after each poll phase */
     uv_idle_t idle;             /* keeps the loop from blocking while a batch can be sent */
     bool commit_scheduled;
+    int commit_failures;        /* consecutive failed commits: the retry interval doubles */
+    bool db_unhealthy;          /* a statement failed for the database's sake (logged once) */
     unsigned open_handles;
     bool ready;
     enum phase phase;
@@ -194,6 +207,32 @@ static uint64_t backoff_ms(struct consumer *c, int attempts)
     /* +-25 % jitter so partitions failing together do not retry in lockstep */
     uint64_t span = base / 2;
     return span ? base - base / 4 + next_random(c) % (span + 1) : base;
+}
+
+/* The wait before retrying a step that failed because our own database is unhealthy:
+ * doubles per consecutive wait of the slot, from DB_WAIT_MIN_MS (or RETRY_BACKOFF when
+ * larger) up to DB_WAIT_MAX_MS, +-25 % jitter. Never an attempt of the event. */
+static uint64_t db_wait_ms(struct consumer *c, int waits)
+{
+    uint64_t base = (uint64_t)c->cfg->retry_backoff_ms;
+    if (base < DB_WAIT_MIN_MS) base = DB_WAIT_MIN_MS;
+    for (int i = 1; i < waits && base < DB_WAIT_MAX_MS; i++) base *= 2;
+    if (base > DB_WAIT_MAX_MS) base = DB_WAIT_MAX_MS;
+    return base - base / 4 + next_random(c) % (base / 2 + 1);
+}
+
+/* The database state as the consumer's statements see it, logged on changes only. */
+static void db_health(struct consumer *c, bool healthy, const char *error)
+{
+    char qb[600];
+    if (healthy == !c->db_unhealthy) return;
+    c->db_unhealthy = !healthy;
+    if (healthy) {
+        log_info("consumer", "event=database_recovered");
+        return;
+    }
+    log_warn("consumer", "event=database_unhealthy action=wait_without_using_attempts err=%s",
+             lq(error, qb, sizeof qb));
 }
 
 static void ascii_only(char *s)
@@ -289,20 +328,27 @@ static void schedule_commit(struct consumer *c)
 {
     if (c->commit_scheduled || c->phase >= PH_KAFKA_CLOSING) return;
     c->commit_scheduled = true;
-    uv_timer_start(&c->commit_timer, on_commit_timer, COMMIT_INTERVAL_MS, 0);
+    uint64_t delay = COMMIT_INTERVAL_MS;
+    for (int i = 0; i < c->commit_failures && delay < DB_WAIT_MAX_MS; i++) delay *= 2;
+    uv_timer_start(&c->commit_timer, on_commit_timer,
+                   delay < DB_WAIT_MAX_MS ? delay : DB_WAIT_MAX_MS, 0);
 }
 
 static void commit_result(struct consumer *c, rd_kafka_resp_err_t err,
                           const rd_kafka_topic_partition_list_t *offsets)
 {
     if (err == RD_KAFKA_RESP_ERR__NO_OFFSET) return; /* nothing to commit */
+    bool failed = false;
     for (int i = 0; offsets && i < offsets->cnt; i++) {
         const rd_kafka_topic_partition_t *e = &offsets->elems[i];
         struct cpart *p = part_get(c, e->partition);
         rd_kafka_resp_err_t perr = err ? err : e->err;
         if (perr) {
-            log_warn("consumer", "event=commit_failed partition=%" PRId32 " offset=%" PRId64
-                     " err=\"%s\"", e->partition, e->offset, rd_kafka_err2str(perr));
+            /* the first of a run of failures at warn, the retries (backing off) at debug */
+            log_at(c->commit_failures ? LOG_DEBUG : LOG_WARN, "consumer",
+                   "event=commit_failed partition=%" PRId32 " offset=%" PRId64 " err=\"%s\"",
+                   e->partition, e->offset, rd_kafka_err2str(perr));
+            failed = true;
             if (p && p->commit_sent == e->offset) {
                 p->commit_sent = p->commit_acked;
                 schedule_commit(c);
@@ -311,6 +357,7 @@ static void commit_result(struct consumer *c, rd_kafka_resp_err_t err,
             p->commit_acked = e->offset;
         }
     }
+    c->commit_failures = failed ? c->commit_failures + 1 : 0;
 }
 
 static void offset_commit_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
@@ -377,6 +424,7 @@ static void marks_push(struct slot *s)
     struct consumer *c = s->p->c;
     if (s->in_marks) return;
     s->in_marks = true;
+    s->p->nmarks++;
     s->mnext = NULL;
     s->mprev = c->marks_tail;
     if (c->marks_tail) c->marks_tail->mnext = s;
@@ -394,6 +442,7 @@ static void marks_remove(struct slot *s)
     if (s->mnext) s->mnext->mprev = s->mprev;
     else c->marks_tail = s->mprev;
     s->in_marks = false;
+    s->p->nmarks--;
     c->nmarks_slots--;
 }
 
@@ -481,7 +530,7 @@ static void reap_zombies(struct consumer *c)
 {
     for (struct cpart **pp = &c->zombies; *pp;) {
         struct cpart *p = *pp;
-        if (p->busy == 0) {
+        if (p->busy == 0 && p->nmarks == 0) {
             *pp = p->next_zombie;
             part_free(p);
         } else {
@@ -501,13 +550,15 @@ static void part_revoke(struct consumer *c, int32_t partition)
     char labels[48];
     snprintf(labels, sizeof labels, "partition=\"%" PRId32 "\"", partition);
     metrics_gauge_set("ticketd_consumer_lag", labels, 0);
-    /* Nothing more is handed out for it; what is in flight finishes but commits nothing
-     * (the next owner redoes it idempotently). */
+    /* Nothing more is handed out for it; what is in flight finishes but commits no offset
+     * (the next owner redoes it idempotently). Done marks of calls that happened are still
+     * written (a dropped one would make the next owner mail again once the claim expired). */
     for (struct slot *s = p->head; s; s = s->next) {
         ready_remove(s);
-        marks_remove(s);
+        if (s->ext[0].pending_done || s->ext[1].pending_done) marks_push(s);
+        else marks_remove(s);
     }
-    if (p->busy > 0) {
+    if (p->busy > 0 || p->nmarks > 0) {
         p->next_zombie = c->zombies;
         c->zombies = p;
         log_info("consumer", "event=revoked_in_flight partition=%" PRId32 " callbacks=%u",
@@ -692,9 +743,11 @@ static void clear_backoff(struct slot *s)
 /* A failed attempt of s (at the step `what`): retried after the backoff while attempts are
  * left, else dead-lettered. While shutting down the event is left unfinished: its offset is
  * not committed, so the next owner gets it again.
- * Our own database being unreachable is not the event's fault: such a failure is retried
- * (at the first backoff step) without using up an attempt, so a PostgreSQL restart delays
- * events instead of dead-lettering them. A query error while the database is up counts. */
+ * Our own database being unhealthy is not the event's fault: unreachable, or an error that
+ * dbp_error_is_ours names (read-only after a failover, admin shutdown, disk full, deadlock,
+ * serialization failure; class "db_unavailable") is retried after a growing wait
+ * (db_wait_ms) without using up an attempt, so it delays events and never dead-letters
+ * them. Any other query error counts as an attempt. */
 static void slot_fail(struct slot *s, unsigned what, const char *error_class, const char *msg)
 {
     char qb[600];
@@ -707,14 +760,18 @@ static void slot_fail(struct slot *s, unsigned what, const char *error_class, co
         close_progress(c);
         return;
     }
-    if (strcmp(error_class, "db") == 0 && dbp_connected(c->db) == 0) {
+    if (strcmp(error_class, "db_unavailable") == 0 ||
+        (strcmp(error_class, "db") == 0 && dbp_connected(c->db) == 0)) {
+        uint64_t delay = db_wait_ms(c, ++s->db_waits);
+        db_health(c, false, msg);
         log_debug("consumer", "event=database_unavailable partition=%" PRId32 " offset=%" PRId64
                  " event_id=%s action=wait next_in_ms=%" PRIu64, p->partition, s->m->offset,
-                 s->ev.event_id, backoff_ms(c, 1));
+                 s->ev.event_id, delay);
         metrics_counter_add("ticketd_consumer_db_unavailable_total", NULL, 1);
-        backoff(s, what, backoff_ms(c, 1));
+        backoff(s, what, delay);
         return;
     }
+    s->db_waits = 0;
     s->fails++;
     if (s->fails < c->cfg->retry_max_attempts) {
         uint64_t delay = backoff_ms(c, s->fails);
@@ -785,6 +842,76 @@ static void add_mark(struct slot *s, enum effects_kind k, bool done)
     kick(s->p->c);
 }
 
+static uint64_t claim_ttl_ms(const struct consumer *c)
+{
+    return (uint64_t)c->cfg->http_timeout_ms * 2 + 10000;
+}
+
+static void on_claim(void *ud, enum effects_claim result, const char *error, bool db_fault)
+{
+    struct slot *s = ud;
+    s->claiming = false;
+    if (!slot_release(s)) return;
+    struct consumer *c = s->p->c;
+    if (error) {
+        slot_fail(s, RETRY_CALL, db_fault ? "db_unavailable" : "db", error);
+        return;
+    }
+    db_health(c, true, NULL);
+    switch (result) {
+    case EFFECTS_CLAIMED:
+        /* a claim that took long to come back (the process was paused) is not trusted to
+         * last through the call: claim again */
+        s->email_claimed = uv_now(c->loop) - s->claim_sent_at < claim_ttl_ms(c) / 2;
+        break;
+    case EFFECTS_CLAIM_DONE: /* another copy sent it and its done mark committed */
+        log_debug("consumer", "event=email_already_sent partition=%" PRId32 " offset=%" PRId64
+                  " event_id=%s", s->p->partition, s->m->offset, s->ev.event_id);
+        s->ext[EFFECTS_EMAIL].called = s->ext[EFFECTS_EMAIL].committed = true;
+        slot_check(s);
+        return;
+    case EFFECTS_CLAIM_HELD: /* another copy is sending it: wait for its done mark */
+        log_debug("consumer", "event=email_claimed_elsewhere partition=%" PRId32
+                  " offset=%" PRId64 " event_id=%s action=wait", s->p->partition, s->m->offset,
+                  s->ev.event_id);
+        backoff(s, RETRY_CALL, db_wait_ms(c, ++s->db_waits));
+        return;
+    }
+    chain_pump(s->p);
+}
+
+/* A random UUID (version 4) naming this copy of the event in its e-mail claims. */
+static void make_token(struct slot *s)
+{
+    uint8_t b[16];
+    if (getrandom(b, sizeof b, 0) != (ssize_t)sizeof b) {
+        uint64_t x = next_random(s->p->c), y = uv_hrtime() ^ (uint64_t)(uintptr_t)s;
+        memcpy(b, &x, 8);
+        memcpy(b + 8, &y, 8);
+    }
+    b[6] = (uint8_t)((b[6] & 0x0f) | 0x40);
+    b[8] = (uint8_t)((b[8] & 0x3f) | 0x80);
+    snprintf(s->token, sizeof s->token,
+             "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", b[0], b[1],
+             b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14],
+             b[15]);
+}
+
+static void claim_email(struct slot *s)
+{
+    struct consumer *c = s->p->c;
+    if (!s->token[0]) make_token(s);
+    int rc = effects_claim_email(c->fx, s->ev.event_id, s->token, (int64_t)claim_ttl_ms(c),
+                                 on_claim, s);
+    if (rc != 0) {
+        slot_fail(s, RETRY_CALL, "db_unavailable", "email claim: database unavailable");
+        return;
+    }
+    s->claiming = true;
+    s->claim_sent_at = uv_now(c->loop);
+    slot_hold(s);
+}
+
 /* Starts the next external call of the partition: the calls of one event in the fixed order
  * data platform, e-mail; the next event only after both succeeded (so the sink receives a
  * partition's events in offset order, retries included). */
@@ -797,13 +924,18 @@ static void chain_pump(struct cpart *p)
             p->chain = s->next;
             continue;
         }
-        if (!s->points_ok || s->calling || (s->retry & RETRY_CALL) || s->dlq != DLQ_NONE ||
-            c->phase != PH_RUNNING)
+        if (!s->points_ok || s->calling || s->claiming || (s->retry & RETRY_CALL) ||
+            s->dlq != DLQ_NONE || c->phase != PH_RUNNING)
             return;
         enum effects_kind k = s->ext[EFFECTS_DATA_PLATFORM].want &&
                                       !s->ext[EFFECTS_DATA_PLATFORM].called
                                   ? EFFECTS_DATA_PLATFORM
                                   : EFFECTS_EMAIL;
+        if (k == EFFECTS_EMAIL && !s->email_claimed) {
+            claim_email(s);
+            return;
+        }
+        s->email_claimed = false; /* one claim, one attempt */
         int rc = effects_call(c->fx, k, &s->ev, on_call_done, s);
         if (rc != 0) {
             char msg[128];
@@ -826,10 +958,14 @@ static void chain_pump(struct cpart *p)
 static void on_call_done(void *ud, const struct effects_call_result *r)
 {
     struct slot *s = ud;
-    s->calling = false;
-    if (!slot_release(s)) return;
-    struct cpart *p = s->p;
     enum effects_kind k = s->calling_kind;
+    s->calling = false;
+    if (!slot_release(s)) {
+        /* revoked meanwhile: a call that happened still gets its done mark */
+        if (r->ok) add_mark(s, k, true);
+        return;
+    }
+    struct cpart *p = s->p;
     if (s->dlq != DLQ_NONE) { /* dead-lettered meanwhile (a done mark ran out of attempts) */
         slot_check(s);
         return;
@@ -852,19 +988,22 @@ struct batch {
     struct slot *slots[];
 };
 
-static void on_points(void *ud, const struct effects_points_result *res, const char *error)
+static void on_points(void *ud, const struct effects_points_result *res, const char *error,
+                      bool db_fault)
 {
     struct batch *b = ud;
     struct consumer *c = b->c;
     c->points_inflight--;
+    if (res) db_health(c, true, NULL);
     for (size_t i = 0; i < b->n; i++) {
         struct slot *s = b->slots[i];
         s->in_points = false;
         if (!slot_release(s)) continue;
         if (!res) {
-            slot_fail(s, RETRY_POINTS, "db", error);
+            slot_fail(s, RETRY_POINTS, db_fault ? "db_unavailable" : "db", error);
             continue;
         }
+        s->db_waits = 0;
         s->points_ok = true;
         for (int k = 0; k < 2; k++) {
             bool done = k == EFFECTS_DATA_PLATFORM ? res[i].data_platform_done : res[i].email_done;
@@ -904,7 +1043,7 @@ static void send_points(struct consumer *c)
     if (rc != 0) {
         /* could not even start (database down, queue full): a failed attempt like any other */
         const char *why = rc == -ENOTCONN ? "points: database unavailable" : strerror(-rc);
-        for (size_t i = 0; i < n; i++) slot_fail(b->slots[i], RETRY_POINTS, "db", why);
+        for (size_t i = 0; i < n; i++) slot_fail(b->slots[i], RETRY_POINTS, "db_unavailable", why);
         free(b);
         return;
     }
@@ -915,11 +1054,12 @@ static void send_points(struct consumer *c)
     }
 }
 
-static void on_marks(void *ud, bool ok, const char *error)
+static void on_marks(void *ud, bool ok, const char *error, bool db_fault)
 {
     struct batch *b = ud;
     struct consumer *c = b->c;
     c->marks_inflight--;
+    if (ok) db_health(c, true, NULL);
     for (size_t i = 0; i < b->n; i++) {
         struct slot *s = b->slots[i];
         bool done_failed = false;
@@ -943,11 +1083,22 @@ static void on_marks(void *ud, bool ok, const char *error)
                          s->ev.event_id, lq(error, qb, sizeof qb));
             }
         }
-        if (!slot_release(s)) continue;
+        if (!slot_release(s)) {
+            /* revoked: its done marks are still written, a few statements at most */
+            if (done_failed && ++s->zombie_mark_tries < ZOMBIE_MARK_TRIES) {
+                marks_push(s);
+            } else if (done_failed) {
+                char qb[600];
+                log_warn("consumer", "event=done_mark_lost event_id=%s effect=%s err=%s"
+                         " note=\"revoked partition: the next owner redoes it\"",
+                         s->ev.event_id, effect, lq(error, qb, sizeof qb));
+            }
+            continue;
+        }
         if (done_failed) {
             char msg[700];
             snprintf(msg, sizeof msg, "recording %s done: %s", effect, error ? error : "");
-            slot_fail(s, RETRY_MARK, "db", msg);
+            slot_fail(s, RETRY_MARK, db_fault ? "db_unavailable" : "db", msg);
         } else {
             for (int k = 0; k < 2; k++)
                 if (s->ext[k].pending_tries > 0 && !(s->retry & RETRY_MARK)) marks_push(s);
@@ -990,7 +1141,8 @@ static void send_marks(struct consumer *c)
             struct slot *s = b->slots[i];
             marks_remove(s);
             bool done = s->ext[0].pending_done || s->ext[1].pending_done;
-            if (done) slot_fail(s, RETRY_MARK, "db", "recording done: database unavailable");
+            if (done)
+                slot_fail(s, RETRY_MARK, "db_unavailable", "recording done: database unavailable");
         }
         free(b);
         return;
@@ -1044,10 +1196,11 @@ static void on_check(uv_check_t *h)
 
 /* ---- dead letters ---- */
 
+/* The DLQ produce or the dead_letters insert failed: retried after a growing wait. */
 static void dlq_wait(struct slot *s)
 {
     s->dlq = DLQ_WAIT;
-    backoff(s, RETRY_DLQ, backoff_ms(s->p->c, 1));
+    backoff(s, RETRY_DLQ, db_wait_ms(s->p->c, ++s->db_waits));
 }
 
 /* Shutting down or revoked: the event is left unfinished (re-delivered to the next owner). */
@@ -1429,6 +1582,30 @@ static rd_kafka_conf_t *conf_for(const struct cfg *cfg, const char *brokers,
     return conf;
 }
 
+/* The drain bound of a dead member: its partitions move after session.timeout.ms
+ * (CONSUMER_SESSION_TIMEOUT; heartbeats every third of it). With a group.instance.id
+ * (CONSUMER_INSTANCE_ID) the member is static: a restart within the timeout takes its
+ * partitions back without a rebalance. KAFKA_CONFIG, applied first, is overridden only for
+ * properties it does not set. */
+static int membership_conf(rd_kafka_conf_t *conf, const struct cfg *cfg)
+{
+    char err[512], session[24], heartbeat[24];
+    const char *extra = cfg->kafka_config ? cfg->kafka_config : "";
+    snprintf(session, sizeof session, "%" PRId64, cfg->consumer_session_timeout_ms);
+    snprintf(heartbeat, sizeof heartbeat, "%" PRId64,
+             cfg->consumer_session_timeout_ms / 3 > 0 ? cfg->consumer_session_timeout_ms / 3 : 1);
+    const char *kv[] = {"session.timeout.ms", session, "heartbeat.interval.ms", heartbeat,
+                        "group.instance.id", cfg->consumer_instance_id};
+    for (size_t i = 0; i + 1 < sizeof kv / sizeof *kv; i += 2) {
+        if (strstr(extra, kv[i]) || !kv[i + 1] || !kv[i + 1][0]) continue;
+        if (rd_kafka_conf_set(conf, kv[i], kv[i + 1], err, sizeof err) != RD_KAFKA_CONF_OK) {
+            log_error("consumer", "event=config_error property=%s err=\"%s\"", kv[i], err);
+            return -1;
+        }
+    }
+    return 0;
+}
+
 static void on_handle_closed(uv_handle_t *h)
 {
     struct consumer *c = h->data;
@@ -1459,6 +1636,8 @@ int consumer_start(struct consumer **out, uv_loop_t *loop, const struct cfg *cfg
                      "high watermark minus the next offset to handle, per partition");
     metrics_describe("ticketd_consumer_publish_to_processed_seconds", "histogram",
                      "message timestamp to effects done");
+    metrics_describe("ticketd_consumer_db_unavailable_total", "counter",
+                     "steps that waited for our own database (no attempt used)");
 
     struct dbp_opts dopts = {.conninfo = cfg->database_url, .size = CONSUMER_DB_POOL,
                              .name = "consumer"};
@@ -1498,6 +1677,10 @@ int consumer_start(struct consumer **out, uv_loop_t *loop, const struct cfg *cfg
     if (cfg->kafka_config && strstr(cfg->kafka_config, "fetch.wait.max.ms")) nckv -= 2;
     rd_kafka_conf_t *cconf = conf_for(cfg, brokers, ckv, nckv);
     if (!cconf) goto fail;
+    if (membership_conf(cconf, cfg) != 0) {
+        rd_kafka_conf_destroy(cconf);
+        goto fail;
+    }
     rd_kafka_conf_set_rebalance_cb(cconf, rebalance_cb);
     rd_kafka_conf_set_offset_commit_cb(cconf, offset_commit_cb);
     rd_kafka_conf_set_opaque(cconf, c);

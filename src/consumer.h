@@ -32,6 +32,13 @@
  *   is), and only then the offset may move. An event that cannot be parsed goes to the DLQ
  *   at once (error class "unparseable"); its dead_letters.event_id is its ce_id if that is a
  *   UUID, else md5(topic/partition/offset) as a UUID.
+ * - Our own database being unhealthy (dbp_error_is_ours, or no connection) is never the
+ *   event's failure: the step waits (200 ms doubling to 10 s) without using an attempt, and
+ *   the outage is logged once. Each e-mail attempt claims the event first
+ *   (effects_claim_email, one token per slot): a claim held by another copy makes the slot
+ *   wait; done marks of a revoked partition's finished calls are still written.
+ * - Membership: CONSUMER_SESSION_TIMEOUT (session.timeout.ms) and CONSUMER_INSTANCE_ID
+ *   (group.instance.id, static membership) unless KAFKA_CONFIG sets them.
  * - Offsets are committed asynchronously (rd_kafka_commit with an explicit list), at most
  *   every 200 ms, for partitions whose next committable offset (last finished + 1) moved.
  * - Rebalance (eager or cooperative): on revoke, the partition stops handing out work, its

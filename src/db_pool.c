@@ -2,20 +2,32 @@
  *
  * Each connection is a small state machine:
  *
- *   BACKOFF --timer--> CONNECTING --PQconnectPoll OK--> IDLE <--> BUSY
- *      ^                    |                             |        |
- *      +---- timer(0) ---- BROKEN <---- error / EOF ------+--------+
+ *   BACKOFF --timer--> [RESOLVING] --> CONNECTING --PQconnectPoll OK--> IDLE <--> BUSY
+ *      ^                     |              |                             |        |
+ *      +---- timer(0) ---- BROKEN <---------+------- error / EOF ---------+--------+
+ *
+ * RESOLVING: PQconnectStartParams resolves a host name with a blocking getaddrinfo, so the
+ * pool resolves every host name of the conninfo first with uv_getaddrinfo (thread pool) and
+ * passes the addresses as hostaddr (host stays for TLS, Kerberos and .pgpass). Unix-socket
+ * paths and numeric addresses need no lookup; every attempt resolves again (a failover may
+ * move the name).
  *
  * BROKEN is a one-turn state: the failure is noticed wherever it happens (possibly inside
  * dbp_query), the PGconn is finished at once, and a zero timer fails the running query and
  * schedules the reconnect on a later turn, so no callback ever runs inside dbp_query.
- * Idle connections sit on a list and queued queries on a FIFO, so dispatch is O(1).
+ * Idle connections sit on a list and queued queries on FIFOs, so dispatch is O(1). Two
+ * classes: writes (the default) and reads (dbp_query_class DBP_READ: lookups any client can
+ * ask for). A freed connection takes the next write first; reads hold at most read_conns
+ * connections at once and wait in their own bounded queue, so a flood of reads can neither
+ * take every connection nor delay group commit (ingest sends when a connection is idle).
  * The poll handle is allocated separately because the socket may change across reconnects
  * (and even during PQconnectPoll): the old handle is closed (freed in its close callback)
  * and a new one initialised on the new fd. */
 #include "db_pool.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
+#include <netdb.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -28,9 +40,13 @@
 #define DBP_CONNECT_TIMEOUT_MS 10000
 #define DBP_DEFAULT_QUEUE_MAX 4096
 #define DBP_REASON_MAX 256
+#define DBP_HOSTS_MAX 16          /* comma-separated hosts of a conninfo */
+#define DBP_ADDR_MAX 64           /* one numeric address */
+#define DBP_ADDRS_PER_HOST 4      /* addresses of one name tried, in the resolver's order */
 
 enum dbc_state {
     DBC_BACKOFF,    /* no PGconn; timer runs until the next attempt */
+    DBC_RESOLVING,  /* uv_getaddrinfo of host `resolving` in flight; timer is the timeout */
     DBC_CONNECTING, /* PQconnectPoll in progress; timer is the connect timeout */
     DBC_IDLE,       /* on pool->idle list */
     DBC_BUSY,       /* running c->q */
@@ -43,6 +59,8 @@ struct dbp_query {
     dbp_result_fn cb;
     void *ud;
     const char *sql;      /* NULL for a prepared statement */
+    bool read;            /* DBP_READ */
+    bool running;         /* sent on a connection (counts in nreads_busy when read) */
     int stmt;             /* prepared statement index, or -1 */
     int nparams;
     const char **params;  /* points into the same allocation */
@@ -68,10 +86,15 @@ struct dbp_conn {
     bool preparing;            /* q waits for the PREPARE of its statement */
     bool flushing;             /* PQflush returned 1: watch writable */
     bool was_ready;            /* reached IDLE since the last BROKEN (for logs) */
+    bool recycled;             /* closed on purpose (read-only session): logged at debug */
     uint32_t prepared;         /* bit i: statement i prepared in this session */
     struct dbp_conn *idle_prev, *idle_next;
     uint64_t backoff_ms;
     int failures;              /* consecutive failed attempts (logs once, then debug) */
+    int resolving;             /* index into pool->hosts */
+    /* addresses of host i (naddrs[i] = 0: no lookup needed, libpq uses the host as given) */
+    char addrs[DBP_HOSTS_MAX][DBP_ADDRS_PER_HOST][DBP_ADDR_MAX];
+    int naddrs[DBP_HOSTS_MAX];
     char reason[DBP_REASON_MAX];
 };
 
@@ -89,6 +112,10 @@ struct dbp {
     char *labels;              /* metrics labels: pool="<name>" */
     int size;
     int queue_max;
+    char *hosts[DBP_HOSTS_MAX];  /* every host of the list; lookup[i]: a name to resolve */
+    bool lookup[DBP_HOSTS_MAX];
+    int nhosts;                  /* 0: no host name in the conninfo (nothing to resolve) */
+    char *ports[DBP_HOSTS_MAX];  /* the port list when it has one entry per host, else NULL */
     uint64_t reconnect_min_ms, reconnect_max_ms;
     void (*on_connect)(void *ud, struct dbp *pool);
     void (*on_disconnect)(void *ud, struct dbp *pool);
@@ -99,8 +126,12 @@ struct dbp {
     struct dbp_conn *idle_head;
     int nidle;
     int nconnected;
-    struct dbp_query *qhead, *qtail;
+    struct dbp_query *qhead, *qtail;   /* writes */
     int nqueued;
+    struct dbp_query *rhead, *rtail;   /* reads */
+    int nrqueued;
+    int read_conns, read_queue_max;    /* reads running at once, reads queued */
+    int nreads_busy;
     struct dbp_stmt stmts[DBP_MAX_STATEMENTS];
     int nstmts;
 
@@ -165,6 +196,22 @@ static struct dbp_query *queue_pop(struct dbp *pool)
     return q;
 }
 
+static struct dbp_query *read_queue_pop(struct dbp *pool)
+{
+    struct dbp_query *q = pool->rhead;
+    if (!q) return NULL;
+    pool->rhead = q->next;
+    if (!pool->rhead) pool->rtail = NULL;
+    q->next = NULL;
+    pool->nrqueued--;
+    return q;
+}
+
+static bool read_may_run(const struct dbp *pool)
+{
+    return pool->nreads_busy < pool->read_conns;
+}
+
 static struct dbp_query *query_new(const char *sql, int stmt, int nparams,
                                    const char *const *params, dbp_result_fn cb, void *ud)
 {
@@ -177,6 +224,7 @@ static struct dbp_query *query_new(const char *sql, int stmt, int nparams,
     q->next = NULL;
     q->cb = cb;
     q->ud = ud;
+    q->read = q->running = false;
     q->stmt = stmt;
     q->nparams = nparams;
     q->params = (const char **)(q + 1);
@@ -204,6 +252,7 @@ static struct dbp_query *query_new(const char *sql, int stmt, int nparams,
 static bool query_finish(struct dbp *pool, struct dbp_query *q, const PGresult *res,
                          const char *error)
 {
+    if (q->read && q->running) pool->nreads_busy--;
     q->cb(q->ud, res, error);
     free(q);
     return !pool->closing;
@@ -294,7 +343,7 @@ static void conn_after_broken(struct dbp_conn *c)
     if (was_ready) {
         c->failures = 0;
         c->backoff_ms = pool->reconnect_min_ms;
-        log_warn("db", "event=disconnected pool=%s conn=%d connected=%d error=%s", pool->name,
+        log_at(c->recycled ? LOG_DEBUG : LOG_WARN, "db", "event=disconnected pool=%s conn=%d connected=%d error=%s", pool->name,
                  c->index, pool->nconnected, c->reason);
         metrics_counter_add("ticketd_db_disconnects_total", pool->labels, 1);
     } else if (c->failures++ == 0) {
@@ -314,7 +363,7 @@ static void conn_after_broken(struct dbp_conn *c)
     }
     if (pool->nconnected == 0) {
         struct dbp_query *queued;
-        while ((queued = queue_pop(pool)))
+        while ((queued = queue_pop(pool)) || (queued = read_queue_pop(pool)))
             if (!query_finish(pool, queued, NULL, "database unavailable")) return;
     }
 }
@@ -363,9 +412,16 @@ static void conn_watch(struct dbp_conn *c, int events)
     }
 }
 
+/* Gives an idle connection the next write, else the next read if reads may take one more;
+ * then lets queued reads take other idle connections within their share. */
 static void conn_dispatch(struct dbp_conn *c)
 {
-    if (c->state == DBC_IDLE && c->pool->qhead) conn_send(c, queue_pop(c->pool));
+    struct dbp *pool = c->pool;
+    if (c->state == DBC_IDLE && pool->qhead) conn_send(c, queue_pop(pool));
+    else if (c->state == DBC_IDLE && pool->rhead && read_may_run(pool))
+        conn_send(c, read_queue_pop(pool));
+    while (pool->rhead && pool->idle_head && read_may_run(pool) && !pool->qhead)
+        conn_send(pool->idle_head, read_queue_pop(pool));
 }
 
 static void conn_ready(struct dbp_conn *c)
@@ -384,8 +440,10 @@ static void conn_ready(struct dbp_conn *c)
     c->failures = 0;
     pool->nconnected++;
     update_gauges(pool);
-    log_info("db", "event=connected pool=%s conn=%d connected=%d failed_attempts=%d target=%s",
-             pool->name, c->index, pool->nconnected, failures, pool->redacted);
+    log_at(c->recycled ? LOG_DEBUG : LOG_INFO, "db",
+           "event=connected pool=%s conn=%d connected=%d failed_attempts=%d target=%s",
+           pool->name, c->index, pool->nconnected, failures, pool->redacted);
+    c->recycled = false;
     conn_watch(c, UV_READABLE);
     if (c->state != DBC_IDLE) return;
     idle_push(c);
@@ -434,16 +492,197 @@ static void on_notice(void *arg, const char *message)
     log_debug("db", "event=notice pool=%s conn=%d message=%s", c->pool->name, c->index, quoted);
 }
 
+/* ---- host names ---- */
+
+struct dbp_resolve {
+    uv_getaddrinfo_t req;
+    struct dbp_conn *c;
+    unsigned gen;
+};
+
+static bool needs_lookup(const char *host)
+{
+    unsigned char buf[sizeof(struct in6_addr)];
+    if (!*host || host[0] == '/' || host[0] == '@') return false; /* default or unix socket */
+    return inet_pton(AF_INET, host, buf) != 1 && inet_pton(AF_INET6, host, buf) != 1;
+}
+
+/* Splits a comma list into out[] (copies); returns the count, or -1 when it has more than
+ * DBP_HOSTS_MAX entries or an empty one. */
+static int split_list(const char *list, char **out)
+{
+    int n = 0;
+    for (const char *p = list;; n++) {
+        const char *e = strchr(p, ',');
+        size_t len = e ? (size_t)(e - p) : strlen(p);
+        while (len && *p == ' ') p++, len--;
+        if (n == DBP_HOSTS_MAX || len == 0) goto bad;
+        if (!(out[n] = strndup(p, len))) goto bad;
+        if (!e) return n + 1;
+        p = e + 1;
+    }
+bad:
+    for (int i = 0; i < n; i++) {
+        free(out[i]);
+        out[i] = NULL;
+    }
+    return -1;
+}
+
+/* Finds the host list (conninfo, else PGHOST) and marks the names that need a lookup.
+ * Nothing is resolved here when hostaddr is given already or the list is odd (an empty
+ * entry, too many hosts): libpq then resolves by itself, blocking, as before. */
+static void parse_hosts(struct dbp *pool)
+{
+    char *err = NULL;
+    PQconninfoOption *opts = PQconninfoParse(pool->conninfo, &err);
+    if (!opts) {
+        PQfreemem(err);
+        return; /* libpq reports the bad conninfo when connecting */
+    }
+    const char *host = NULL, *hostaddr = NULL, *port = NULL;
+    for (PQconninfoOption *o = opts; o->keyword; o++) {
+        if (!o->val || !*o->val) continue;
+        if (strcmp(o->keyword, "host") == 0) host = o->val;
+        else if (strcmp(o->keyword, "hostaddr") == 0) hostaddr = o->val;
+        else if (strcmp(o->keyword, "port") == 0) port = o->val;
+    }
+    if (!host) host = getenv("PGHOST");
+    if (!hostaddr) hostaddr = getenv("PGHOSTADDR");
+    if (!port) port = getenv("PGPORT");
+    int n = host && *host && !(hostaddr && *hostaddr) ? split_list(host, pool->hosts) : -1;
+    bool any = false;
+    for (int i = 0; i < n; i++) any |= pool->lookup[i] = needs_lookup(pool->hosts[i]);
+    int nports = any && port && strchr(port, ',') ? split_list(port, pool->ports) : 0;
+    if (any && (nports == 0 || nports == n)) {
+        pool->nhosts = n;
+    } else {
+        for (int i = 0; i < DBP_HOSTS_MAX; i++) {
+            free(pool->hosts[i]);
+            free(pool->ports[i]);
+            pool->hosts[i] = pool->ports[i] = NULL;
+        }
+    }
+    PQconninfoFree(opts);
+}
+
+static void conn_connect_now(struct dbp_conn *c);
+static void resolve_next(struct dbp_conn *c);
+
+static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
+{
+    struct dbp_resolve *r = (struct dbp_resolve *)req;
+    struct dbp_conn *c = r->c;
+    struct dbp *pool = c->pool;
+    bool stale = pool->closing || c->gen != r->gen || c->state != DBC_RESOLVING;
+    free(r);
+    pool->handles--;
+    if (pool->closing) {
+        if (res) uv_freeaddrinfo(res);
+        if (pool->handles == 0) on_handle_closed_final(pool);
+        return;
+    }
+    if (stale) {
+        if (res) uv_freeaddrinfo(res);
+        return;
+    }
+    int n = 0;
+    for (struct addrinfo *ai = status == 0 ? res : NULL; ai && n < DBP_ADDRS_PER_HOST;
+         ai = ai->ai_next) {
+        const void *addr = ai->ai_family == AF_INET
+                               ? (const void *)&((struct sockaddr_in *)ai->ai_addr)->sin_addr
+                           : ai->ai_family == AF_INET6
+                               ? (const void *)&((struct sockaddr_in6 *)ai->ai_addr)->sin6_addr
+                               : NULL;
+        if (addr && inet_ntop(ai->ai_family, addr, c->addrs[c->resolving][n], DBP_ADDR_MAX))
+            n++;
+    }
+    if (res) uv_freeaddrinfo(res);
+    if (n == 0) {
+        char why[DBP_REASON_MAX];
+        snprintf(why, sizeof why, "could not resolve host name \"%s\": %s",
+                 pool->hosts[c->resolving], status ? uv_strerror(status) : "no address");
+        conn_broken(c, why);
+        return;
+    }
+    c->naddrs[c->resolving] = n;
+    c->resolving++;
+    resolve_next(c);
+}
+
+/* Resolves the next host name of the list, or connects when all are done. */
+static void resolve_next(struct dbp_conn *c)
+{
+    struct dbp *pool = c->pool;
+    while (c->resolving < pool->nhosts && !pool->lookup[c->resolving])
+        c->naddrs[c->resolving++] = 0;
+    if (c->resolving >= pool->nhosts) {
+        conn_connect_now(c);
+        return;
+    }
+    struct dbp_resolve *r = malloc(sizeof *r);
+    if (!r) {
+        conn_broken(c, "out of memory");
+        return;
+    }
+    r->c = c;
+    r->gen = c->gen;
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM};
+    int rc = uv_getaddrinfo(pool->loop, &r->req, on_resolved, pool->hosts[c->resolving], NULL,
+                            &hints);
+    if (rc < 0) {
+        free(r);
+        conn_broken(c, uv_strerror(rc));
+        return;
+    }
+    pool->handles++;
+}
+
 static void conn_start_connect(struct dbp_conn *c)
+{
+    struct dbp *pool = c->pool;
+    if (pool->nhosts == 0) {
+        conn_connect_now(c);
+        return;
+    }
+    c->state = DBC_RESOLVING;
+    c->gen++;
+    c->resolving = 0;
+    uv_timer_start(&c->timer, on_conn_timer, DBP_CONNECT_TIMEOUT_MS, 0);
+    resolve_next(c);
+}
+
+static void conn_connect_now(struct dbp_conn *c)
 {
     struct dbp *pool = c->pool;
     /* Keywords before dbname are defaults the conninfo may override (libpq processes them
      * in order and expands dbname in place). Keepalives detect a dead peer while idle. */
+    /* A name with k addresses becomes k entries of host (the name: TLS, .pgpass),
+     * hostaddr (one address each) and, when it is a list, port; libpq tries them in order. */
+    char host[DBP_HOSTS_MAX * DBP_ADDRS_PER_HOST * 256], hostaddr[sizeof host], port[1024];
+    size_t hl = 0, al = 0, pl = 0;
+    host[0] = hostaddr[0] = port[0] = '\0';
+    for (int i = 0; i < pool->nhosts; i++) {
+        int k = c->naddrs[i] > 0 ? c->naddrs[i] : 1;
+        for (int j = 0; j < k; j++) {
+            const char *sep = hl ? "," : "";
+            hl += (size_t)snprintf(host + hl, sizeof host - hl, "%s%s", sep, pool->hosts[i]);
+            al += (size_t)snprintf(hostaddr + al, sizeof hostaddr - al, "%s%s", sep,
+                                   c->naddrs[i] > 0 ? c->addrs[i][j] : "");
+            if (pool->ports[i])
+                pl += (size_t)snprintf(port + pl, sizeof port - pl, "%s%s", sep, pool->ports[i]);
+            if (hl >= sizeof host || al >= sizeof hostaddr || pl >= sizeof port) break;
+        }
+    }
+    /* after dbname (which expands the conninfo in place), so these win */
+    bool lists = pool->nhosts > 0, ports = lists && pool->ports[0];
     const char *const keys[] = {"application_name", "keepalives", "keepalives_idle",
-                                "keepalives_interval", "keepalives_count", "dbname", NULL};
-    const char *const values[] = {pool->app_name, "1", "30", "10", "3", pool->conninfo, NULL};
+                                "keepalives_interval", "keepalives_count", "dbname",
+                                lists ? "host" : NULL, "hostaddr", ports ? "port" : NULL, NULL};
+    const char *const values[] = {pool->app_name, "1", "30", "10", "3", pool->conninfo,
+                                  host, hostaddr, port, NULL};
+    if (c->state != DBC_RESOLVING) c->gen++;
     c->state = DBC_CONNECTING;
-    c->gen++;
     c->pg = PQconnectStartParams(keys, values, 1);
     if (!c->pg) {
         conn_broken(c, "out of memory");
@@ -465,6 +704,7 @@ static void on_conn_timer(uv_timer_t *t)
     switch (c->state) {
     case DBC_BROKEN: conn_after_broken(c); break;
     case DBC_BACKOFF: conn_start_connect(c); break;
+    case DBC_RESOLVING: conn_broken(c, "host name resolution timed out"); break;
     case DBC_CONNECTING: conn_broken(c, "connect timeout"); break;
     default: break;
     }
@@ -507,6 +747,8 @@ static void conn_send(struct dbp_conn *c, struct dbp_query *q)
     idle_remove(c);
     c->state = DBC_BUSY;
     c->q = q;
+    q->running = true;
+    if (q->read) pool->nreads_busy++;
     int ok;
     if (q->stmt >= 0 && !(c->prepared & (1u << q->stmt))) {
         char name[16];
@@ -521,6 +763,29 @@ static void conn_send(struct dbp_conn *c, struct dbp_query *q)
         return;
     }
     conn_flush(c);
+}
+
+static const char *sqlstate(const PGresult *res)
+{
+    const char *st = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+    return st && strlen(st) == 5 ? st : NULL;
+}
+
+static bool session_read_only(const PGresult *res)
+{
+    const char *st = sqlstate(res);
+    return st && strcmp(st, "25006") == 0;
+}
+
+bool dbp_error_is_ours(const PGresult *res)
+{
+    if (!res) return true;
+    const char *st = sqlstate(res);
+    if (!st) return false;
+    static const char *const classes[] = {"08", "40", "53", "57", "58"};
+    for (size_t i = 0; i < sizeof classes / sizeof *classes; i++)
+        if (strncmp(st, classes[i], 2) == 0) return true;
+    return strcmp(st, "25006") == 0 || strcmp(st, "55P03") == 0;
 }
 
 /* The running command finished (PQgetResult gave NULL). */
@@ -560,9 +825,15 @@ static void conn_command_done(struct dbp_conn *c)
             error = PQresultErrorMessage(res);
     }
     unsigned gen = c->gen;
+    bool recycle = error && session_read_only(res);
     bool alive = query_finish(pool, q, res, error);
     PQclear(res);
-    if (alive && c->gen == gen) conn_dispatch(c);
+    if (!alive || c->gen != gen) return;
+    if (recycle) {
+        c->recycled = true;
+        conn_broken(c, "the session is read-only: reconnecting");
+    }
+    else conn_dispatch(c);
 }
 
 static void conn_read_results(struct dbp_conn *c)
@@ -672,10 +943,15 @@ int dbp_create(struct dbp **out, uv_loop_t *loop, const struct dbp_opts *opts)
     snprintf(pool->labels, lablen, "pool=\"%s\"", name);
     pool->size = opts->size;
     pool->queue_max = opts->queue_max > 0 ? opts->queue_max : DBP_DEFAULT_QUEUE_MAX;
+    pool->read_conns = opts->read_conns > 0 ? opts->read_conns : opts->size / 2;
+    if (pool->read_conns < 1) pool->read_conns = 1;
+    if (pool->read_conns > opts->size) pool->read_conns = opts->size;
+    pool->read_queue_max = opts->read_queue > 0 ? opts->read_queue : 0;
     pool->reconnect_min_ms = opts->reconnect_min_ms ? opts->reconnect_min_ms : 100;
     pool->reconnect_max_ms = opts->reconnect_max_ms ? opts->reconnect_max_ms : 5000;
     if (pool->reconnect_max_ms < pool->reconnect_min_ms)
         pool->reconnect_max_ms = pool->reconnect_min_ms;
+    parse_hosts(pool);
     pool->on_connect = opts->on_connect;
     pool->on_disconnect = opts->on_disconnect;
     pool->on_notify = opts->on_notify;
@@ -706,6 +982,17 @@ int dbp_create(struct dbp **out, uv_loop_t *loop, const struct dbp_opts *opts)
 
 static int submit(struct dbp *pool, struct dbp_query *q)
 {
+    if (q->read) {
+        if (pool->idle_head && read_may_run(pool)) {
+            conn_send(pool->idle_head, q);
+        } else {
+            if (pool->rtail) pool->rtail->next = q;
+            else pool->rhead = q;
+            pool->rtail = q;
+            pool->nrqueued++;
+        }
+        return 0;
+    }
     if (pool->idle_head) {
         conn_send(pool->idle_head, q);
     } else {
@@ -717,23 +1004,34 @@ static int submit(struct dbp *pool, struct dbp_query *q)
     return 0;
 }
 
-static int admit(const struct dbp *pool, int nparams, const char *const *params)
+static int admit(const struct dbp *pool, enum dbp_class cls, int nparams,
+                 const char *const *params)
 {
     if (nparams < 0 || (nparams > 0 && !params)) return -EINVAL;
     if (pool->closing || pool->nconnected == 0) return -ENOTCONN;
+    if (cls == DBP_READ)
+        return (pool->idle_head && read_may_run(pool)) || pool->nrqueued < pool->read_queue_max
+                   ? 0 : -EAGAIN;
     if (!pool->idle_head && pool->nqueued >= pool->queue_max) return -EAGAIN;
     return 0;
+}
+
+int dbp_query_class(struct dbp *pool, enum dbp_class cls, const char *sql, int nparams,
+                    const char *const *params, dbp_result_fn cb, void *ud)
+{
+    if (!sql || !cb) return -EINVAL;
+    int rc = admit(pool, cls, nparams, params);
+    if (rc < 0) return rc;
+    struct dbp_query *q = query_new(sql, -1, nparams, params, cb, ud);
+    if (!q) return -ENOMEM;
+    q->read = cls == DBP_READ;
+    return submit(pool, q);
 }
 
 int dbp_query(struct dbp *pool, const char *sql, int nparams, const char *const *params,
               dbp_result_fn cb, void *ud)
 {
-    if (!sql || !cb) return -EINVAL;
-    int rc = admit(pool, nparams, params);
-    if (rc < 0) return rc;
-    struct dbp_query *q = query_new(sql, -1, nparams, params, cb, ud);
-    if (!q) return -ENOMEM;
-    return submit(pool, q);
+    return dbp_query_class(pool, DBP_WRITE, sql, nparams, params, cb, ud);
 }
 
 int dbp_prepare(struct dbp *pool, const char *sql)
@@ -752,7 +1050,7 @@ int dbp_query_prepared(struct dbp *pool, int stmt, int nparams, const char *cons
                        dbp_result_fn cb, void *ud)
 {
     if (stmt < 0 || stmt >= pool->nstmts || !cb) return -EINVAL;
-    int rc = admit(pool, nparams, params);
+    int rc = admit(pool, DBP_WRITE, nparams, params);
     if (rc < 0) return rc;
     struct dbp_query *q = query_new(NULL, stmt, nparams, params, cb, ud);
     if (!q) return -ENOMEM;
@@ -771,7 +1069,7 @@ int dbp_idle(const struct dbp *pool)
 
 int dbp_queued(const struct dbp *pool)
 {
-    return pool->nqueued;
+    return pool->nqueued + pool->nrqueued;
 }
 
 static void on_handle_closed_final(struct dbp *pool)
@@ -785,6 +1083,10 @@ static void on_handle_closed_final(struct dbp *pool)
     log_info("db", "event=pool_closed pool=%s", pool->name);
     if (pool->done) pool->done(pool->done_ud);
     for (int i = 0; i < pool->nstmts; i++) free(pool->stmts[i].sql);
+    for (int i = 0; i < DBP_HOSTS_MAX; i++) {
+        free(pool->hosts[i]);
+        free(pool->ports[i]);
+    }
     free(pool->conninfo);
     free(pool->redacted);
     free(pool->name);
@@ -823,8 +1125,10 @@ void dbp_close(struct dbp *pool, void (*done)(void *ud), void *ud)
         uv_close((uv_handle_t *)&c->timer, on_timer_closed);
     }
     *tail = pool->qhead;
-    pool->qhead = pool->qtail = NULL;
-    pool->nqueued = 0;
+    while (*tail) tail = &(*tail)->next;
+    *tail = pool->rhead;
+    pool->qhead = pool->qtail = pool->rhead = pool->rtail = NULL;
+    pool->nqueued = pool->nrqueued = pool->nreads_busy = 0;
     pool->failing = fail;
     pool->idle_head = NULL;
     pool->nidle = 0;

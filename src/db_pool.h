@@ -32,6 +32,8 @@ struct dbp_opts {
     int size;                        /* connections */
     const char *name;                /* for logs: "api", "relay", ... */
     int queue_max;                   /* queued queries beyond busy connections; 0 = 4096 */
+    int read_conns;                  /* DBP_READ queries running at once; 0 = size / 2, >= 1 */
+    int read_queue;                  /* DBP_READ queries queued; beyond it -EAGAIN (0 = none) */
     uint64_t reconnect_min_ms;       /* 0 = 100 */
     uint64_t reconnect_max_ms;       /* 0 = 5000 */
     /* optional hooks, called on the loop */
@@ -50,6 +52,25 @@ int dbp_create(struct dbp **out, uv_loop_t *loop, const struct dbp_opts *opts);
  * callback is then never called. */
 int dbp_query(struct dbp *pool, const char *sql, int nparams, const char *const *params,
               dbp_result_fn cb, void *ud) __attribute__((warn_unused_result));
+
+/* Whether a failed query's cause is the database rather than the query: res NULL (the
+ * connection was lost or never up) or an SQLSTATE of class 08 (connection), 25006 (read-only
+ * transaction: a standby or a read-only database), 40 (deadlock, serialization), 53
+ * (insufficient resources: disk full, out of memory, too many connections), 57 (operator
+ * intervention: admin shutdown, crash recovery), 58 (system error), 55P03 (lock not
+ * available). Callers wait for such errors instead of blaming the data. A connection that
+ * got 25006 is closed after the callback and reconnects (a new session sees a database made
+ * writable again, or follows a failover). */
+bool dbp_error_is_ours(const PGresult *res);
+
+/* Query classes. Writes (dbp_query, dbp_query_prepared) take a freed connection first.
+ * Reads (lookups any client can send) run on at most read_conns connections at once and
+ * queue up to read_queue deep; beyond that dbp_query_class returns -EAGAIN at once (callers
+ * answer 503 with Retry-After), so reads never starve group commit. */
+enum dbp_class { DBP_WRITE, DBP_READ };
+int dbp_query_class(struct dbp *pool, enum dbp_class cls, const char *sql, int nparams,
+                    const char *const *params, dbp_result_fn cb, void *ud)
+    __attribute__((warn_unused_result));
 
 /* Connections ready to run a query (idle or busy). */
 int dbp_connected(const struct dbp *pool);

@@ -31,7 +31,7 @@ struct effects {
     char *group;
     struct dbp *db;
     struct hc *hc;
-    int points_stmt, marks_stmt; /* prepared statements, or -1 */
+    int points_stmt, marks_stmt, claim_stmt; /* prepared statements, or -1 */
     unsigned inflight;
     bool stopped;
 };
@@ -85,6 +85,17 @@ static const char marks_sql[] =
     "  max(err) AS err FROM unnest($1::uuid[], $2::text[], $3::bool[], $4::int[], $5::text[])"
     "  AS t(event_id, effect, done, tries, err) GROUP BY event_id, effect) AS u"
     " WHERE e.event_id = u.event_id AND e.effect = u.effect";
+
+/* $1 event id, $2 token, $3 ttl in ms. The outer SELECT reads the row as it was before the
+ * UPDATE: claimed = 1 -> ours; else done -> nothing to send; else held by another token. */
+static const char claim_sql[] =
+    "WITH c AS (UPDATE event_effects SET claim_token = $2::uuid,"
+    " claimed_until = now() + $3::bigint * interval '1 millisecond', updated_at = now()"
+    " WHERE event_id = $1::uuid AND effect = 'email' AND NOT done"
+    " AND (claim_token IS NULL OR claim_token = $2::uuid OR claimed_until < now())"
+    " RETURNING 1)"
+    " SELECT (SELECT count(*) FROM c)::int, e.done FROM event_effects e"
+    " WHERE e.event_id = $1::uuid AND e.effect = 'email'";
 
 /* ---- parsing ---- */
 
@@ -305,6 +316,8 @@ int effects_create(struct effects **out, uv_loop_t *loop, const struct cfg *cfg,
     fx->marks_stmt = dbp_prepare(db, marks_sql);
     if (fx->points_stmt < 0) fx->points_stmt = -1; /* falls back to unprepared statements */
     if (fx->marks_stmt < 0) fx->marks_stmt = -1;
+    fx->claim_stmt = dbp_prepare(db, claim_sql);
+    if (fx->claim_stmt < 0) fx->claim_stmt = -1;
     metrics_describe("ticketd_sink_failures_total", "counter",
                      "failed follow-up effect attempts, by effect");
     metrics_describe("ticketd_points_granted_total", "counter",
@@ -400,9 +413,11 @@ static void on_points(void *ud, const PGresult *res, const char *error)
     if (!res || PQresultStatus(res) != PGRES_TUPLES_OK) {
         db_error(msg, sizeof msg, "points: ", res, error);
         metrics_counter_add("ticketd_sink_failures_total", "effect=\"points\"", (double)b->n);
-        log_warn("effects", "event=effect_failed effect=points events=%zu class=db err=%s",
-                 b->n, lq(msg, qb, sizeof qb));
-        b->cb(b->ud, NULL, msg);
+        bool ours = dbp_error_is_ours(res); /* then the consumer logs the outage once */
+        log_at(ours ? LOG_DEBUG : LOG_WARN, "effects",
+               "event=effect_failed effect=points events=%zu class=db err=%s", b->n,
+               lq(msg, qb, sizeof qb));
+        b->cb(b->ud, NULL, msg, ours);
         goto out;
     }
     /* position lists per id: head[slot] -> first position, next[pos] -> the following one */
@@ -413,7 +428,7 @@ static void on_points(void *ud, const PGresult *res, const char *error)
     if (!table || !next) {
         free(table);
         free(next);
-        b->cb(b->ud, NULL, "points: out of memory");
+        b->cb(b->ud, NULL, "points: out of memory", true);
         goto out;
     }
     for (size_t i = 0; i < cap; i++) table[i] = -1;
@@ -444,7 +459,7 @@ static void on_points(void *ud, const PGresult *res, const char *error)
     free(table);
     free(next);
     if (granted) metrics_counter_add("ticketd_points_granted_total", NULL, (double)granted);
-    b->cb(b->ud, b->res, NULL);
+    b->cb(b->ud, b->res, NULL, false);
 out:
     free(b->ids);
     free(b->res);
@@ -536,10 +551,10 @@ static void on_marks(void *ud, const PGresult *res, const char *error)
     struct marks_batch *b = ud;
     b->fx->inflight--;
     if (res && PQresultStatus(res) == PGRES_COMMAND_OK) {
-        b->cb(b->ud, true, NULL);
+        b->cb(b->ud, true, NULL, false);
     } else {
         db_error(msg, sizeof msg, "", res, error);
-        b->cb(b->ud, false, msg);
+        b->cb(b->ud, false, msg, dbp_error_is_ours(res));
     }
     free(b);
 }
@@ -586,6 +601,51 @@ int effects_mark_batch(struct effects *fx, const struct effects_mark *marks, siz
     fx->inflight++;
     metrics_observe_buckets("ticketd_consumer_marks_batch_size", NULL, (double)n, batch_bounds,
                             sizeof batch_bounds / sizeof *batch_bounds);
+    return 0;
+}
+
+struct claim {
+    struct effects *fx;
+    effects_claim_fn cb;
+    void *ud;
+};
+
+static void on_claim(void *ud, const PGresult *res, const char *error)
+{
+    char msg[600];
+    struct claim *k = ud;
+    k->fx->inflight--;
+    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK) {
+        db_error(msg, sizeof msg, "email claim: ", res, error);
+        k->cb(k->ud, EFFECTS_CLAIM_HELD, msg, dbp_error_is_ours(res));
+    } else if (PQntuples(res) == 0) {
+        k->cb(k->ud, EFFECTS_CLAIMED, NULL, false); /* no row to claim (cannot happen) */
+    } else if (strcmp(PQgetvalue(res, 0, 0), "1") == 0) {
+        k->cb(k->ud, EFFECTS_CLAIMED, NULL, false);
+    } else {
+        bool done = PQgetvalue(res, 0, 1)[0] == 't';
+        k->cb(k->ud, done ? EFFECTS_CLAIM_DONE : EFFECTS_CLAIM_HELD, NULL, false);
+    }
+    free(k);
+}
+
+int effects_claim_email(struct effects *fx, const char *event_id, const char *token,
+                        int64_t ttl_ms, effects_claim_fn cb, void *ud)
+{
+    struct claim *k = calloc(1, sizeof *k);
+    if (!k) return -ENOMEM;
+    k->fx = fx;
+    k->cb = cb;
+    k->ud = ud;
+    char ttl[24];
+    snprintf(ttl, sizeof ttl, "%" PRId64, ttl_ms);
+    const char *params[3] = {event_id, token, ttl};
+    int rc = query(fx, fx->claim_stmt, claim_sql, 3, params, on_claim, k);
+    if (rc != 0) {
+        free(k);
+        return rc;
+    }
+    fx->inflight++;
     return 0;
 }
 
@@ -734,8 +794,9 @@ int effects_call(struct effects *fx, enum effects_kind kind, const struct effect
         free(body);
     } else {
         char *msg = email_message(ev, cfg, &len);
-        rc = msg ? hc_smtp_send(fx->hc, cfg->smtp_url, cfg->mail_from, ev->email, msg, len,
-                                cfg->http_timeout_ms, on_smtp_done, k)
+        rc = msg ? hc_smtp_send(fx->hc, cfg->smtp_url, !cfg->smtp_allow_cleartext,
+                                cfg->mail_from, ev->email, msg, len, cfg->http_timeout_ms,
+                                on_smtp_done, k)
                  : -ENOMEM;
         free(msg);
     }

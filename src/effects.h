@@ -16,12 +16,19 @@
  *   2. data_platform (effects_call): POST the CloudEvent (structured mode JSON) to
  *      DATA_PLATFORM_URL with "Idempotency-Key: <event id>"; 2xx = success; then its done
  *      mark (effects_mark_batch) must commit.
- *   3. email (effects_call): Message-ID <event-id@ticketd>; then its done mark.
+ *   3. email: effects_claim_email (one sender per event at a time, see below), then
+ *      effects_call with Message-ID <event-id@ticketd>; then its done mark.
  *   The consumer treats an event as handled only after every enabled effect's done mark
  *   committed, and commits the Kafka offset only after that. A crash at any point therefore
  *   leaves the offset uncommitted and the event is re-delivered; done effects are skipped;
- *   an external effect that happened but whose done mark did not commit is sent again with
- *   the same Idempotency-Key / Message-ID (at-least-once, deduplicated by the receiver).
+ *   a data-platform POST that happened but whose done mark did not commit is sent again
+ *   with the same Idempotency-Key (deduplicated by the receiver).
+ *   E-mail (SMTP does not deduplicate by Message-ID): a copy of the event that finds the
+ *   row claimed by another copy waits for that claim's done mark or expiry, so re-sent
+ *   copies and the old and new owners of a rebalanced partition send one mail. THE ONLY
+ *   AT-LEAST-ONCE CASE: the process dies (or loses the SMTP reply, or cannot write the done
+ *   mark before its claim expires) after the SMTP server accepted the message and before
+ *   the done mark committed; the next owner re-sends after the claim expires.
  *   Points first: they are local, transactional and the cheapest to make exactly-once;
  *   the external calls follow, in a fixed order so a failing SMTP server never re-posts
  *   to the data platform (its row is already done).
@@ -88,8 +95,9 @@ struct effects_points_result {
     bool data_platform_done;    /* done before this statement */
     bool email_done;
 };
+/* db_fault (on failure): the database is unhealthy (dbp_error_is_ours), not the events. */
 typedef void (*effects_points_fn)(void *ud, const struct effects_points_result *res,
-                                  const char *error);
+                                  const char *error, bool db_fault);
 
 /* evs are read during the call only. cb runs exactly once on a later loop turn. Returns 0,
  * or -errno (-ENOTCONN: database unavailable; cb not called). */
@@ -108,7 +116,7 @@ struct effects_call_result {
 };
 typedef void (*effects_call_fn)(void *ud, const struct effects_call_result *res);
 
-/* Steps 2 and 3: the data-platform POST or the e-mail of ev (read during the call only).
+/* Steps 2 and 3 (the e-mail after effects_claim_email): the data-platform POST or the e-mail of ev (read during the call only).
  * cb runs exactly once on a later loop turn. Returns 0, or -errno (-ECANCELED after
  * effects_stop; cb not called). */
 int effects_call(struct effects *fx, enum effects_kind kind, const struct effects_event *ev,
@@ -122,14 +130,27 @@ struct effects_mark {
     int tries;
     const char *error;          /* NULL when done */
 };
-/* ok: the statement committed (every mark is written). */
-typedef void (*effects_marks_fn)(void *ud, bool ok, const char *error);
+/* ok: the statement committed (every mark is written); else db_fault as above. */
+typedef void (*effects_marks_fn)(void *ud, bool ok, const char *error, bool db_fault);
 
 /* Writes n marks (n >= 1) in one statement; marks are read during the call only. Several
  * marks of one (event, effect) fold into one (done wins, tries add up). cb runs exactly once
  * on a later loop turn. Returns 0, or -errno (cb not called). */
 int effects_mark_batch(struct effects *fx, const struct effects_mark *marks, size_t n,
                        effects_marks_fn cb, void *ud);
+
+/* Before each e-mail attempt: claims the event's email row for `token` (a UUID the caller
+ * keeps for its attempts of this copy of the event) until now + ttl_ms (PostgreSQL's clock),
+ * unless the row is done or claimed by another token whose claim has not expired. So two
+ * copies of one event (a relay re-send, the old and the new owner after a rebalance) never
+ * send at the same time, and the second finds the first's done mark. */
+enum effects_claim { EFFECTS_CLAIMED, EFFECTS_CLAIM_DONE, EFFECTS_CLAIM_HELD };
+typedef void (*effects_claim_fn)(void *ud, enum effects_claim result, const char *error,
+                                 bool db_fault);
+/* cb runs exactly once on a later turn (error non-NULL: the statement failed). Returns 0 or
+ * -errno (cb not called). */
+int effects_claim_email(struct effects *fx, const char *event_id, const char *token,
+                        int64_t ttl_ms, effects_claim_fn cb, void *ud);
 
 /* db and hc are borrowed (owned by the caller, outlive the effects). consumer_group names
  * the group in processed_events. */

@@ -336,8 +336,9 @@ int hc_post_json(struct hc *h, const char *url, const char *const *headers, size
     return req_start(r);
 }
 
-int hc_smtp_send(struct hc *h, const char *url, const char *from, const char *rcpt,
-                 const char *message, size_t len, int64_t timeout_ms, hc_done_fn cb, void *ud)
+int hc_smtp_send(struct hc *h, const char *url, bool require_tls, const char *from,
+                 const char *rcpt, const char *message, size_t len, int64_t timeout_ms,
+                 hc_done_fn cb, void *ud)
 {
     if (h->closing) return -ECANCELED;
     struct hc_req *r = req_new(h, url, timeout_ms, message, len, cb, ud);
@@ -354,6 +355,7 @@ int hc_smtp_send(struct hc *h, const char *url, const char *from, const char *rc
     CURL *e = r->easy;
     curl_easy_setopt(e, CURLOPT_MAIL_FROM, addr); /* copied by curl */
     curl_easy_setopt(e, CURLOPT_MAIL_RCPT, r->rcpts);
+    curl_easy_setopt(e, CURLOPT_USE_SSL, (long)(require_tls ? CURLUSESSL_ALL : CURLUSESSL_TRY));
     curl_easy_setopt(e, CURLOPT_UPLOAD, 1L);
     curl_easy_setopt(e, CURLOPT_READFUNCTION, on_read);
     curl_easy_setopt(e, CURLOPT_READDATA, r);

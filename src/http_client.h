@@ -8,6 +8,7 @@
 #ifndef TICKETD_HTTP_CLIENT_H
 #define TICKETD_HTTP_CLIENT_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <uv.h>
@@ -38,9 +39,13 @@ int hc_post_json(struct hc *h, const char *url, const char *const *headers, size
                  hc_done_fn cb, void *ud);
 
 /* Sends one message (RFC 5322 text with CRLF line ends, copied) from `from` to `rcpt` over
- * SMTP at url (smtp://host:port, smtps://...). Success is curl_code == 0. */
-int hc_smtp_send(struct hc *h, const char *url, const char *from, const char *rcpt,
-                 const char *message, size_t len, int64_t timeout_ms, hc_done_fn cb, void *ud);
+ * SMTP at url (smtp://host:port, smtps://...). Success is curl_code == 0.
+ * require_tls: smtps:// is TLS from the start; on smtp:// STARTTLS is required
+ * (CURLUSESSL_ALL) and a server that does not offer it fails the call before AUTH, MAIL FROM
+ * or RCPT TO are sent. Without it, STARTTLS is used when offered (a local test server). */
+int hc_smtp_send(struct hc *h, const char *url, bool require_tls, const char *from,
+                 const char *rcpt, const char *message, size_t len, int64_t timeout_ms,
+                 hc_done_fn cb, void *ud);
 
 /* Requests started and not finished. */
 unsigned hc_inflight(const struct hc *h);

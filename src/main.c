@@ -333,6 +333,8 @@ static int cmd_serve(struct cfg *c, int argc, char **argv)
         .conninfo = s->cfg.database_url,
         .size = s->cfg.db_pool,
         .name = "api",
+        .read_conns = s->cfg.db_read_conns,
+        .read_queue = s->cfg.db_read_queue,
     };
     if ((rc = dbp_create(&s->app.db, loop, &db_opts)) != 0) {
         log_error("main", "event=db_pool_failed err=\"%s\"", strerror(-rc));

@@ -4,13 +4,16 @@ told to refuse them.
     smtp = FakeSmtp()            # 127.0.0.1:<free port>; .url is smtp://127.0.0.1:<port>
     smtp.refuse()                # DATA answers 451 (a temporary failure) after recording the try
     smtp.accept()
+    smtp.delay(6)                # DATA is recorded (the mail is sent), the reply comes 6 s late
     smtp.messages()              # accepted: [{'from','to':[...],'message_id','data'}]
     smtp.refused_count()         # transactions refused so far
+    smtp.envelopes()             # MAIL FROM / RCPT TO commands received: [('MAIL', addr), ...]
     smtp.close()
 
 Standalone: `python3 fake_smtp.py --port 2525` prints accepted messages' Message-IDs.
 """
 import argparse
+import asyncio
 import email
 import sys
 import threading
@@ -31,6 +34,24 @@ class _Handler:
         self.refusing = False
         self.accepted = []
         self.refused = 0
+        self.envelope_log = []
+        self.reply_delay = 0
+
+    # MAIL FROM and RCPT TO are recorded: a client that should have refused to talk in
+    # clear must not get this far.
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        with self.lock:
+            self.envelope_log.append(("MAIL", address))
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        with self.lock:
+            self.envelope_log.append(("RCPT", address))
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):
         raw = envelope.content if isinstance(envelope.content, bytes) else envelope.content.encode()
@@ -43,6 +64,9 @@ class _Handler:
                                   "message_id": msg.get("Message-ID"),
                                   "subject": msg.get("Subject"),
                                   "data": raw.decode("utf-8", "replace"), "time": time.time()})
+            delay = self.reply_delay
+        if delay:
+            await asyncio.sleep(delay)
         return "250 Message accepted for delivery"
 
 
@@ -67,6 +91,10 @@ class FakeSmtp:
         with self.handler.lock:
             self.handler.refusing = False
 
+    def delay(self, seconds):
+        with self.handler.lock:
+            self.handler.reply_delay = seconds
+
     def messages(self):
         with self.handler.lock:
             return [dict(m) for m in self.handler.accepted]
@@ -74,6 +102,10 @@ class FakeSmtp:
     def refused_count(self):
         with self.handler.lock:
             return self.handler.refused
+
+    def envelopes(self):
+        with self.handler.lock:
+            return list(self.handler.envelope_log)
 
     def close(self):
         self.controller.stop()

@@ -42,6 +42,7 @@ class ConsumerTest(h.TicketdTestCase):
              "KAFKA_CONFIG": "session.timeout.ms=6000,heartbeat.interval.ms=500"}
         if smtp is not None:
             e["SMTP_URL"] = smtp.url
+            e["SMTP_ALLOW_CLEARTEXT"] = "true"  # the fake SMTP server has no TLS
         e.update(env or {})
         td = self.track(h.Ticketd(self.pg, self.kafka.brokers, env=e, role=role, name=name))
         return td
