@@ -4,11 +4,13 @@
  * state:
  *   INFLIGHT  produced, delivery report not yet seen
  *   ACKED     acknowledged by the broker, the UPDATE marking it not yet committed
- *   MARKED    marked published, but a claim query that started before the mark committed
- *             may still return it; dropped once a claim sent after the mark returns
+ *   MARKED    marked published while a claim was in flight: that claim may have read the
+ *             row before the mark committed; dropped when that claim returns
  *   COOLDOWN  its delivery failed; skipped by claims until its retry time
- * Claims skip every id in the map, so a row is never produced twice concurrently. The map
- * (all states) is bounded by RELAY_INFLIGHT_MAX.
+ * Claims skip every id in the map, so a row is never produced twice concurrently. The rows
+ * not yet marked are bounded by RELAY_INFLIGHT_MAX. MARKED rows are not counted: they only
+ * wait for the claim in flight, and a full map must never keep the next claim from being
+ * sent (that claim is what lets MARKED rows go).
  *
  * Claims walk a cursor (id > cursor, in id order). Transactions may commit out of id order
  * (group commits on several connections), so a row can appear below the cursor: the
@@ -350,12 +352,14 @@ static void on_mark_done(void *ud, const PGresult *res, const char *error)
     for (size_t i = 0; i < n; i++) {
         struct row *row = map_find(&r->rows, r->acks[i].id);
         if (!row) continue;
-        row->state = ROW_MARKED;
-        if (grow((void **)&r->marked, &r->marked_cap, r->nmarked + 1, sizeof *r->marked) != 0) {
+        /* With no claim in flight, every later claim sees the mark: the row can go now. */
+        if (!r->claim_inflight ||
+            grow((void **)&r->marked, &r->marked_cap, r->nmarked + 1, sizeof *r->marked) != 0) {
             map_remove(&r->rows, r->acks[i].id);
             continue;
         }
-        r->marked[r->nmarked++] = (struct marked){r->acks[i].id, r->claim_seq_sent};
+        row->state = ROW_MARKED;
+        r->marked[r->nmarked++] = (struct marked){r->acks[i].id, r->claim_seq_inflight};
     }
     if (n) memmove(r->acks, r->acks + n, (r->nacks - n) * sizeof *r->acks);
     r->nacks -= n;
@@ -692,10 +696,17 @@ static void drain_kafka(void *ud)
 
 /* --- claiming and producing ---------------------------------------------------------- */
 
-static void drop_marked_before(struct relay *r, uint64_t claim_seq)
+/* Rows held in the map (produced or cooling down), MARKED ones aside. */
+static int busy_rows(const struct relay *r)
+{
+    return (int)(r->rows.count > r->nmarked ? r->rows.count - r->nmarked : 0);
+}
+
+/* The claim claim_seq returned: MARKED rows it might have read can go. */
+static void drop_marked_upto(struct relay *r, uint64_t claim_seq)
 {
     size_t k = 0;
-    while (k < r->nmarked && r->marked[k].claim_seq < claim_seq) {
+    while (k < r->nmarked && r->marked[k].claim_seq <= claim_seq) {
         struct row *row = map_find(&r->rows, r->marked[k].id);
         if (row && row->state == ROW_MARKED) map_remove(&r->rows, r->marked[k].id);
         k++;
@@ -740,12 +751,13 @@ static void on_claim(void *ud, const PGresult *res, const char *error)
 {
     struct relay *r = ud;
     r->claim_inflight = false;
-    drop_marked_before(r, r->claim_seq_inflight);
     if (r->claim_gen != r->session_gen || !r->active || r->closing || r->fatal || !r->rk) {
+        drop_marked_upto(r, r->claim_seq_inflight);
         if (r->closing) close_check(r);
         return;
     }
     if (!res || PQresultStatus(res) != PGRES_TUPLES_OK) {
+        drop_marked_upto(r, r->claim_seq_inflight);
         log_warn("relay", "event=claim_failed err=%s",
                  db_error(error, res));
         return; /* the tick retries */
@@ -759,7 +771,7 @@ static void on_claim(void *ud, const PGresult *res, const char *error)
             r->cursor = id;
             continue;
         }
-        if ((int)r->rows.count >= r->cfg->relay_inflight_max) {
+        if (busy_rows(r) >= r->cfg->relay_inflight_max) {
             stopped = true;
             break;
         }
@@ -789,6 +801,7 @@ static void on_claim(void *ud, const PGresult *res, const char *error)
         log_warn("relay", "event=produce_failed rows=%d first_id=%" PRId64 " err=\"%s\"", failed,
                  first_failed, rd_kafka_err2str(r->last_produce_err));
     if (produced) log_debug("relay", "event=produced rows=%d cursor=%" PRId64, produced, r->cursor);
+    drop_marked_upto(r, r->claim_seq_inflight); /* after the skip test above used them */
     /* A full batch means more rows may wait; claim again unless capacity ran out (the
      * next drain of delivery reports claims then). */
     if (!stopped && (n >= r->cfg->relay_batch || r->claim_again)) {
@@ -804,7 +817,7 @@ static void maybe_claim(struct relay *r)
         r->claim_again = true;
         return;
     }
-    if ((int)r->rows.count >= r->cfg->relay_inflight_max) return;
+    if (busy_rows(r) >= r->cfg->relay_inflight_max) return;
     if (r->rewind_to < r->cursor) r->cursor = r->rewind_to;
     r->rewind_to = INT64_MAX;
     char after[24], limit[16];

@@ -201,6 +201,58 @@ class RelayTest(TicketdTestCase):
         self.assertGreaterEqual(self.metric(b, "ticketd_relay_published_total"), 20)
         self.assert_topic_matches_outbox(40)
 
+    def load_in_background(self, t, event_id, start, stop_event, workers=16):
+        """Applies continuously (distinct phones from start) until stop_event is set; returns
+        the thread and a list that collects the statuses."""
+        import threading
+        statuses, lock = [], threading.Lock()
+        counter = iter(range(start, start + 10**6))
+
+        def worker():
+            while not stop_event.is_set():
+                with lock:
+                    i = next(counter)
+                r = t.apply(event_id=event_id, phone=phone_for(i), name=f"Load {i}")
+                with lock:
+                    statuses.append(r.status)
+        threads = [threading.Thread(target=worker, daemon=True) for _ in range(workers)]
+        for th in threads:
+            th.start()
+        return threads, statuses
+
+    def test_a_small_inflight_max_never_stalls_the_relay(self):
+        """Issue 11 item 1: with a backlog bigger than RELAY_INFLIGHT_MAX, rows marked
+        published stayed in the map until a claim returned, and no claim was sent while the
+        map was full: the relay stopped for good after the first RELAY_INFLIGHT_MAX rows."""
+        t = self.start(env={"RELAY_INFLIGHT_MAX": "50", "RELAY_BATCH": "200"})
+        self.kafka.down()  # the burst piles up as a backlog several times the map's size
+        n = 600
+        self.apply_many(t, "relay-small-map", n)
+        self.kafka.up()
+        self.wait_all_published(timeout=RECONNECT_WAIT)
+        self.assert_topic_matches_outbox(n, allow_duplicates=True)
+
+    def test_brokers_down_during_load_the_backlog_drains(self):
+        """Issue 11 item 1: all brokers down for 3 s while applications keep coming; once
+        they are back every row is published (the backlog exceeds the in-flight map)."""
+        import threading
+        t = self.start(env={"RELAY_INFLIGHT_MAX": "200", "RELAY_BATCH": "100"})
+        stop = threading.Event()
+        threads, statuses = self.load_in_background(t, "relay-down-load", 0, stop)
+        wait_until(lambda: len(statuses) >= 200, timeout=30, what="load running")
+        self.kafka.down()
+        time.sleep(3)  # the outage itself, not a wait for a condition
+        self.kafka.up()
+        time.sleep(2)  # load goes on after the brokers are back
+        stop.set()
+        for th in threads:
+            th.join(timeout=30)
+        self.assertTrue(statuses and all(s == 201 for s in statuses), set(statuses))
+        n = len(statuses)
+        self.assertEqual(self.pg.count("outbox"), n)
+        self.wait_all_published(timeout=RECONNECT_WAIT)
+        self.assert_topic_matches_outbox(n, allow_duplicates=True)
+
     def test_retention_deletes_old_published_rows_only(self):
         r = run_ticketd(["migrate"], env={"DATABASE_URL": self.pg.url})
         self.assertEqual(r.returncode, 0, r.stderr)
