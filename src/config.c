@@ -110,6 +110,9 @@ static const struct cfg_setting settings[] = {
      "messages produced and not yet acknowledged", F(relay_inflight_max)},
     {"relay_retry_backoff", "RELAY_RETRY_BACKOFF", CFG_DURATION, "500ms", 0, HOUR_MS, false,
      NULL, "wait after a failed delivery before producing again", F(relay_retry_backoff_ms)},
+    {"relay_lease_ttl", "RELAY_LEASE_TTL", CFG_DURATION, "10s", 1000, 10 * MIN_MS, false, NULL,
+     "relay leadership lease; a standby takes over this long after the leader stops renewing",
+     F(relay_lease_ttl_ms)},
     {"outbox_retention", "OUTBOX_RETENTION", CFG_DURATION, "7d", 0, 3650 * DAY_MS, false, NULL,
      "how long published outbox rows are kept before pruning", F(outbox_retention_ms)},
 

@@ -6,6 +6,7 @@ Kafka is `ticketd kafka-mock` (librdkafka's mock cluster); broker reconnects aft
 take several seconds there (KAFKA-MOCK.md), hence the generous bounded waits."""
 import json
 import os
+import signal
 import sys
 import time
 import unittest
@@ -252,6 +253,54 @@ class RelayTest(TicketdTestCase):
         self.assertEqual(self.pg.count("outbox"), n)
         self.wait_all_published(timeout=RECONNECT_WAIT)
         self.assert_topic_matches_outbox(n, allow_duplicates=True)
+
+    def positions(self):
+        return self.pg.query("SELECT id, kafka_partition, kafka_offset, published_at FROM outbox"
+                             " ORDER BY id")
+
+    def test_a_frozen_leader_loses_its_lease_and_a_standby_takes_over(self):
+        """Issue 11 item 2: leadership was a session advisory lock that a SIGSTOPped process
+        kept (its backend stays idle and connected); now it is a lease that the standby
+        claims once the leader stops renewing it, and the old leader, woken up, marks
+        nothing."""
+        env = {"RELAY_LEASE_TTL": "3s"}
+        a = self.start(env, name="ticketd-a")
+        wait_until(lambda: self.metric(a, "ticketd_relay_active") == 1, timeout=15,
+                   what="a active")
+        b = self.start(env, name="ticketd-b")
+        self.apply_many(b, "relay-lease", 20)
+        self.wait_all_published(timeout=30)
+        self.assertEqual(self.metric(b, "ticketd_relay_active"), 0)
+        # Rows in a's hands when it freezes: produced while no broker can acknowledge them.
+        self.kafka.down()
+        self.apply_many(b, "relay-lease", 20, start=20)
+        time.sleep(1.5)  # a claims and produces them (NOTIFY wakes it at once)
+        marked_by_a = self.metric(a, "ticketd_relay_marked_total")
+        a.signal(signal.SIGSTOP)
+        try:
+            self.kafka.up()
+            self.apply_many(b, "relay-lease", 20, start=40)
+            wait_until(lambda: self.metric(b, "ticketd_relay_active") == 1, timeout=40,
+                       what="b takes the lease over from the frozen a")
+            self.wait_all_published(timeout=RECONNECT_WAIT)
+            published = self.positions()
+        finally:
+            a.signal(signal.SIGCONT)
+        # a notices it lost the lease, stays standby, and marks nothing; b keeps publishing.
+        wait_until(lambda: self.metric(a, "ticketd_relay_active") == 0, timeout=15,
+                   what="a knows it is no longer active")
+        for _ in range(8):
+            self.assertEqual(self.metric(a, "ticketd_relay_active"), 0)
+            self.assertEqual(self.metric(b, "ticketd_relay_active"), 1)
+            self.assertEqual(self.metric(a, "ticketd_relay_marked_total"), marked_by_a,
+                             "the old leader marked rows after losing its lease")
+            time.sleep(0.5)
+        self.assertEqual(self.positions(), published, "a row's recorded position changed")
+        self.apply_many(a, "relay-lease", 10, start=60)  # through the woken one: b publishes
+        self.wait_all_published(timeout=30)
+        self.assertEqual(self.metric(a, "ticketd_relay_marked_total"), marked_by_a)
+        self.assert_topic_matches_outbox(70, allow_duplicates=True)
+        self.assertIn("lease", a.log_text())
 
     def test_retention_deletes_old_published_rows_only(self):
         r = run_ticketd(["migrate"], env={"DATABASE_URL": self.pg.url})
