@@ -93,9 +93,15 @@ static const char *const fail_sql =
     "FROM unnest($1::bigint[], $2::text[]) AS u(id, e) "
     "WHERE o.id = u.id AND o.published_at IS NULL";
 
+/* Only rows whose event is accounted for: processed with every effect done, or
+ * dead-lettered. Any other row is the evidence the audit needs, kept whatever its age. */
 static const char *const retention_sql =
-    "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE published_at IS NOT NULL "
-    "AND published_at < now() - $1::bigint * interval '1 millisecond' LIMIT 1000)";
+    "DELETE FROM outbox WHERE id IN (SELECT o.id FROM outbox o WHERE o.published_at IS NOT NULL"
+    " AND o.published_at < now() - $1::bigint * interval '1 millisecond'"
+    " AND ((EXISTS (SELECT 1 FROM processed_events pe WHERE pe.event_id = o.event_id)"
+    "   AND NOT EXISTS (SELECT 1 FROM event_effects e WHERE e.event_id = o.event_id"
+    "   AND NOT e.done))"
+    "  OR EXISTS (SELECT 1 FROM dead_letters d WHERE d.event_id = o.event_id)) LIMIT 1000)";
 
 static const char *const backlog_sql =
     "SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)"

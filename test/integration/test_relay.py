@@ -302,16 +302,41 @@ class RelayTest(TicketdTestCase):
         self.assert_topic_matches_outbox(70, allow_duplicates=True)
         self.assertIn("lease", a.log_text())
 
-    def test_retention_deletes_old_published_rows_only(self):
+    def test_retention_deletes_only_old_rows_whose_event_is_accounted_for(self):
+        """Issue 11 item 7: retention deleted every old published row, processed or not,
+        and with it the audit's evidence of an event nobody consumed. Now it deletes only
+        rows whose event was processed (every effect done) or dead-lettered."""
         r = run_ticketd(["migrate"], env={"DATABASE_URL": self.pg.url})
         self.assertEqual(r.returncode, 0, r.stderr)
-        # 2,500 published rows older than the retention (more than two delete batches),
-        # one old unpublished row, one recent published row.
+        # 2,500 published rows older than the retention, processed (more than two delete
+        # batches), plus single old published rows in every other state.
         self.pg.execute(
             "INSERT INTO outbox (aggregate_id, event_type, payload, created_at, published_at,"
             " kafka_partition, kafka_offset)"
             " SELECT g, 'TicketApplied', '{}'::jsonb, now() - interval '9 days',"
             "  now() - interval '8 days', 0, g FROM generate_series(1, 2500) g")
+        self.pg.execute(
+            "INSERT INTO processed_events (event_id, consumer_group, topic, partition, \"offset\")"
+            " SELECT event_id, 'g', 'ticket-applied', 0, kafka_offset FROM outbox")
+        self.pg.execute(
+            "INSERT INTO outbox (aggregate_id, event_type, payload, created_at, published_at,"
+            " kafka_partition, kafka_offset) SELECT a, 'TicketApplied', '{}'::jsonb,"
+            " now() - interval '9 days', now() - interval '8 days', 1, a"
+            " FROM unnest('{900003,900004,900005}'::bigint[]) a")
+        ev = {a: self.pg.scalar(f"SELECT event_id FROM outbox WHERE aggregate_id = {a}")
+              for a in (900003, 900004, 900005)}
+        # 900003 dead-lettered: deletable. 900004 processed, an effect still open: kept.
+        # 900005 never consumed: kept.
+        self.pg.execute(
+            "INSERT INTO dead_letters (event_id, application_id, src_topic, src_partition,"
+            " src_offset, dlq_partition, dlq_offset, attempts, error_class, error_message)"
+            f" VALUES ('{ev[900003]}', 900003, 'ticket-applied', 1, 900003, 0, 0, 3, 'x', 'y')")
+        self.pg.execute(
+            "INSERT INTO processed_events (event_id, consumer_group, topic, partition, \"offset\")"
+            f" VALUES ('{ev[900004]}', 'g', 'ticket-applied', 1, 900004)")
+        self.pg.execute(
+            "INSERT INTO event_effects (event_id, effect, application_id, done)"
+            f" VALUES ('{ev[900004]}', 'email', 900004, false)")
         self.pg.execute(
             "INSERT INTO outbox (aggregate_id, event_type, payload, created_at, published_at,"
             " kafka_partition, kafka_offset) VALUES"
@@ -320,14 +345,15 @@ class RelayTest(TicketdTestCase):
         self.pg.execute(
             "INSERT INTO outbox (aggregate_id, event_type, payload, created_at)"
             " VALUES (900002, 'TicketApplied', '{\"id\":900002}'::jsonb, now() - interval '30 days')")
-        old_unpublished = self.pg.scalar("SELECT event_id FROM outbox WHERE aggregate_id = 900002")
         self.start(env={"OUTBOX_RETENTION": "7d"})
-        wait_until(lambda: self.pg.count("outbox WHERE published_at < now() - interval '7 days'") == 0,
-                   timeout=30, what="old published rows deleted")
-        self.assertEqual(self.pg.count("outbox WHERE aggregate_id = 900001"), 1)
+        wait_until(lambda: self.pg.count("outbox WHERE aggregate_id <= 2500") == 0,
+                   timeout=30, what="old processed rows deleted")
+        wait_until(lambda: self.pg.count("outbox WHERE aggregate_id = 900003") == 0,
+                   timeout=30, what="old dead-lettered row deleted")
         self.wait_all_published(timeout=30)
-        self.assertEqual(self.pg.count(f"outbox WHERE event_id = '{old_unpublished}'"), 1)
-        self.assertEqual(self.pg.count("outbox"), 2)
+        self.assertEqual(
+            sorted(int(a) for (a,) in self.pg.query("SELECT aggregate_id FROM outbox")),
+            [900001, 900002, 900004, 900005])
 
     def test_kafka_config_errors_name_the_property_never_the_value(self):
         r = run_ticketd(["serve"], env={
