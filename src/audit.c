@@ -1222,7 +1222,8 @@ static void audit_usage(FILE *out)
             "  --event-id E  only the applications of show E\n"
             "  --since T     only applications created at or after T (a timestamp)\n"
             "  --json        the report as JSON (the same as GET /admin/audit)\n"
-            "  exit status: 0 nothing missing, 1 something missing, 2 error\n");
+            "  exit status: 0 complete (every application accounted for end to end),\n"
+            "  1 something missing or still in progress (within AUDIT_GRACE), 2 error\n");
 }
 
 static int audit_cli_run(const struct cfg *cfg, const void *opts, FILE *human_out,

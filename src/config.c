@@ -130,7 +130,7 @@ static const struct cfg_setting settings[] = {
 
     /* audit */
     {"audit_grace", "AUDIT_GRACE", CFG_DURATION, "10s", 0, 7 * DAY_MS, false, NULL,
-     "outbox rows younger than this may still be unpublished without being reported",
+     "applications younger than this may still be unpublished or unconsumed (audit: in progress, not missing)",
      F(audit_grace_ms)},
 
     {"log_level", "LOG_LEVEL", CFG_ENUM, "info", 0, 0, false, "debug,info,warn,error",

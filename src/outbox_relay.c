@@ -156,8 +156,8 @@ struct relay {
     rd_kafka_topic_t *rkt;  /* held so the topic's metadata and leaders are fetched early */
     rd_kafka_queue_t *mainq;
     struct kafka_bridge *bridge;
-    struct dbp *session; /* LISTEN, lease, claims, retention, backlog */
-    struct dbp *marker;  /* mark published / record failures */
+    struct dbp *session; /* LISTEN, lease, claims, backlog: short queries only */
+    struct dbp *marker;  /* mark published / record failures / retention (may be slow) */
     uv_timer_t tick_timer, retry_timer, retention_timer, close_timer, lease_timer;
 
     char holder[128];         /* this process in relay_lease.holder */
@@ -1019,7 +1019,9 @@ static void lease_send(struct relay *r, const char *sql, dbp_result_fn cb)
 static void on_lease_timer(uv_timer_t *t)
 {
     struct relay *r = t->data;
-    if (r->teardown || r->lease_inflight || !dbp_connected(r->session)) return;
+    if (r->teardown || !dbp_connected(r->session)) return;
+    /* One at a time; a query stuck longer than the TTL (a hung link) no longer counts. */
+    if (r->lease_inflight && mono_ms() - r->lease_sent_at < lease_ttl(r)) return;
     if (lease_held(r)) {
         if (mono_ms() - r->renewed_at < lease_ttl(r) / 3) return;
         r->lease_renewing = true;
@@ -1075,6 +1077,7 @@ static void on_session_disconnect(void *ud, struct dbp *pool)
 {
     struct relay *r = ud;
     r->session_gen++;
+    r->lease_inflight = false; /* its answer, if any, is ignored (session_gen) */
     /* The lease outlives the session: renewed on the next one, or lost at its TTL. */
 }
 
@@ -1138,7 +1141,7 @@ static void on_retention(void *ud, const PGresult *res, const char *error)
         char ms[24];
         snprintf(ms, sizeof ms, "%" PRId64, r->cfg->outbox_retention_ms);
         const char *params[1] = {ms};
-        if (dbp_query(r->session, retention_sql, 1, params, on_retention, r) == 0)
+        if (dbp_query(r->marker, retention_sql, 1, params, on_retention, r) == 0)
             r->retention_inflight = true;
     }
 }
@@ -1150,7 +1153,7 @@ static void on_retention_timer(uv_timer_t *t)
     char ms[24];
     snprintf(ms, sizeof ms, "%" PRId64, r->cfg->outbox_retention_ms);
     const char *params[1] = {ms};
-    if (dbp_query(r->session, retention_sql, 1, params, on_retention, r) == 0)
+    if (dbp_query(r->marker, retention_sql, 1, params, on_retention, r) == 0)
         r->retention_inflight = true;
 }
 
