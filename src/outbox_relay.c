@@ -71,19 +71,20 @@ static const char *const mark_sql =
     "FROM unnest($1::bigint[], $2::int[], $3::bigint[]) AS u(id, p, off) "
     "WHERE o.id = u.id AND o.published_at IS NULL AND EXISTS (SELECT 1 FROM lease)";
 
-/* $1 holder, $2 epoch (renew, release), $3 TTL in ms. Each answers the epoch held. A
- * missing lease row (deleted by hand) is put back by a claim; the next claim takes it. */
+/* $1 holder, $2 epoch (renew, release), $3 TTL in ms, $4 the query's sequence number.
+ * Claim and renew answer the epoch held and $4 (so a late answer is told from the latest).
+ * A missing lease row (deleted by hand) is put back by a claim; the next claim takes it. */
 static const char *const lease_claim_sql =
     "WITH missing AS (INSERT INTO relay_lease (name) SELECT 'relay' WHERE NOT EXISTS"
     " (SELECT 1 FROM relay_lease WHERE name = 'relay') ON CONFLICT DO NOTHING) "
     "UPDATE relay_lease SET holder = $1, epoch = epoch + 1,"
     " expires_at = now() + $3::bigint * interval '1 millisecond'"
     " WHERE name = 'relay' AND (expires_at <= now() OR holder = $1) AND $2::bigint >= 0"
-    " RETURNING epoch";
+    " RETURNING epoch, $4::bigint";
 static const char *const lease_renew_sql =
     "UPDATE relay_lease SET expires_at = now() + $3::bigint * interval '1 millisecond'"
     " WHERE name = 'relay' AND holder = $1 AND epoch = $2::bigint AND expires_at > now()"
-    " RETURNING epoch";
+    " RETURNING epoch, $4::bigint";
 static const char *const lease_release_sql =
     "UPDATE relay_lease SET expires_at = now() WHERE name = 'relay' AND holder = $1"
     " AND epoch = $2::bigint AND $3::bigint >= 0 RETURNING epoch";
@@ -164,7 +165,7 @@ struct relay {
     int64_t epoch;            /* fencing token of the lease held (valid while active) */
     uint64_t lease_until;     /* monotonic ms: past it, this process stops relaying */
     uint64_t renewed_at;      /* monotonic ms the last successful renewal was sent */
-    uint64_t lease_sent_at, lease_gen;
+    uint64_t lease_sent_at, lease_gen, lease_seq; /* of the latest lease query sent */
     bool lease_inflight, lease_renewing, released, release_inflight;
     int64_t claim_epoch;
 
@@ -977,6 +978,9 @@ static void on_lease(void *ud, const PGresult *res, const char *error)
     uint64_t ttl = lease_ttl(r);
     if (PQntuples(res) == 1) {
         int64_t epoch = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
+        /* The answer to an older query (sent before one that hung): its send time is not
+         * lease_sent_at, so it proves nothing; the next renewal or claim decides. */
+        if (strtoull(PQgetvalue(res, 0, 1), NULL, 10) != r->lease_seq) return;
         if (renewing) {
             if (!r->active || epoch != r->epoch) return; /* lost meanwhile: claim again */
         } else {
@@ -1004,12 +1008,14 @@ static void on_lease(void *ud, const PGresult *res, const char *error)
 
 static void lease_send(struct relay *r, const char *sql, dbp_result_fn cb)
 {
-    char epoch[24], ttl[24];
+    char epoch[24], ttl[24], seq[24];
     snprintf(epoch, sizeof epoch, "%" PRId64, r->epoch);
     snprintf(ttl, sizeof ttl, "%" PRIu64, lease_ttl(r));
-    const char *params[3] = {r->holder, epoch, ttl};
+    snprintf(seq, sizeof seq, "%" PRIu64, r->lease_seq + 1);
+    const char *params[4] = {r->holder, epoch, ttl, seq};
     uint64_t now = mono_ms();
-    if (dbp_query(r->session, sql, 3, params, cb, r) != 0) return;
+    if (dbp_query(r->session, sql, 4, params, cb, r) != 0) return;
+    r->lease_seq++;
     r->lease_inflight = true;
     r->lease_gen = r->session_gen;
     r->lease_sent_at = now;
