@@ -3,9 +3,10 @@
  * Leadership is the row of relay_lease (holder, epoch, expires_at by the DB clock): claimed
  * with a conditional UPDATE once expired (bumping the epoch, the fencing token), renewed
  * every RELAY_LEASE_TTL/3 on the relay's session, all nonblocking. The mark UPDATE applies
- * only while this holder and epoch hold an unexpired lease, checked in the same statement
- * (the lease row is share-locked, so a takeover waits for a mark in progress or the mark
- * sees the takeover). The leader also stops on its own clock: once the last successful
+ * only while this holder and epoch hold an unexpired lease, checked in the same statement.
+ * No row lock on the lease: a mark whose snapshot predates a takeover's commit is ordered
+ * before it, and what it writes is true (the broker acknowledged it); a FOR SHARE lock
+ * would cost a WAL record per mark. The leader also stops on its own clock: once the last successful
  * renewal was sent more than 9/10 of the TTL ago (monotonic), it drops its in-flight state
  * before the DB can let anybody else in. The lease costs one row update per renewal, never
  * one per outbox row.
@@ -66,7 +67,7 @@ static const char *const claim_sql =
 /* $4 holder, $5 epoch: fenced by the lease (see the top of this file). */
 static const char *const mark_sql =
     "WITH lease AS (SELECT 1 FROM relay_lease WHERE name = 'relay' AND holder = $4"
-    " AND epoch = $5::bigint AND expires_at > now() FOR SHARE) "
+    " AND epoch = $5::bigint AND expires_at > now()) "
     "UPDATE outbox o SET published_at = now(), kafka_partition = u.p, kafka_offset = u.off "
     "FROM unnest($1::bigint[], $2::int[], $3::bigint[]) AS u(id, p, off) "
     "WHERE o.id = u.id AND o.published_at IS NULL AND EXISTS (SELECT 1 FROM lease)";
