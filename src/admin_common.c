@@ -240,7 +240,13 @@ int admin_committed(rd_kafka_t *rk, const char *topic, int n, int64_t *out, char
     for (int i = 0; i < l->cnt; i++) {
         const rd_kafka_topic_partition_t *tp = &l->elems[i];
         if (tp->partition < 0 || tp->partition >= n) continue;
-        out[tp->partition] = (tp->err || tp->offset < 0) ? -1 : tp->offset;
+        if (tp->err) { /* could not read it: never the same as "nothing committed" */
+            admin_set_err(err, errlen, "kafka committed offset of %s/%d: %s", topic,
+                          (int)tp->partition, rd_kafka_err2str(tp->err));
+            rd_kafka_topic_partition_list_destroy(l);
+            return -1;
+        }
+        out[tp->partition] = tp->offset < 0 ? -1 : tp->offset;
     }
     rd_kafka_topic_partition_list_destroy(l);
     return 0;

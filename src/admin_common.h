@@ -77,7 +77,8 @@ int admin_topic_partitions(rd_kafka_t *rk, const char *topic, char *err, size_t 
 int admin_watermarks(rd_kafka_t *rk, const char *topic, int32_t partition, int64_t *low,
                      int64_t *high, char *err, size_t errlen);
 
-/* Committed offsets of rk's group for partitions 0..n-1 into out (-1 = none); 0 or -1. */
+/* Committed offsets of rk's group for partitions 0..n-1 into out (-1 = none committed);
+ * 0, or -1 when the request or any partition's fetch failed (never turned into "none"). */
 int admin_committed(rd_kafka_t *rk, const char *topic, int n, int64_t *out, char *err,
                     size_t errlen);
 

@@ -135,13 +135,16 @@ struct cat {
 enum {
     C_WITHOUT_OUTBOX,        /* stage 1 */
     C_OUTBOX_ORPHAN,
+    C_PRUNED_UNACCOUNTED,
     C_UNPUBLISHED,           /* stage 2 */
     C_NOT_IN_TOPIC,
     C_WRONG_OFFSET,
     C_TOPIC_ORPHAN,
     C_RECORDED_ELSEWHERE,
     C_EXPIRED,
+    C_EXPIRED_UNCONSUMED,
     C_UNHANDLED,             /* stage 3 */
+    C_NOT_CONSUMED,
     C_EFFECTS_OPEN,
     C_DEAD_LETTERED,
     C_COUNT
@@ -151,6 +154,9 @@ static const struct cat cat_template[C_COUNT] = {
     [C_WITHOUT_OUTBOX] = {"without_outbox", "applications without an outbox row", true, 0, NULL},
     [C_OUTBOX_ORPHAN] = {"outbox_without_application", "outbox rows without an application",
                          true, 0, NULL},
+    [C_PRUNED_UNACCOUNTED] = {"pruned_unaccounted",
+                              "outbox row pruned, event neither processed nor dead-lettered",
+                              true, 0, NULL},
     [C_UNPUBLISHED] = {"unpublished", "unpublished past the grace window", true, 0, NULL},
     [C_NOT_IN_TOPIC] = {"not_in_topic", "marked published, not in the topic", true, 0, NULL},
     [C_WRONG_OFFSET] = {"wrong_offset", "recorded offset holds another event", true, 0, NULL},
@@ -160,8 +166,13 @@ static const struct cat cat_template[C_COUNT] = {
                               false, 0, NULL},
     [C_EXPIRED] = {"expired", "expired from the topic (below the log start; the DB holds the ack)",
                    false, 0, NULL},
+    [C_EXPIRED_UNCONSUMED] = {"expired_unconsumed",
+                              "expired from the topic before it was consumed", true, 0, NULL},
     [C_UNHANDLED] = {"unhandled", "below the committed offset, neither processed nor dead-lettered",
                      true, 0, NULL},
+    [C_NOT_CONSUMED] = {"not_consumed",
+                        "published longer than the grace window ago, not consumed yet", true, 0,
+                        NULL},
     [C_EFFECTS_OPEN] = {"effects_not_done",
                         "below the committed offset, processed but effects not done", true, 0,
                         NULL},
@@ -251,7 +262,8 @@ struct audit_ctx {
 
     int64_t applications, outbox_rows, outbox_published, in_grace;
     int64_t pruned;             /* older than OUTBOX_RETENTION, outbox row gone (not provable) */
-    int64_t processed, pending, outside_scope;
+    int64_t processed, outside_scope;
+    int64_t pending;            /* not consumed yet, published within AUDIT_GRACE */
     int64_t since_ms;           /* -1 = no --since */
 
     int nparts;
@@ -319,6 +331,35 @@ static json_object *item_new(int64_t app_id, const char *event_id, const char *f
 
 /* ------------------------------------------------------------------ stage 1 */
 
+/* An application whose outbox row was pruned: accounted for only by what the consumer
+ * left. Columns 3..6 of the stage-1 cursor: points granted, effects open, open dead letter,
+ * any dead letter. */
+static void pruned_check(struct audit_ctx *a, int64_t id, const struct pgcur *k)
+{
+    const char *points = cur_get(k, 3), *open = cur_get(k, 4), *dlq = cur_get(k, 5);
+    const char *any_dl = cur_get(k, 6);
+    bool processed = points && points[0] == 't';
+    if (dlq) {
+        json_object *it = item_new(id, NULL, "application %" PRId64 " (outbox row pruned)"
+                                   " is in the DLQ: %s", id, dlq);
+        json_object_object_add(it, "error", json_object_new_string(dlq));
+        add(a, C_DEAD_LETTERED, it, json_object_new_int64(id));
+    } else if (processed && open) {
+        json_object *it = item_new(id, NULL, "application %" PRId64 " (outbox row pruned)"
+                                   " processed, effects not done: %s", id, open);
+        json_object_object_add(it, "effects", json_object_new_string(open));
+        add(a, C_EFFECTS_OPEN, it, json_object_new_int64(id));
+    } else if (processed) {
+        a->processed++;
+    } else {
+        add(a, C_PRUNED_UNACCOUNTED,
+            item_new(id, NULL, "application %" PRId64 " (created %s): outbox row pruned, yet "
+                     "no points, no dead letter%s", id, cur_get(k, 1),
+                     any_dl && any_dl[0] == 't' ? " (a replayed one only)" : ""),
+            json_object_new_int64(id));
+    }
+}
+
 static int stage1(struct audit_ctx *a, const char *const *params)
 {
     PGresult *r = admin_pg_exec(a->db, "SELECT count(*) FROM applications a WHERE " APP_FILTER,
@@ -336,16 +377,24 @@ static int stage1(struct audit_ctx *a, const char *const *params)
     a->outbox_published = admin_pg_i64(PQgetvalue(r, 0, 1), 0);
     PQclear(r);
 
-    /* The relay prunes published rows after OUTBOX_RETENTION (0 = never): an application
-     * older than that without its row was most likely published and pruned; the audit
-     * cannot prove it either way, so it counts those apart instead of calling them lost. */
+    /* The relay prunes published rows after OUTBOX_RETENTION (0 = never), and only once
+     * their event was processed or dead-lettered: an application older than that without
+     * its row is checked against what the consumer left (points_ledger and event_effects
+     * carry the application id, as do dead_letters). */
     char retention[32];
     snprintf(retention, sizeof retention, "%" PRId64, a->cfg->outbox_retention_ms);
     const char *p3[3] = {params[0], params[1], retention};
     struct pgcur k;
     if (cur_open(&k, a->db, "audit_no_outbox",
                  "SELECT a.id, a.created_at,"
-                 " $3::bigint > 0 AND a.created_at < now() - $3::bigint * interval '1 millisecond'"
+                 " $3::bigint > 0 AND a.created_at < now() - $3::bigint * interval '1 millisecond',"
+                 " EXISTS (SELECT 1 FROM points_ledger pl WHERE pl.application_id = a.id),"
+                 " (SELECT string_agg(e.effect, ', ' ORDER BY e.effect) FROM event_effects e"
+                 "  WHERE e.application_id = a.id AND NOT e.done),"
+                 " (SELECT d.error_class || ': ' || d.error_message FROM dead_letters d"
+                 "  WHERE d.application_id = a.id AND d.replayed_at IS NULL ORDER BY d.id DESC"
+                 "  LIMIT 1),"
+                 " EXISTS (SELECT 1 FROM dead_letters d WHERE d.application_id = a.id)"
                  " FROM applications a WHERE " APP_FILTER
                  " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.aggregate_id = a.id)"
                  " ORDER BY a.id",
@@ -354,11 +403,12 @@ static int stage1(struct audit_ctx *a, const char *const *params)
     int rc;
     while ((rc = cur_next(&k, a->err, a->errlen)) == 1) {
         const char *old = cur_get(&k, 2);
+        int64_t id = admin_pg_i64(cur_get(&k, 0), -1);
         if (old && old[0] == 't') {
             a->pruned++;
+            pruned_check(a, id, &k);
             continue;
         }
-        int64_t id = admin_pg_i64(cur_get(&k, 0), -1);
         add(a, C_WITHOUT_OUTBOX,
             item_new(id, NULL, "application %" PRId64 " (created %s) has no outbox row", id,
                      cur_get(&k, 1)),
@@ -565,6 +615,8 @@ struct outrow {
     bool processed;
     const char *effects_open; /* NULL when every effect is done */
     const char *dlq_open;     /* NULL when not sitting in the DLQ */
+    bool overdue;             /* created longer than AUDIT_GRACE ago */
+    bool expired;             /* below the partition's log start */
 };
 
 static void consumer_check(struct audit_ctx *a, const struct outrow *r)
@@ -586,7 +638,25 @@ static void consumer_check(struct audit_ctx *a, const struct outrow *r)
         return;
     }
     if (committed < 0 || r->offset >= committed) {
-        a->pending++;
+        /* Not consumed (yet): gone from the topic, it never will be; past the grace window
+         * it is not accounted for. With no committed offset at all, nothing is. */
+        const char *why = r->expired ? "expired from the topic before it was consumed"
+                          : r->overdue ? "published, not consumed within AUDIT_GRACE"
+                                       : NULL;
+        if (!why) {
+            a->pending++;
+            return;
+        }
+        char committed_s[24] = "none";
+        if (committed >= 0) snprintf(committed_s, sizeof committed_s, "%" PRId64, committed);
+        json_object *it = item_new(r->app_id, r->ce_id,
+                                   "application %" PRId64 ": event %s (%d@%" PRId64
+                                   ", committed %s) %s%s%s",
+                                   r->app_id, r->ce_id, (int)r->partition, r->offset, committed_s,
+                                   why, r->processed ? "; processed, effects not done: " : "",
+                                   r->processed && r->effects_open ? r->effects_open : "");
+        add(a, r->expired ? C_EXPIRED_UNCONSUMED : r->processed ? C_EFFECTS_OPEN : C_NOT_CONSUMED,
+            it, json_object_new_int64(r->app_id));
         return;
     }
     if (r->processed) {
@@ -656,6 +726,9 @@ static void row_from_cursor(const struct pgcur *k, struct outrow *r)
     r->processed = pr && pr[0] == 't';
     r->effects_open = cur_get(k, 5);
     r->dlq_open = cur_get(k, 6);
+    const char *od = cur_get(k, 7);
+    r->overdue = od && od[0] == 't';
+    r->expired = false;
 }
 
 /* ------------------------------------------------------------------ stage 2: merge join */
@@ -670,7 +743,8 @@ static const char *const published_sql =
     " CASE WHEN o.event_id IN (SELECT d.event_id FROM dead_letters d WHERE d.replayed_at IS NULL) THEN"
     "  (SELECT d.error_class || ': ' || d.error_message FROM dead_letters d"
     "   WHERE d.event_id = o.event_id AND d.replayed_at IS NULL ORDER BY d.id DESC LIMIT 1)"
-    " END"
+    " END,"
+    " o.created_at < now() - $3::bigint * interval '1 millisecond'"
     " FROM outbox o LEFT JOIN processed_events pe ON pe.event_id = o.event_id"
     " WHERE o.published_at IS NOT NULL AND " OUTBOX_FILTER
     " ORDER BY o.kafka_partition, o.kafka_offset";
@@ -692,7 +766,10 @@ static int next_message(struct audit_ctx *a, struct admin_reader *rd, struct par
 static int stage2_merge(struct audit_ctx *a, const char *const *params)
 {
     struct pgcur k;
-    if (cur_open(&k, a->db, "audit_published", published_sql, 2, params, a->err, a->errlen))
+    char grace[32];
+    snprintf(grace, sizeof grace, "%" PRId64, a->cfg->audit_grace_ms);
+    const char *p3[3] = {params[0], params[1], grace};
+    if (cur_open(&k, a->db, "audit_published", published_sql, 3, p3, a->err, a->errlen))
         return -1;
     int ret = -1;
     struct outrow row;
@@ -730,6 +807,7 @@ static int stage2_merge(struct audit_ctx *a, const char *const *params)
                                            " below the log start %" PRId64,
                                            row.app_id, row.ce_id, p, row.offset, rd.low);
                 add(a, C_EXPIRED, it, NULL);
+                row.expired = true;
                 consumer_check(a, &row);
             } else if (row.offset >= ps->high) {
                 char why[96];
@@ -745,6 +823,7 @@ static int stage2_merge(struct audit_ctx *a, const char *const *params)
                                  " below the log start %" PRId64, row.ce_id, p, row.offset,
                                  rd.low),
                         NULL);
+                    row.expired = true;
                     consumer_check(a, &row);
                 } else if (m && m->offset == row.offset) {
                     char ce[64];
@@ -861,8 +940,24 @@ static int64_t part_lag(const struct part_stat *ps)
     return ps->high > from ? ps->high - from : 0;
 }
 
+/* Applications not through yet but within AUDIT_GRACE: not missing, not complete. */
+static int64_t in_flight(const struct audit_ctx *a)
+{
+    return a->in_grace + a->pending;
+}
+
+static const char *verdict(const struct audit_ctx *a)
+{
+    return a->missing ? "incomplete" : in_flight(a) ? "in_progress" : "complete";
+}
+
 static void verdict_line(const struct audit_ctx *a, FILE *out)
 {
+    if (a->missing == 0 && in_flight(a)) {
+        fprintf(out, "in progress: %" PRId64 " applications, 0 missing, %" PRId64
+                " not through yet (within AUDIT_GRACE)\n", a->applications, in_flight(a));
+        return;
+    }
     if (a->missing == 0) {
         fprintf(out, "complete: %" PRId64 " applications, 0 missing\n", a->applications);
         return;
@@ -880,8 +975,8 @@ static void verdict_line(const struct audit_ctx *a, FILE *out)
 static json_object *report_json(const struct audit_ctx *a)
 {
     json_object *root = json_object_new_object();
-    json_object_object_add(root, "verdict",
-                           json_object_new_string(a->missing ? "incomplete" : "complete"));
+    json_object_object_add(root, "verdict", json_object_new_string(verdict(a)));
+    json_object_object_add(root, "in_flight", json_object_new_int64(in_flight(a)));
     json_object_object_add(root, "applications", json_object_new_int64(a->applications));
     json_object_object_add(root, "missing", json_object_new_int64(a->missing));
     json_object_object_add(root, "missing_ids", json_object_get(a->missing_ids));
@@ -904,6 +999,8 @@ static json_object *report_json(const struct audit_ctx *a)
     json_object_object_add(s1, "outbox_pruned", json_object_new_int64(a->pruned));
     json_object_object_add(s1, a->cats[C_WITHOUT_OUTBOX].key, cat_json(&a->cats[C_WITHOUT_OUTBOX]));
     json_object_object_add(s1, a->cats[C_OUTBOX_ORPHAN].key, cat_json(&a->cats[C_OUTBOX_ORPHAN]));
+    json_object_object_add(s1, a->cats[C_PRUNED_UNACCOUNTED].key,
+                           cat_json(&a->cats[C_PRUNED_UNACCOUNTED]));
     json_object_object_add(stages, "applications_outbox", s1);
 
     json_object *s2 = json_object_new_object();
@@ -918,7 +1015,7 @@ static json_object *report_json(const struct audit_ctx *a)
     json_object_object_add(s2, "topic_messages", json_object_new_int64(messages));
     json_object_object_add(s2, "in_grace", json_object_new_int64(a->in_grace));
     json_object_object_add(s2, "outside_scope", json_object_new_int64(a->outside_scope));
-    for (int c = C_UNPUBLISHED; c <= C_EXPIRED; c++)
+    for (int c = C_UNPUBLISHED; c <= C_EXPIRED_UNCONSUMED; c++)
         json_object_object_add(s2, a->cats[c].key, cat_json(&a->cats[c]));
     json_object_object_add(stages, "outbox_kafka", s2);
 
@@ -981,6 +1078,7 @@ static void report_human(const struct audit_ctx *a, FILE *out)
     fprintf(out, "  %-66s %" PRId64 "\n", "older than OUTBOX_RETENTION, outbox row pruned", a->pruned);
     human_cat(&a->cats[C_WITHOUT_OUTBOX], out);
     human_cat(&a->cats[C_OUTBOX_ORPHAN], out);
+    human_cat(&a->cats[C_PRUNED_UNACCOUNTED], out);
 
     int64_t verified = 0, messages = 0, lag = 0;
     for (int p = 0; p < a->nparts; p++) {
@@ -993,7 +1091,7 @@ static void report_human(const struct audit_ctx *a, FILE *out)
     fprintf(out, "  %-66s %" PRId64 "\n", "verified (ce_id found at the recorded offset)", verified);
     fprintf(out, "  %-66s %" PRId64 "\n", "topic messages read", messages);
     fprintf(out, "  %-66s %" PRId64 "\n", "unpublished within the grace window", a->in_grace);
-    for (int c = C_UNPUBLISHED; c <= C_EXPIRED; c++) human_cat(&a->cats[c], out);
+    for (int c = C_UNPUBLISHED; c <= C_EXPIRED_UNCONSUMED; c++) human_cat(&a->cats[c], out);
 
     fprintf(out, "\nstage 3: kafka <-> consumer (group %s)\n", a->cfg->consumer_group);
     fprintf(out, "  %9s %12s %12s %12s %10s\n", "partition", "low", "high", "committed", "lag");
@@ -1009,7 +1107,7 @@ static void report_human(const struct audit_ctx *a, FILE *out)
     }
     fprintf(out, "  %-66s %" PRId64 "\n", "total lag (messages)", lag);
     fprintf(out, "  %-66s %" PRId64 "\n", "processed, every effect done", a->processed);
-    fprintf(out, "  %-66s %" PRId64 "\n", "pending (at or above the committed offset)", a->pending);
+    fprintf(out, "  %-66s %" PRId64 "\n", "pending (not consumed yet, within the grace window)", a->pending);
     for (int c = C_UNHANDLED; c < C_COUNT; c++) human_cat(&a->cats[c], out);
     fputc('\n', out);
     verdict_line(a, out);
@@ -1099,6 +1197,7 @@ int audit_run(const struct cfg *cfg, const char *brokers, const struct audit_opt
     if (human_out) report_human(&a, human_out);
     if (json_out) *json_out = report_json(&a);
     ret = a.missing > INT32_MAX ? INT32_MAX : (int)a.missing;
+    if (opts->in_flight) *opts->in_flight = in_flight(&a);
 out:
     free(committed);
     free(a.parts);
@@ -1123,13 +1222,18 @@ static void audit_usage(FILE *out)
             "  --event-id E  only the applications of show E\n"
             "  --since T     only applications created at or after T (a timestamp)\n"
             "  --json        the report as JSON (the same as GET /admin/audit)\n"
-            "  exit status: 0 nothing missing, 1 something missing, 2 error\n");
+            "  exit status: 0 complete (every application accounted for end to end),\n"
+            "  1 something missing or still in progress (within AUDIT_GRACE), 2 error\n");
 }
 
 static int audit_cli_run(const struct cfg *cfg, const void *opts, FILE *human_out,
                          json_object **json_out, char *err, size_t errlen)
 {
-    return audit_run(cfg, cfg->kafka_brokers, opts, human_out, json_out, err, errlen);
+    int64_t flying = 0;
+    struct audit_opts o = *(const struct audit_opts *)opts;
+    o.in_flight = &flying;
+    int r = audit_run(cfg, cfg->kafka_brokers, &o, human_out, json_out, err, errlen);
+    return r == 0 && flying > 0 ? 1 : r; /* not complete yet: not a 0 exit */
 }
 
 int audit_main(struct cfg *loaded, int argc, char **argv)

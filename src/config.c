@@ -131,6 +131,9 @@ static const struct cfg_setting settings[] = {
      "messages produced and not yet acknowledged", F(relay_inflight_max)},
     {"relay_retry_backoff", "RELAY_RETRY_BACKOFF", CFG_DURATION, "500ms", 0, HOUR_MS, false,
      NULL, "wait after a failed delivery before producing again", F(relay_retry_backoff_ms)},
+    {"relay_lease_ttl", "RELAY_LEASE_TTL", CFG_DURATION, "10s", 1000, 10 * MIN_MS, false, NULL,
+     "relay leadership lease; a standby takes over this long after the leader stops renewing",
+     F(relay_lease_ttl_ms)},
     {"outbox_retention", "OUTBOX_RETENTION", CFG_DURATION, "7d", 0, 3650 * DAY_MS, false, NULL,
      "how long published outbox rows are kept before pruning", F(outbox_retention_ms)},
 
@@ -158,7 +161,7 @@ static const struct cfg_setting settings[] = {
 
     /* audit */
     {"audit_grace", "AUDIT_GRACE", CFG_DURATION, "10s", 0, 7 * DAY_MS, false, NULL,
-     "outbox rows younger than this may still be unpublished without being reported",
+     "applications younger than this may still be unpublished or unconsumed (audit: in progress, not missing)",
      F(audit_grace_ms)},
 
     {"log_level", "LOG_LEVEL", CFG_ENUM, "info", 0, 0, false, "debug,info,warn,error",

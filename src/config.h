@@ -51,6 +51,7 @@ struct cfg {
     int relay_batch;           /* RELAY_BATCH: rows claimed per round */
     int relay_inflight_max;    /* RELAY_INFLIGHT_MAX: produced, not yet acknowledged */
     int64_t relay_retry_backoff_ms; /* RELAY_RETRY_BACKOFF: after a failed delivery */
+    int64_t relay_lease_ttl_ms;     /* RELAY_LEASE_TTL: leadership lease, default 10s */
     int64_t outbox_retention_ms;    /* OUTBOX_RETENTION: published rows kept, default 7d */
 
     /* consumer */

@@ -120,13 +120,25 @@ static const struct migration migrations[] = {
     {4, "e-mail send claims",
      "ALTER TABLE event_effects ADD COLUMN claim_token uuid,"
      " ADD COLUMN claimed_until timestamptz;"},
+    /* Relay leadership as a lease (outbox_relay.c): one row, renewed in place. */
+    {5, "relay lease",
+     "CREATE TABLE relay_lease ("
+     "  name       text PRIMARY KEY,"
+     "  holder     text NOT NULL DEFAULT '',"
+     "  epoch      bigint NOT NULL DEFAULT 0,"
+     "  expires_at timestamptz NOT NULL DEFAULT '-infinity');"
+     "INSERT INTO relay_lease (name) VALUES ('relay');"},
 };
 
 #define NMIGRATIONS ((int)(sizeof migrations / sizeof migrations[0]))
 
 int migrate_latest_version(void)
 {
-    return migrations[NMIGRATIONS - 1].version;
+    /* The highest, not the last: branches append their versions in any order. */
+    int v = 0;
+    for (int i = 0; i < NMIGRATIONS; i++)
+        if (migrations[i].version > v) v = migrations[i].version;
+    return v;
 }
 
 /* Formats a one-line message into err (libpq messages carry newlines). */

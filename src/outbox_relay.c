@@ -1,14 +1,27 @@
-/* outbox_relay: LISTEN/NOTIFY + timer, advisory lock, produce, mark on ack, retention.
+/* outbox_relay: LISTEN/NOTIFY + timer, leadership lease, produce, mark on ack, retention.
+ *
+ * Leadership is the row of relay_lease (holder, epoch, expires_at by the DB clock): claimed
+ * with a conditional UPDATE once expired (bumping the epoch, the fencing token), renewed
+ * every RELAY_LEASE_TTL/3 on the relay's session, all nonblocking. The mark UPDATE applies
+ * only while this holder and epoch hold an unexpired lease, checked in the same statement.
+ * No row lock on the lease: a mark whose snapshot predates a takeover's commit is ordered
+ * before it, and what it writes is true (the broker acknowledged it); a FOR SHARE lock
+ * would cost a WAL record per mark. The leader also stops on its own clock: once the last successful
+ * renewal was sent more than 9/10 of the TTL ago (monotonic), it drops its in-flight state
+ * before the DB can let anybody else in. The lease costs one row update per renewal, never
+ * one per outbox row.
  *
  * Every outbox row this process is handling sits in one map, keyed by row id, in one
  * state:
  *   INFLIGHT  produced, delivery report not yet seen
  *   ACKED     acknowledged by the broker, the UPDATE marking it not yet committed
- *   MARKED    marked published, but a claim query that started before the mark committed
- *             may still return it; dropped once a claim sent after the mark returns
+ *   MARKED    marked published while a claim was in flight: that claim may have read the
+ *             row before the mark committed; dropped when that claim returns
  *   COOLDOWN  its delivery failed; skipped by claims until its retry time
- * Claims skip every id in the map, so a row is never produced twice concurrently. The map
- * (all states) is bounded by RELAY_INFLIGHT_MAX.
+ * Claims skip every id in the map, so a row is never produced twice concurrently. The rows
+ * not yet marked are bounded by RELAY_INFLIGHT_MAX. MARKED rows are not counted: they only
+ * wait for the claim in flight, and a full map must never keep the next claim from being
+ * sent (that claim is what lets MARKED rows go).
  *
  * Claims walk a cursor (id > cursor, in id order). Transactions may commit out of id order
  * (group commits on several connections), so a row can appear below the cursor: the
@@ -27,13 +40,14 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "db_pool.h"
 #include "kafka_common.h"
 #include "log.h"
 #include "metrics.h"
 
-#define RELAY_LOCK_KEY "7366046105302081828" /* pg advisory lock id: "ticketd relay" */
+#define RELAY_LEASE_POLL_MAX_MS 1000 /* a standby tries to claim at least this often */
 #define RELAY_RETENTION_EVERY_MS 60000
 #define RELAY_RETENTION_BATCH 1000
 #define RELAY_MARK_BATCH_MAX 5000
@@ -50,19 +64,46 @@ static const char *const claim_sql =
     "extract(epoch FROM created_at)::float8, attempts "
     "FROM outbox WHERE published_at IS NULL AND id > $1 ORDER BY id LIMIT $2";
 
+/* $4 holder, $5 epoch: fenced by the lease (see the top of this file). */
 static const char *const mark_sql =
+    "WITH lease AS (SELECT 1 FROM relay_lease WHERE name = 'relay' AND holder = $4"
+    " AND epoch = $5::bigint AND expires_at > now()) "
     "UPDATE outbox o SET published_at = now(), kafka_partition = u.p, kafka_offset = u.off "
     "FROM unnest($1::bigint[], $2::int[], $3::bigint[]) AS u(id, p, off) "
-    "WHERE o.id = u.id AND o.published_at IS NULL";
+    "WHERE o.id = u.id AND o.published_at IS NULL AND EXISTS (SELECT 1 FROM lease)";
+
+/* $1 holder, $2 epoch (renew, release), $3 TTL in ms, $4 the query's sequence number.
+ * Claim and renew answer the epoch held and $4 (so a late answer is told from the latest).
+ * A missing lease row (deleted by hand) is put back by a claim; the next claim takes it. */
+static const char *const lease_claim_sql =
+    "WITH missing AS (INSERT INTO relay_lease (name) SELECT 'relay' WHERE NOT EXISTS"
+    " (SELECT 1 FROM relay_lease WHERE name = 'relay') ON CONFLICT DO NOTHING) "
+    "UPDATE relay_lease SET holder = $1, epoch = epoch + 1,"
+    " expires_at = now() + $3::bigint * interval '1 millisecond'"
+    " WHERE name = 'relay' AND (expires_at <= now() OR holder = $1) AND $2::bigint >= 0"
+    " RETURNING epoch, $4::bigint";
+static const char *const lease_renew_sql =
+    "UPDATE relay_lease SET expires_at = now() + $3::bigint * interval '1 millisecond'"
+    " WHERE name = 'relay' AND holder = $1 AND epoch = $2::bigint AND expires_at > now()"
+    " RETURNING epoch, $4::bigint";
+static const char *const lease_release_sql =
+    "UPDATE relay_lease SET expires_at = now() WHERE name = 'relay' AND holder = $1"
+    " AND epoch = $2::bigint AND $3::bigint >= 0 RETURNING epoch";
 
 static const char *const fail_sql =
     "UPDATE outbox o SET attempts = o.attempts + 1, last_error = u.e "
     "FROM unnest($1::bigint[], $2::text[]) AS u(id, e) "
     "WHERE o.id = u.id AND o.published_at IS NULL";
 
+/* Only rows whose event is accounted for: processed with every effect done, or
+ * dead-lettered. Any other row is the evidence the audit needs, kept whatever its age. */
 static const char *const retention_sql =
-    "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE published_at IS NOT NULL "
-    "AND published_at < now() - $1::bigint * interval '1 millisecond' LIMIT 1000)";
+    "DELETE FROM outbox WHERE id IN (SELECT o.id FROM outbox o WHERE o.published_at IS NOT NULL"
+    " AND o.published_at < now() - $1::bigint * interval '1 millisecond'"
+    " AND ((EXISTS (SELECT 1 FROM processed_events pe WHERE pe.event_id = o.event_id)"
+    "   AND NOT EXISTS (SELECT 1 FROM event_effects e WHERE e.event_id = o.event_id"
+    "   AND NOT e.done))"
+    "  OR EXISTS (SELECT 1 FROM dead_letters d WHERE d.event_id = o.event_id)) LIMIT 1000)";
 
 static const char *const backlog_sql =
     "SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)"
@@ -117,16 +158,24 @@ struct relay {
     rd_kafka_topic_t *rkt;  /* held so the topic's metadata and leaders are fetched early */
     rd_kafka_queue_t *mainq;
     struct kafka_bridge *bridge;
-    struct dbp *session; /* LISTEN, advisory lock, claims, retention, backlog */
-    struct dbp *marker;  /* mark published / record failures */
-    uv_timer_t tick_timer, retry_timer, retention_timer, close_timer;
+    struct dbp *session; /* LISTEN, lease, claims, backlog: short queries only */
+    struct dbp *marker;  /* mark published / record failures / retention (may be slow) */
+    uv_timer_t tick_timer, retry_timer, retention_timer, close_timer, lease_timer;
+
+    char holder[128];         /* this process in relay_lease.holder */
+    int64_t epoch;            /* fencing token of the lease held (valid while active) */
+    uint64_t lease_until;     /* monotonic ms: past it, this process stops relaying */
+    uint64_t renewed_at;      /* monotonic ms the last successful renewal was sent */
+    uint64_t lease_sent_at, lease_gen, lease_seq; /* of the latest lease query sent */
+    bool lease_inflight, lease_renewing, released, release_inflight;
+    int64_t claim_epoch;
 
     bool active, fatal, closing, teardown;
     bool kafka_up;   /* a broker is up now (statistics, delivery reports, errors) */
     bool kafka_seen; /* kafka_up was true at least once since start: readiness */
     uint64_t session_gen;     /* bumps on every (dis)connect: stale answers are ignored */
-    bool lock_inflight, claim_inflight, claim_again, retention_inflight, backlog_inflight;
-    uint64_t lock_gen, claim_gen;
+    bool claim_inflight, claim_again, retention_inflight, backlog_inflight;
+    uint64_t claim_gen;
     bool standby_logged;
 
     int64_t cursor;           /* claims read id > cursor */
@@ -327,7 +376,8 @@ static void set_active(struct relay *r, bool active, const char *why)
 static void maybe_claim(struct relay *r);
 static void flush_marks(struct relay *r);
 static void flush_fails(struct relay *r);
-static void try_lock(struct relay *r);
+static bool lease_held(struct relay *r);
+static void release_lease(struct relay *r);
 static void close_check(struct relay *r);
 static void on_retry_timer(uv_timer_t *t);
 static void on_retention_timer(uv_timer_t *t);
@@ -350,15 +400,22 @@ static void on_mark_done(void *ud, const PGresult *res, const char *error)
     for (size_t i = 0; i < n; i++) {
         struct row *row = map_find(&r->rows, r->acks[i].id);
         if (!row) continue;
-        row->state = ROW_MARKED;
-        if (grow((void **)&r->marked, &r->marked_cap, r->nmarked + 1, sizeof *r->marked) != 0) {
+        /* With no claim in flight, every later claim sees the mark: the row can go now. */
+        if (!r->claim_inflight ||
+            grow((void **)&r->marked, &r->marked_cap, r->nmarked + 1, sizeof *r->marked) != 0) {
             map_remove(&r->rows, r->acks[i].id);
             continue;
         }
-        r->marked[r->nmarked++] = (struct marked){r->acks[i].id, r->claim_seq_sent};
+        row->state = ROW_MARKED;
+        r->marked[r->nmarked++] = (struct marked){r->acks[i].id, r->claim_seq_inflight};
     }
     if (n) memmove(r->acks, r->acks + n, (r->nacks - n) * sizeof *r->acks);
     r->nacks -= n;
+    long marked = atol(PQcmdTuples((PGresult *)res));
+    metrics_counter_add("ticketd_relay_marked_total", NULL, (double)marked);
+    if ((size_t)marked < n)
+        log_info("relay", "event=mark_skipped rows=%zu marked=%ld "
+                 "note=\"published already, or the lease was lost\"", n, marked);
     log_debug("relay", "event=marked rows=%zu", n);
     flush_marks(r);
     if (r->closing) close_check(r);
@@ -367,7 +424,7 @@ static void on_mark_done(void *ud, const PGresult *res, const char *error)
 
 static void flush_marks(struct relay *r)
 {
-    if (r->acks_sending || !r->nacks || r->teardown) return;
+    if (r->acks_sending || !r->nacks || r->teardown || !lease_held(r)) return;
     size_t n = r->nacks < RELAY_MARK_BATCH_MAX ? r->nacks : RELAY_MARK_BATCH_MAX;
     struct sbuf ids = {0}, parts = {0}, offs = {0};
     sb_put(&ids, "{", 1);
@@ -383,8 +440,10 @@ static void flush_marks(struct relay *r)
     sb_put(&parts, "}", 1);
     sb_put(&offs, "}", 1);
     if (!ids.oom && !parts.oom && !offs.oom) {
-        const char *params[3] = {ids.p, parts.p, offs.p};
-        if (dbp_query(r->marker, mark_sql, 3, params, on_mark_done, r) == 0) r->acks_sending = n;
+        char epoch[24];
+        snprintf(epoch, sizeof epoch, "%" PRId64, r->epoch);
+        const char *params[5] = {ids.p, parts.p, offs.p, r->holder, epoch};
+        if (dbp_query(r->marker, mark_sql, 5, params, on_mark_done, r) == 0) r->acks_sending = n;
     }
     free(ids.p);
     free(parts.p);
@@ -692,10 +751,17 @@ static void drain_kafka(void *ud)
 
 /* --- claiming and producing ---------------------------------------------------------- */
 
-static void drop_marked_before(struct relay *r, uint64_t claim_seq)
+/* Rows held in the map (produced or cooling down), MARKED ones aside. */
+static int busy_rows(const struct relay *r)
+{
+    return (int)(r->rows.count > r->nmarked ? r->rows.count - r->nmarked : 0);
+}
+
+/* The claim claim_seq returned: MARKED rows it might have read can go. */
+static void drop_marked_upto(struct relay *r, uint64_t claim_seq)
 {
     size_t k = 0;
-    while (k < r->nmarked && r->marked[k].claim_seq < claim_seq) {
+    while (k < r->nmarked && r->marked[k].claim_seq <= claim_seq) {
         struct row *row = map_find(&r->rows, r->marked[k].id);
         if (row && row->state == ROW_MARKED) map_remove(&r->rows, r->marked[k].id);
         k++;
@@ -740,12 +806,14 @@ static void on_claim(void *ud, const PGresult *res, const char *error)
 {
     struct relay *r = ud;
     r->claim_inflight = false;
-    drop_marked_before(r, r->claim_seq_inflight);
-    if (r->claim_gen != r->session_gen || !r->active || r->closing || r->fatal || !r->rk) {
+    if (r->claim_gen != r->session_gen || r->claim_epoch != r->epoch || !lease_held(r) ||
+        r->closing || r->fatal || !r->rk) {
+        drop_marked_upto(r, r->claim_seq_inflight);
         if (r->closing) close_check(r);
         return;
     }
     if (!res || PQresultStatus(res) != PGRES_TUPLES_OK) {
+        drop_marked_upto(r, r->claim_seq_inflight);
         log_warn("relay", "event=claim_failed err=%s",
                  db_error(error, res));
         return; /* the tick retries */
@@ -759,7 +827,7 @@ static void on_claim(void *ud, const PGresult *res, const char *error)
             r->cursor = id;
             continue;
         }
-        if ((int)r->rows.count >= r->cfg->relay_inflight_max) {
+        if (busy_rows(r) >= r->cfg->relay_inflight_max) {
             stopped = true;
             break;
         }
@@ -789,6 +857,7 @@ static void on_claim(void *ud, const PGresult *res, const char *error)
         log_warn("relay", "event=produce_failed rows=%d first_id=%" PRId64 " err=\"%s\"", failed,
                  first_failed, rd_kafka_err2str(r->last_produce_err));
     if (produced) log_debug("relay", "event=produced rows=%d cursor=%" PRId64, produced, r->cursor);
+    drop_marked_upto(r, r->claim_seq_inflight); /* after the skip test above used them */
     /* A full batch means more rows may wait; claim again unless capacity ran out (the
      * next drain of delivery reports claims then). */
     if (!stopped && (n >= r->cfg->relay_batch || r->claim_again)) {
@@ -799,12 +868,12 @@ static void on_claim(void *ud, const PGresult *res, const char *error)
 
 static void maybe_claim(struct relay *r)
 {
-    if (r->closing || r->teardown || !r->active || r->fatal || !r->rk) return;
+    if (r->closing || r->teardown || r->fatal || !r->rk || !lease_held(r)) return;
     if (r->claim_inflight) {
         r->claim_again = true;
         return;
     }
-    if ((int)r->rows.count >= r->cfg->relay_inflight_max) return;
+    if (busy_rows(r) >= r->cfg->relay_inflight_max) return;
     if (r->rewind_to < r->cursor) r->cursor = r->rewind_to;
     r->rewind_to = INT64_MAX;
     char after[24], limit[16];
@@ -815,6 +884,7 @@ static void maybe_claim(struct relay *r)
     r->claim_inflight = true;
     r->claim_again = false;
     r->claim_gen = r->session_gen;
+    r->claim_epoch = r->epoch;
     r->claim_seq_inflight = ++r->claim_seq_sent;
 }
 
@@ -849,40 +919,148 @@ static void on_retry_timer(uv_timer_t *t)
     maybe_claim(r);
 }
 
-/* --- the session: LISTEN, lock ------------------------------------------------------- */
+/* --- the lease ------------------------------------------------------------------------ */
 
-static void on_lock(void *ud, const PGresult *res, const char *error)
+static uint64_t mono_ms(void)
+{
+    return uv_hrtime() / 1000000u; /* not uv_now: the loop's cached time may be stale */
+}
+
+static uint64_t lease_ttl(const struct relay *r)
+{
+    return r->cfg->relay_lease_ttl_ms > 0 ? (uint64_t)r->cfg->relay_lease_ttl_ms : 10000;
+}
+
+/* Forgets every row in hand: the next leader sends them again (same ce_id). Messages still
+ * queued in the producer are purged; delivery reports of any others find no row. */
+static void drop_rows(struct relay *r)
+{
+    if (r->rk) rd_kafka_purge(r->rk, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_NON_BLOCKING);
+    if (r->rows.cap) memset(r->rows.slots, 0, r->rows.cap * sizeof *r->rows.slots);
+    r->rows.count = 0;
+    r->inflight = 0;
+    r->nmarked = 0;
+    r->nacks = r->acks_sending; /* a mark in progress is fenced by the DB */
+    r->nfails = r->fails_sending;
+    r->cursor = 0;
+    r->rewind_to = INT64_MAX;
+    uv_timer_stop(&r->retry_timer);
+}
+
+static void lose_lease(struct relay *r, const char *why)
+{
+    if (!r->active) return;
+    set_active(r, false, why);
+    drop_rows(r);
+}
+
+/* True while this process may relay: it holds the lease and renewed it recently enough by
+ * its own clock (a process woken from SIGSTOP finds out here, before it marks anything). */
+static bool lease_held(struct relay *r)
+{
+    if (!r->active) return false;
+    if (mono_ms() < r->lease_until) return true;
+    lose_lease(r, "lease_expired");
+    return false;
+}
+
+static void on_lease(void *ud, const PGresult *res, const char *error)
 {
     struct relay *r = ud;
-    r->lock_inflight = false;
-    if (r->lock_gen != r->session_gen || r->closing) return;
-    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1) {
-        log_warn("relay", "event=lock_query_failed err=%s",
+    bool renewing = r->lease_renewing;
+    r->lease_inflight = false;
+    if (r->lease_gen != r->session_gen || r->teardown) return;
+    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK) {
+        /* Kept while it lasts: lease_held() lets go when the TTL runs out. */
+        log_warn("relay", "event=lease_query_failed renewing=%d err=%s", renewing,
                  db_error(error, res));
         return;
     }
-    if (strcmp(PQgetvalue(res, 0, 0), "t") == 0) {
-        r->cursor = 0;
-        r->rewind_to = INT64_MAX;
-        set_active(r, true, "lock_acquired");
-        maybe_claim(r);
-        on_retention_timer(&r->retention_timer); /* then every minute */
+    uint64_t ttl = lease_ttl(r);
+    if (PQntuples(res) == 1) {
+        int64_t epoch = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
+        /* The answer to an older query (sent before one that hung): its send time is not
+         * lease_sent_at, so it proves nothing; the next renewal or claim decides. */
+        if (strtoull(PQgetvalue(res, 0, 1), NULL, 10) != r->lease_seq) return;
+        if (renewing) {
+            if (!r->active || epoch != r->epoch) return; /* lost meanwhile: claim again */
+        } else {
+            if (r->active || r->closing) return;
+            r->epoch = epoch;
+        }
+        r->renewed_at = r->lease_sent_at;
+        r->lease_until = r->lease_sent_at + ttl - ttl / 10;
+        if (!renewing && mono_ms() < r->lease_until) {
+            r->cursor = 0;
+            r->rewind_to = INT64_MAX;
+            set_active(r, true, "lease_acquired");
+            log_info("relay", "event=lease_acquired epoch=%" PRId64 " ttl_ms=%" PRIu64, epoch, ttl);
+            maybe_claim(r);
+            on_retention_timer(&r->retention_timer); /* then every minute */
+        }
+    } else if (renewing) {
+        lose_lease(r, "lease_taken_over");
     } else if (!r->standby_logged) {
         r->standby_logged = true;
         metrics_gauge_set("ticketd_relay_active", NULL, 0);
-        log_info("relay", "event=standby why=lock_held_elsewhere retry_every_ms=%" PRId64,
-                 r->cfg->relay_interval_ms);
+        log_info("relay", "event=standby why=lease_held_elsewhere ttl_ms=%" PRIu64, ttl);
     }
 }
 
-static void try_lock(struct relay *r)
+static void lease_send(struct relay *r, const char *sql, dbp_result_fn cb)
 {
-    if (r->active || r->lock_inflight || r->closing || !dbp_connected(r->session)) return;
-    const char *sql = "SELECT pg_try_advisory_lock(" RELAY_LOCK_KEY ")";
-    if (dbp_query(r->session, sql, 0, NULL, on_lock, r) != 0) return;
-    r->lock_inflight = true;
-    r->lock_gen = r->session_gen;
+    char epoch[24], ttl[24], seq[24];
+    snprintf(epoch, sizeof epoch, "%" PRId64, r->epoch);
+    snprintf(ttl, sizeof ttl, "%" PRIu64, lease_ttl(r));
+    snprintf(seq, sizeof seq, "%" PRIu64, r->lease_seq + 1);
+    const char *params[4] = {r->holder, epoch, ttl, seq};
+    uint64_t now = mono_ms();
+    if (dbp_query(r->session, sql, 4, params, cb, r) != 0) return;
+    r->lease_seq++;
+    r->lease_inflight = true;
+    r->lease_gen = r->session_gen;
+    r->lease_sent_at = now;
 }
+
+/* Every min(TTL/3, 1 s): the leader renews (every TTL/3), a standby tries to claim. */
+static void on_lease_timer(uv_timer_t *t)
+{
+    struct relay *r = t->data;
+    if (r->teardown || !dbp_connected(r->session)) return;
+    /* One at a time; a query stuck longer than the TTL (a hung link) no longer counts. */
+    if (r->lease_inflight && mono_ms() - r->lease_sent_at < lease_ttl(r)) return;
+    if (lease_held(r)) {
+        if (mono_ms() - r->renewed_at < lease_ttl(r) / 3) return;
+        r->lease_renewing = true;
+        lease_send(r, lease_renew_sql, on_lease);
+    } else if (!r->closing) {
+        r->lease_renewing = false;
+        lease_send(r, lease_claim_sql, on_lease);
+    }
+}
+
+static void on_release(void *ud, const PGresult *res, const char *error)
+{
+    struct relay *r = ud;
+    r->release_inflight = false;
+    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK)
+        log_warn("relay", "event=lease_release_failed err=%s note=\"a standby waits for the TTL\"",
+                 db_error(error, res));
+    close_check(r);
+}
+
+static void release_lease(struct relay *r)
+{
+    char epoch[24];
+    snprintf(epoch, sizeof epoch, "%" PRId64, r->epoch);
+    const char *params[3] = {r->holder, epoch, "0"};
+    r->released = true; /* tried once */
+    if (dbp_connected(r->session) &&
+        dbp_query(r->session, lease_release_sql, 3, params, on_release, r) == 0)
+        r->release_inflight = true;
+}
+
+/* --- the session: LISTEN ------------------------------------------------------------- */
 
 static void on_listen(void *ud, const PGresult *res, const char *error)
 {
@@ -899,15 +1077,15 @@ static void on_session_connect(void *ud, struct dbp *pool)
     if (r->closing) return;
     if (dbp_query(pool, "LISTEN outbox", 0, NULL, on_listen, r) != 0)
         log_warn("relay", "event=listen_failed err=\"not queued\"");
-    try_lock(r);
+    on_lease_timer(&r->lease_timer);
 }
 
 static void on_session_disconnect(void *ud, struct dbp *pool)
 {
     struct relay *r = ud;
     r->session_gen++;
-    /* The lock went with the session: another replica may be relaying already. */
-    set_active(r, false, "session_lost");
+    r->lease_inflight = false; /* its answer, if any, is ignored (session_gen) */
+    /* The lease outlives the session: renewed on the next one, or lost at its TTL. */
 }
 
 static void on_notify(void *ud, const char *channel, const char *payload)
@@ -947,10 +1125,7 @@ static void on_tick(uv_timer_t *t)
     }
     flush_marks(r);
     flush_fails(r);
-    if (!r->active) {
-        try_lock(r);
-        return;
-    }
+    if (!lease_held(r)) return;
     rewind_cursor(r, 1); /* sweep from the start: catches rows committed out of id order */
     maybe_claim(r);
     if (!r->backlog_inflight &&
@@ -973,7 +1148,7 @@ static void on_retention(void *ud, const PGresult *res, const char *error)
         char ms[24];
         snprintf(ms, sizeof ms, "%" PRId64, r->cfg->outbox_retention_ms);
         const char *params[1] = {ms};
-        if (dbp_query(r->session, retention_sql, 1, params, on_retention, r) == 0)
+        if (dbp_query(r->marker, retention_sql, 1, params, on_retention, r) == 0)
             r->retention_inflight = true;
     }
 }
@@ -985,7 +1160,7 @@ static void on_retention_timer(uv_timer_t *t)
     char ms[24];
     snprintf(ms, sizeof ms, "%" PRId64, r->cfg->outbox_retention_ms);
     const char *params[1] = {ms};
-    if (dbp_query(r->session, retention_sql, 1, params, on_retention, r) == 0)
+    if (dbp_query(r->marker, retention_sql, 1, params, on_retention, r) == 0)
         r->retention_inflight = true;
 }
 
@@ -1011,6 +1186,11 @@ int relay_start(struct relay **out, uv_loop_t *loop, const struct cfg *cfg,
     r->loop = loop;
     r->cfg = cfg;
     r->rewind_to = INT64_MAX;
+    char host[64] = "?";
+    gethostname(host, sizeof host - 1);
+    host[sizeof host - 1] = '\0';
+    snprintf(r->holder, sizeof r->holder, "%s/%d/%" PRIx64, host, (int)getpid(),
+             (uint64_t)(now_epoch() * 1e6));
     r->brokers = strdup(brokers ? brokers : "");
     if (!r->brokers) {
         free(r);
@@ -1027,7 +1207,11 @@ int relay_start(struct relay **out, uv_loop_t *loop, const struct cfg *cfg,
     metrics_counter_add("ticketd_relay_failures_total", NULL, 0);
     metrics_describe("ticketd_relay_commit_to_ack_seconds", "histogram",
                      "Outbox row commit to broker acknowledgement");
-    metrics_describe("ticketd_relay_active", "gauge", "1 when this process holds the relay lock");
+    metrics_describe("ticketd_relay_marked_total", "counter",
+                     "Outbox rows this process marked published (fenced by its lease)");
+    metrics_counter_add("ticketd_relay_marked_total", NULL, 0);
+    metrics_describe("ticketd_relay_active", "gauge",
+                     "1 while this process holds the relay lease (renewed within RELAY_LEASE_TTL)");
     metrics_describe("ticketd_relay_kafka_up", "gauge", "1 when the producer sees a broker up");
     metrics_gauge_set("ticketd_relay_kafka_up", NULL, 0);
     metrics_gauge_set("ticketd_relay_active", NULL, 0);
@@ -1052,13 +1236,19 @@ int relay_start(struct relay **out, uv_loop_t *loop, const struct cfg *cfg,
     uv_timer_init(loop, &r->retry_timer);
     uv_timer_init(loop, &r->retention_timer);
     uv_timer_init(loop, &r->close_timer);
+    uv_timer_init(loop, &r->lease_timer);
     r->tick_timer.data = r->retry_timer.data = r->retention_timer.data = r->close_timer.data = r;
+    r->lease_timer.data = r;
+    uint64_t lease_every = lease_ttl(r) / 3;
+    if (lease_every > RELAY_LEASE_POLL_MAX_MS) lease_every = RELAY_LEASE_POLL_MAX_MS;
+    uv_timer_start(&r->lease_timer, on_lease_timer, lease_every, lease_every);
     uint64_t interval = cfg->relay_interval_ms > 0 ? (uint64_t)cfg->relay_interval_ms : 1000;
     uv_timer_start(&r->tick_timer, on_tick, interval, interval);
     uv_timer_start(&r->retention_timer, on_retention_timer, RELAY_RETENTION_EVERY_MS,
                    RELAY_RETENTION_EVERY_MS);
-    log_info("relay", "event=started topic=%s batch=%d inflight_max=%d interval_ms=%" PRIu64,
-             cfg->topic, cfg->relay_batch, cfg->relay_inflight_max, interval);
+    log_info("relay", "event=started topic=%s batch=%d inflight_max=%d interval_ms=%" PRIu64
+             " lease_ttl_ms=%" PRIu64 " holder=%s", cfg->topic, cfg->relay_batch,
+             cfg->relay_inflight_max, interval, lease_ttl(r), r->holder);
     *out = r;
     return 0;
 
@@ -1121,6 +1311,11 @@ static void close_check(struct relay *r)
                 !r->fails_sending && !r->claim_inflight;
     bool late = uv_now(r->loop) >= r->close_deadline;
     if (!idle && !late) return;
+    if (!late && r->active && !r->released) {
+        /* Hand the lease back so that a standby need not wait for the TTL. */
+        if (!r->release_inflight) release_lease(r);
+        if (r->release_inflight) return;
+    }
     if (!idle)
         log_warn("relay", "event=close_deadline inflight=%d unmarked=%zu action=abandon "
                  "note=\"rows stay unpublished and are sent again\"",
@@ -1133,7 +1328,8 @@ static void close_check(struct relay *r)
         rd_kafka_purge(r->rk, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
         producer_retire(r, on_final_destroy);
     }
-    uv_timer_t *timers[] = {&r->tick_timer, &r->retry_timer, &r->retention_timer, &r->close_timer};
+    uv_timer_t *timers[] = {&r->tick_timer, &r->retry_timer, &r->retention_timer, &r->close_timer,
+                            &r->lease_timer};
     for (size_t i = 0; i < sizeof timers / sizeof timers[0]; i++) {
         r->closing_parts++;
         uv_close((uv_handle_t *)timers[i], on_timer_closed);

@@ -1,16 +1,19 @@
 /* outbox_relay (relay_): publishes committed outbox rows to Kafka, marking each row
  * published only from the broker's delivery report.
  *
- * One relay is active across replicas: the holder of a session-level advisory lock on a
- * dedicated PostgreSQL session (which also LISTENs on channel "outbox"). A standby retries
- * the lock every RELAY_INTERVAL, so it takes over within seconds of the active session
- * dying. The active relay claims unpublished rows in id order (bounded batches, at most
+ * One relay is active across replicas: the holder of the lease in table relay_lease
+ * (renewed every RELAY_LEASE_TTL/3 on a dedicated PostgreSQL session, which also LISTENs on
+ * channel "outbox"). A standby tries to claim it every min(TTL/3, 1 s), so it takes over
+ * within about RELAY_LEASE_TTL + 1 s of the leader's last renewal, whether the leader died,
+ * froze (SIGSTOP) or lost its network. Marks are fenced by the lease, and a leader stops
+ * on its own clock before its lease can expire. The active relay claims unpublished rows in id order (bounded batches, at most
  * RELAY_INFLIGHT_MAX produced and not yet acknowledged), produces them with key =
  * application id and CloudEvents headers, and on each delivery report either marks the row
  * published (published_at, kafka_partition, kafka_offset) or records the failure
  * (attempts, last_error) and retries it later with doubling backoff. Published rows older
- * than OUTBOX_RETENTION are deleted in small batches. Crashes may re-send a row (same
- * ce_id); they never skip one. */
+ * than OUTBOX_RETENTION are deleted in small batches, once their event was processed (every
+ * effect done) or dead-lettered. Crashes and handovers may re-send a row (same ce_id); they
+ * never skip one. */
 #ifndef TICKETD_OUTBOX_RELAY_H
 #define TICKETD_OUTBOX_RELAY_H
 
@@ -28,7 +31,7 @@ int relay_start(struct relay **out, uv_loop_t *loop, const struct cfg *cfg,
                 const char *brokers);
 
 /* Stops claiming, waits (bounded: min(SHUTDOWN_GRACE, 10 s)) for in-flight delivery
- * reports and marks what was acknowledged, releases the lock by closing its session, then
+ * reports and marks what was acknowledged, hands the lease back (expires it), then
  * calls done(ud) on a later turn and frees the relay. Rows still unacknowledged stay
  * unpublished and are sent again by the next active relay. */
 void relay_close(struct relay *r, void (*done)(void *ud), void *ud);
@@ -41,7 +44,7 @@ void relay_close(struct relay *r, void (*done)(void *ud), void *ud);
  * Nonblocking. */
 bool relay_kafka_ready(const struct relay *r);
 
-/* This process holds the relay lock and publishes. */
+/* This process holds the relay lease (renewed within its TTL) and publishes. */
 bool relay_is_active(const struct relay *r);
 
 #endif

@@ -128,8 +128,10 @@ class AuditTest(TicketdTestCase):
         r = run_ticketd(["audit", "--json"] + list(args), env=e, timeout=180)
         self.assertIn(r.returncode, (0, 1), f"audit failed:\n{r.stderr}")
         report = json.loads(r.stdout)
-        # The exit status and the verdict agree.
-        self.assertEqual(r.returncode == 0, report["missing"] == 0, r.stdout)
+        # The exit status and the verdict agree: 0 only when complete.
+        self.assertEqual(r.returncode == 0, report.get("verdict") == "complete", r.stdout)
+        if report["missing"]:
+            self.assertEqual(report["verdict"], "incomplete")
         return r.returncode, report
 
     def audit_human(self, *args):
@@ -163,7 +165,9 @@ class AuditTest(TicketdTestCase):
                         ("outbox_kafka", "unpublished"), ("outbox_kafka", "not_in_topic"),
                         ("outbox_kafka", "wrong_offset"), ("outbox_kafka", "topic_without_row"),
                         ("kafka_consumer", "unhandled"), ("kafka_consumer", "effects_not_done"),
-                        ("kafka_consumer", "dead_lettered")}
+                        ("kafka_consumer", "dead_lettered"),
+                        ("applications_outbox", "pruned_unaccounted"),
+                        ("outbox_kafka", "expired_unconsumed"), ("kafka_consumer", "not_consumed")}
         for st, nm in missing_cats - {(stage, name)}:
             self.assertEqual(self.cat(report, st, nm)["count"], 0, f"{st}.{nm}: {report}")
 
@@ -226,10 +230,20 @@ class AuditTest(TicketdTestCase):
         self.assertEqual([m["ce_id"] for m in found], [self.apps[lost]["ce_id"]])
         self.assertFalse(found[0]["in_outbox"])
 
+    def processed_without_outbox(self, app_id):
+        """What the consumer left of an event whose outbox row was then pruned."""
+        a = self.apps[app_id]
+        self.pg.execute(f"""
+            INSERT INTO points_ledger (event_id, application_id, phone, points)
+              VALUES ('{a['ce_id']}', {app_id}, '{a['phone']}', 10);
+            INSERT INTO event_effects (event_id, effect, application_id, done, attempts)
+              VALUES ('{a['ce_id']}', 'points', {app_id}, true, 1)""")
+
     def test_outbox_row_pruned_after_retention_is_not_missing(self):
         self.healthy(3)
         self.commit_group()
         old = self.new_application(age_s=8 * 86400)   # OUTBOX_RETENTION defaults to 7 days
+        self.processed_without_outbox(old)
         self.pg.execute(f"DELETE FROM outbox WHERE aggregate_id = {old}")
         rc, report = self.audit()
         self.assertEqual(rc, 0, json.dumps(report))
@@ -351,7 +365,60 @@ class AuditTest(TicketdTestCase):
         rc, report = self.audit()
         self.assertEqual(rc, 0, json.dumps(report))
 
-    def test_grace_window_and_pending_are_not_missing(self):
+    def test_pruned_outbox_row_is_still_checked(self):
+        """Issue 11 item 7: an application whose outbox row was pruned was not checked at
+        all ("outbox_pruned", complete). Now it needs the consumer's trace: points (with
+        effects done) or a dead letter."""
+        self.healthy(3)
+        self.commit_group()
+        lost = self.new_application(age_s=8 * 86400)
+        self.pg.execute(f"DELETE FROM outbox WHERE aggregate_id = {lost}")
+        rc, report = self.audit()
+        self.assertEqual(rc, 1, json.dumps(report))
+        self.assert_only(report, "applications_outbox", "pruned_unaccounted", [lost])
+        # Dead-lettered (not replayed): in the DLQ, still missing, under that name.
+        self.pg.execute(
+            "INSERT INTO dead_letters (event_id, application_id, src_topic, src_partition,"
+            " src_offset, dlq_partition, dlq_offset, attempts, error_class, error_message)"
+            f" VALUES ('{self.apps[lost]['ce_id']}', {lost}, '{TOPIC}', 0, 0, 0, 0, 3,"
+            " 'permanent', 'sink said 400')")
+        rc, report = self.audit()
+        self.assertEqual(rc, 1, json.dumps(report))
+        self.assert_only(report, "kafka_consumer", "dead_lettered", [lost])
+        # Replayed and processed: accounted for.
+        self.pg.execute(f"UPDATE dead_letters SET replayed_at = now() WHERE application_id = {lost}")
+        self.processed_without_outbox(lost)
+        rc, report = self.audit()
+        self.assertEqual(rc, 0, json.dumps(report))
+        self.assertEqual(report["verdict"], "complete")
+
+    def test_nothing_consumed_is_never_complete(self):
+        """Issue 11 item 7: with no committed offsets (ROLE=api,relay, nothing consumes) the
+        audit said "complete: 10 applications, 0 missing" and exited 0."""
+        ids = [self.new_application() for _ in range(10)]
+        for k, app_id in enumerate(ids):
+            self.produce(app_id, k % PARTS)
+        self.record_offsets()
+        rc, report = self.audit()          # within AUDIT_GRACE (10s): in progress
+        self.assertEqual(rc, 1, json.dumps(report))
+        self.assertEqual(report["verdict"], "in_progress")
+        self.assertEqual(report["missing"], 0)
+        self.assertEqual(report["in_flight"], 10)
+        rc, lines = self.audit_human()
+        self.assertEqual(rc, 1)
+        self.assertEqual(lines[-1], "in progress: 10 applications, 0 missing, 10 not through"
+                                    " yet (within AUDIT_GRACE)")
+        rc, report = self.audit(env={"AUDIT_GRACE": "0s"})   # past the grace: missing
+        self.assertEqual(rc, 1, json.dumps(report))
+        self.assert_only(report, "kafka_consumer", "not_consumed", ids)
+        # Consumed and committed: complete.
+        for app_id in ids:
+            self.process(app_id)
+        self.commit_group()
+        rc, report = self.audit(env={"AUDIT_GRACE": "0s"})
+        self.assertEqual(rc, 0, json.dumps(report))
+
+    def test_grace_window_and_pending_are_in_progress_not_missing(self):
         self.healthy(4)
         self.commit_group()
         fresh = self.new_application()          # the relay has not run yet: within the grace
@@ -359,7 +426,9 @@ class AuditTest(TicketdTestCase):
         self.produce(late, 1)
         self.record_offsets()
         rc, report = self.audit()
-        self.assertEqual(rc, 0, json.dumps(report))
+        self.assertEqual(rc, 1, json.dumps(report))
+        self.assertEqual(report["verdict"], "in_progress")
+        self.assertEqual(report["missing"], 0)
         self.assertEqual(report["stages"]["outbox_kafka"]["in_grace"], 1)
         self.assertEqual(report["stages"]["kafka_consumer"]["pending"], 1)
         self.assertEqual(report["stages"]["kafka_consumer"]["lag"], 1)
@@ -377,24 +446,30 @@ class AuditTest(TicketdTestCase):
         self.assertEqual(app["status"], "unpublished")
         self.assertIn("broker down", row["story"])
 
-    def test_expired_from_the_topic_is_not_missing(self):
-        # The mock keeps 5 MiB per partition: seven ~900 KB events push the first one out.
+    def overflow_partition_0(self):
+        """Eight events published to partition 0 at offsets 0..7, the first ones deleted by
+        the mock's retention (5 MiB per partition: seven ~900 KB events push the first
+        out). Returns (the eight ids in offset order, the log start)."""
         first = self.new_application()
         self.produce(first, 0)
-        big = []
+        ids = [first]
         for _ in range(7):
             app_id = self.new_application()
             padded = json.loads(self.apps[app_id]["payload"])
             padded["padding"] = "x" * 900_000
             self.produce(app_id, 0, value=json.dumps(padded))
-            big.append(app_id)
-        rows = kcat_consume(self.km.brokers, TOPIC, partition=0)
-        low = min(m["offset"] for m in rows)
+            ids.append(app_id)
+        low = min(m["offset"] for m in kcat_consume(self.km.brokers, TOPIC, partition=0))
         self.assertGreater(low, 0, "the mock did not delete the oldest message")
-        # Every produced event was acknowledged at offsets 0..7 in order.
-        for offset, app_id in enumerate([first] + big):
+        for offset, app_id in enumerate(ids):
             self.pg.execute(f"UPDATE outbox SET published_at = now(), kafka_partition = 0,"
                             f" kafka_offset = {offset} WHERE aggregate_id = {app_id}")
+        return ids, low
+
+    def test_expired_from_the_topic_is_not_missing(self):
+        ids, low = self.overflow_partition_0()
+        first = ids[0]
+        for app_id in ids:
             self.process(app_id)
         self.commit_group()
         rc, report = self.audit()
@@ -406,6 +481,19 @@ class AuditTest(TicketdTestCase):
         _, app, row = self.trace_entry(first)
         self.assertEqual(app["status"], "processed")
         self.assertTrue(row["topic_record"]["expired"])
+
+    def test_expired_before_it_was_consumed_is_missing(self):
+        """Issue 11 item 7: an event deleted from the topic before the group consumed it
+        was counted "expired" (and pending), never missing."""
+        ids, low = self.overflow_partition_0()
+        # The consumer handled the ones still in the topic; the expired ones, never. No
+        # offset was committed (the group's commit had not happened yet).
+        for app_id in ids[low:]:
+            self.process(app_id)
+        expired_ids = ids[:low]
+        rc, report = self.audit()
+        self.assertEqual(rc, 1, json.dumps(report)[:3000])
+        self.assert_only(report, "outbox_kafka", "expired_unconsumed", expired_ids)
 
     def test_event_filter(self):
         self.healthy(4, show="show-a")
