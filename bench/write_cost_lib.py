@@ -11,6 +11,7 @@ per-relation WAL split from pg_waldump, wrk, and the peer's scratch copy.
 import collections
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -81,17 +82,63 @@ class Cluster(R.Pg):
                 total += st[0] + (st[1] if pid == self.pid else 0)
         return total
 
-    def wait_no_clients(self, db, timeout=30):
-        """Until no client backend but ours is connected to db: a backend flushes its table
-        and WAL counters when it exits, so the snapshot after this sees all of them."""
+    def wait_no_clients(self, db, keep=(), timeout=30):
+        """Until no client backend but ours (keep: pids) is connected to db: a backend flushes
+        its table and WAL counters when it exits, so the snapshot after this sees them all."""
         deadline = time.monotonic() + timeout
+        others = "".join(f" AND pid <> {int(p)}" for p in keep)
         while time.monotonic() < deadline:
             n = int(self.psql(f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}' "
-                              f"AND backend_type = 'client backend'", db="postgres")[0][0])
+                              f"AND backend_type = 'client backend'{others}", db="postgres")[0][0])
             if n == 0:
                 return
             time.sleep(0.1)
         raise BenchError(f"client backends of {db} still connected after {timeout} s")
+
+
+class Session:
+    """One long-lived psql session for polling: one backend for the whole wait instead of a
+    fork and a backend start-up per poll, and its own CPU is known (pid), so snapshot()
+    subtracts it from PostgreSQL's."""
+
+    MARK = "__write_cost_end__"
+
+    def __init__(self, pg, db):
+        self.p = subprocess.Popen(["psql", "-X", "-q", "-A", "-t", "-F", "|", "-v", "ON_ERROR_STOP=0",
+                                   "-h", pg.dir, "-p", str(pg.port), "-U", "postgres", "-d", db],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                  preexec_fn=R._die_with_parent)
+        self.pid = int(self.query("SELECT pg_backend_pid()")[0][0])
+
+    def query(self, sql):
+        self.p.stdin.write(sql.rstrip().rstrip(";") + ";\n\\echo " + self.MARK + "\n")
+        self.p.stdin.flush()
+        rows = []
+        while True:
+            line = self.p.stdout.readline()
+            if not line:
+                raise BenchError("polling psql session ended")
+            line = line.rstrip("\n")
+            if line == self.MARK:
+                return rows
+            if line.startswith(("ERROR", "psql:")):
+                raise BenchError(f"poll query failed: {line}")
+            if line:
+                rows.append(line.split("|"))
+
+    def ticks(self):
+        st = proc_times(self.pid)
+        return st[0] if st else 0
+
+    def close(self):
+        if self.p.poll() is None:
+            self.p.stdin.close()
+            try:
+                self.p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait()
 
 
 def proc_times(pid):
@@ -111,8 +158,10 @@ def cpu_us(ticks):
 
 # ----------------------------------------------------------------------------- counters
 
-def snapshot(pg, db):
-    """The counters one phase's figures are the difference of."""
+def snapshot(pg, db, session=None):
+    """The counters one phase's figures are the difference of. PostgreSQL's CPU excludes the
+    bench's own polling session (the one-shot psql backends of the snapshots themselves stay
+    in: a few ms per run)."""
     lsn, recs, fpi, wbytes = pg.psql("SELECT pg_current_wal_lsn(), wal_records, wal_fpi, "
                                      "wal_bytes FROM pg_stat_wal", db=db)[0]
     tables = {}
@@ -121,7 +170,8 @@ def snapshot(pg, db):
             "FROM pg_stat_user_tables", db=db):
         tables[name] = {"ins": int(ins), "upd": int(upd), "hot": int(hot), "del": int(dele)}
     return {"t": time.time(), "lsn": lsn, "wal_records": int(recs), "wal_fpi": int(fpi),
-            "wal_bytes": int(wbytes), "tables": tables, "pg_ticks": pg.cpu_ticks()}
+            "wal_bytes": int(wbytes), "tables": tables,
+            "pg_ticks": pg.cpu_ticks() - (session.ticks() if session else 0)}
 
 
 def indexes(pg, db):
@@ -284,7 +334,11 @@ def run_wrk(port, seconds, connections, threads, event_id, logfile, lua):
     """wrk against POST /v1/applications; returns its figures (counts, p50/p99 in ms)."""
     argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{int(round(seconds))}s", "--latency", "-s", lua,
             f"http://127.0.0.1:{port}/v1/applications", "--", event_id]
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    busy0 = R.machine_busy()
     r = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 120)
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    busy1 = R.machine_busy()
     with open(logfile, "w") as f:
         f.write(" ".join(argv) + "\n" + r.stdout + r.stderr)
     if r.returncode != 0:
@@ -304,7 +358,12 @@ def run_wrk(port, seconds, connections, threads, event_id, logfile, lua):
             "socket_errors": int(v["socket_errors"]), "timeouts": int(v["timeouts"]),
             "p50_ms": v["p50_us"] / 1000, "p90_ms": v["p90_us"] / 1000,
             "p99_ms": v["p99_us"] / 1000, "p999_ms": v["p999_us"] / 1000,
-            "max_ms": v["max_us"] / 1000}
+            "max_ms": v["max_us"] / 1000,
+            "wrk_cpu_us": round((ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime) * 1e6),
+            # every CPU of the machine during the load (ours and the other sessions'), so a
+            # reader can see how much of the 2 cores this run had
+            "machine_busy_cpu_us": round(cpu_us(busy1[0] - busy0[0])),
+            "machine_cpu_us": round(cpu_us(busy1[1] - busy0[1]))}
 
 
 # ----------------------------------------------------------------------------- waiting
