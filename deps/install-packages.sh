@@ -15,8 +15,13 @@ runtime_pkgs=(libuv1 libpq5 librdkafka1 libjson-c5 libcurl4 libssl3 ca-certifica
 case "${1:-}" in
   "")        pkgs=(build-essential cmake pkg-config clang
                    libuv1-dev libpq-dev librdkafka-dev libjson-c-dev libcurl4-openssl-dev node-llhttp
-                   libssl-dev chromium
-                   postgresql-15 postgresql-client-15 kcat wrk python3 python3-aiosmtpd python3-yaml procps) ;;
+                   libssl-dev
+                   postgresql-15 postgresql-client-15 kcat wrk python3 python3-aiosmtpd python3-yaml procps
+                   libclang-rt-14-dev  # clang's sanitizer and libFuzzer runtimes (fuzz stage)
+                   nftables iproute2   # fault soak: network namespaces, nft rules
+                   haproxy pgbouncer prometheus podman buildah chromium python3-jsonschema
+                   debootstrap         # test/fresh-machine
+                  ) ;;
   --build)   pkgs=("${build_pkgs[@]}") ;;
   --runtime) pkgs=("${runtime_pkgs[@]}") ;;
   *) echo "usage: $0 [--build|--runtime]" >&2; exit 2 ;;
