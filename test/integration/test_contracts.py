@@ -446,7 +446,27 @@ class LiveContractTest(h.TicketdTestCase):
         self.assertEqual(r.status, 503, r)
         self.assertEqual(self.check("GET", "/readyz", r)["reason"], "kafka")
 
-    def test_6_every_route_was_exercised(self):
+    def test_6_database_down(self):
+        """503 with Retry-After on the routes that need PostgreSQL, and /readyz says why."""
+        self.pg.stop()
+        try:
+            h.wait_until(lambda: self.td.request("GET", "/readyz").status == 503, timeout=60,
+                         what="/readyz 503 with the database stopped")
+            self.assertEqual(self.check("GET", "/readyz", self.td.request("GET", "/readyz"))["reason"], "database")
+            r = self.post(self.apply_body(90))
+            self.assertEqual((r.status, r.json()["error"]), (503, "unavailable"), r)
+            self.check("POST", "/v1/applications", r)
+            r = self.td.request("GET", f"/v1/applications/{uuid.uuid4()}")
+            self.assertEqual(r.status, 503, r)
+            self.check("GET", "/v1/applications/{reference}", r)
+            r = self.admin("/admin/applications/1")
+            self.assertEqual(r.status, 503, r)
+            self.check("GET", "/admin/applications/{id}", r)
+        finally:
+            self.pg.start()
+        self.td.wait_ready(60)
+
+    def test_7_every_route_was_exercised(self):
         """So that a route added to the document and the code gets a live check here too."""
         exercised = {(m.lower(), t) for m, t, _ in self.seen}
         for path, item in OPENAPI["paths"].items():
