@@ -16,6 +16,7 @@ case "${1:-}" in
   "")        pkgs=(build-essential cmake pkg-config clang
                    libuv1-dev libpq-dev librdkafka-dev libjson-c-dev libcurl4-openssl-dev node-llhttp
                    libssl-dev chromium
+                   python3-jsonschema  # test_contracts.py: the OpenAPI / event schemas
                    postgresql-15 postgresql-client-15 kcat wrk python3 python3-aiosmtpd python3-yaml procps) ;;
   --build)   pkgs=("${build_pkgs[@]}") ;;
   --runtime) pkgs=("${runtime_pkgs[@]}") ;;
