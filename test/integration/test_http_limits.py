@@ -310,13 +310,20 @@ class HttpLimitsTest(TicketdTestCase):
 
         bodies = [self.body() for _ in range(25)]
         threads = []
+        last_sent = [time.monotonic()]
         for i, b in enumerate(bodies):  # one every 100 ms while the table is locked
             t = threading.Thread(target=send, args=(i, b), daemon=True)
             t.start()
             threads.append(t)
+            last_sent[0] = time.monotonic()
             time.sleep(0.1)
         wait_until(lambda: any(r[0] == 503 for r in results.values()), timeout=20,
                    what="a 503 while the database is stalled")
+        # the last ones sent get their answer too before the lock goes (a loaded machine may
+        # take a moment): a 503 that arrives after the release would prove nothing
+        wait_until(lambda: len(results) >= len(bodies) or
+                   time.monotonic() - last_sent[0] > 3.0, timeout=20,
+                   what="answers to the requests sent while the database is stalled")
         released.set()
         locker.communicate("COMMIT;\n\\q\n", timeout=30)
         for t in threads:
