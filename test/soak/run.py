@@ -139,7 +139,7 @@ class Executor:
     def note(self, f, what):
         with self.lock:
             self.journal.append({"t": round(time.monotonic() - self.t0, 2), "wall": time.time(),
-                                 "kind": f["kind"], "what": what})
+                                 "kind": f["kind"], "params": f["params"], "what": what})
         log(f"soak: {time.monotonic() - self.t0:7.2f}s {f['kind']}: {what}")
 
     def run(self, schedule):

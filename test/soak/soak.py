@@ -32,7 +32,7 @@ KINDS = {
     "pause_leader":    (2, (3.0, 20.0)),  # SIGSTOP the replica whose relay is active
     "pause_consumer":  (2, (2.0, 12.0)),  # SIGSTOP a replica (each one consumes)
     "pg_restart":      (2, (0.5, 4.0)),   # stop (fast or immediate), start after the pause
-    "pg_read_only":    (2, (3.0, 25.0)),  # default_transaction_read_only = on, then off
+    "pg_read_only":    (2, (5.0, 30.0)),  # default_transaction_read_only = on, then off
     "pg_pause":        (1, (1.0, 5.0)),   # SIGSTOP every PostgreSQL process
     "kafka_down_all":  (2, (1.0, 6.0)),
     "kafka_down_one":  (2, (2.0, 10.0)),
