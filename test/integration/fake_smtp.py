@@ -4,7 +4,7 @@ told to refuse them.
     smtp = FakeSmtp()            # 127.0.0.1:<free port>; .url is smtp://127.0.0.1:<port>
     smtp.refuse()                # DATA answers 451 (a temporary failure) after recording the try
     smtp.accept()
-    smtp.messages()              # accepted: [{'from','to':[...],'message_id','data','peer'}]
+    smtp.messages()              # accepted: [{'from','to':[...],'message_id','data'}]
     smtp.refused_count()         # transactions refused so far
     smtp.close()
 
@@ -42,8 +42,7 @@ class _Handler:
             self.accepted.append({"from": envelope.mail_from, "to": list(envelope.rcpt_tos),
                                   "message_id": msg.get("Message-ID"),
                                   "subject": msg.get("Subject"),
-                                  "data": raw.decode("utf-8", "replace"), "time": time.time(),
-                                  "peer": session.peer})
+                                  "data": raw.decode("utf-8", "replace"), "time": time.time()})
         return "250 Message accepted for delivery"
 
 

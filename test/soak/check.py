@@ -129,7 +129,7 @@ class Checker:
                 self.msgs = max(self.msgs, again, key=len)
         self.dlq_msgs = h.kcat_consume(brokers, TOPIC + ".DLQ")
         self.deliveries = self.w["sink"].received()
-        self.mails = self.w["smtp"].messages()
+        self.mails = self.w["smtp"].accepted_log
 
     # ---------------------------------------------------------------- checks
 

@@ -314,6 +314,22 @@ def heal_everything(env):
         r.want = True
 
 
+def record_senders(smtp):
+    """smtp.accepted_log: every accepted mail with the sender's address (session.peer: a
+    replica's veth address), which fake_smtp's own record does not keep."""
+    orig = smtp.handler.handle_DATA
+    smtp.accepted_log = []
+
+    async def handle_DATA(server, session, envelope):
+        answer = await orig(server, session, envelope)
+        if answer.startswith("250"):
+            smtp.accepted_log.append({"to": list(envelope.rcpt_tos), "time": time.time(),
+                                      "peer": session.peer})
+        return answer
+    smtp.handler.handle_DATA = handle_DATA   # before the first session reads the hooks
+    return smtp
+
+
 def start_pg():
     """The harness's cluster, also on 127.0.0.1 (the replicas reach it over TCP, through
     their veth). free_port's port can be taken before PostgreSQL binds it: try another."""
@@ -342,7 +358,7 @@ def run(a, schedule):
     kafka = h.KafkaMock(a.partitions)
     kafka_ports = [int(b.rsplit(":", 1)[1]) for b in kafka.brokers.split(",")]
     sink = FakeSink()
-    smtp = FakeSmtp()
+    smtp = record_senders(FakeSmtp())
     h._live.append(sink)
     h._live.append(smtp)
     run_tag = f"{a.seed}"
