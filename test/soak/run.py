@@ -101,15 +101,25 @@ class Supervisor(threading.Thread):
     """Restarts a replica that is not running while it is wanted (restartPolicy: Always);
     an exit the soak did not cause is recorded."""
 
-    def __init__(self, replicas, t0):
+    def __init__(self, replicas, t0, kafka, rundir):
         super().__init__(daemon=True, name="supervisor")
         self.replicas = replicas
         self.t0 = t0
+        self.kafka = kafka
+        self.rundir = rundir
         self.halt = threading.Event()
         self.unexpected = []
+        self.kafka_died = None
 
     def run(self):
         while not self.halt.wait(0.5):
+            if self.kafka_died is None and not self.kafka.alive():
+                # The topic lived in that process: the run cannot be judged any more.
+                self.kafka_died = {"t": round(time.time() - self.t0, 2),
+                                   "rc": self.kafka.proc.returncode}
+                shutil.copy(self.kafka.logfile, os.path.join(self.rundir, "kafka-mock.log"))
+                log(f"soak: kafka-mock DIED (rc {self.kafka.proc.returncode}) at "
+                    f"{self.kafka_died['t']}s; its log is in {self.rundir}")
             for r in self.replicas:
                 with r.mu:
                     if not r.want or r.alive():
@@ -298,20 +308,25 @@ def fx_err(name):
 
 
 def heal_everything(env):
-    """After the schedule: whatever a fault thread left (an error mid-fault), undone."""
-    env["net"].heal_all()
-    fx.signal_pids(fx.pg_pids(env["pg"]), signal.SIGCONT)
-    if not env["pg"].running():
-        env["pg"].start()
-    fx.pg_set_read_only(env["pg"], False)
-    env["kafka"].signal(signal.SIGCONT)
-    env["kafka"].up()
-    env["kafka"].command("clear-errors")
-    env["sink"].ok()
-    env["smtp"].accept()
+    """After the schedule: whatever a fault thread left (an error mid-fault), undone.
+    Returns the steps that failed."""
+    pg, k = env["pg"], env["kafka"]
+    steps = [env["net"].heal_all,
+             lambda: fx.signal_pids(fx.pg_pids(pg), signal.SIGCONT),
+             lambda: pg.running() or pg.start(),
+             lambda: fx.pg_set_read_only(pg, False),
+             lambda: k.signal(signal.SIGCONT), k.up, lambda: k.command("clear-errors"),
+             env["sink"].ok, env["smtp"].accept]
     for r in env["replicas"]:
-        r.signal(signal.SIGCONT)
+        steps.append(lambda r=r: r.signal(signal.SIGCONT))
         r.want = True
+    errors = []
+    for step in steps:
+        try:
+            step()
+        except Exception as e:
+            errors.append(repr(e))
+    return errors
 
 
 def record_senders(smtp):
@@ -396,29 +411,50 @@ def run(a, schedule):
                  what="one active relay")
 
     t0 = time.monotonic()
-    sup = Supervisor(replicas, time.time())
+    sup = Supervisor(replicas, time.time(), kafka, rundir)
     sup.start()
+    try:
+        return _faults_and_check(a, schedule, rundir, world_of(pg, kafka, sink, smtp, net,
+                                                              replicas, kafka_ports),
+                                 sup, group, run_tag, t0)
+    finally:
+        sup.halt.set()   # before the harness closes the replicas at exit
+
+
+def world_of(pg, kafka, sink, smtp, net, replicas, kafka_ports):
+    return {"pg": pg, "kafka": kafka, "sink": sink, "smtp": smtp, "net": net,
+            "replicas": replicas, "kafka_ports": kafka_ports}
+
+
+def _faults_and_check(a, schedule, rundir, world, sup, group, run_tag, t0):
+    replicas = world["replicas"]
     load = Load([(r.ip, r.port) for r in replicas], a.rate, a.seed, run_tag)
     load.start()
-    world = {"pg": pg, "kafka": kafka, "sink": sink, "smtp": smtp, "net": net,
-             "replicas": replicas, "kafka_ports": kafka_ports}
     ex = Executor(world, t0)
     ex.run(schedule)
     wait = t0 + a.duration - time.monotonic()
     if wait > 0:
         time.sleep(wait)
     load.stop()
-    heal_everything(world)
+    heal_errors = heal_everything(world)
     t_healed = time.monotonic()
     log(f"soak: {t_healed - t0:.1f}s faults over, everything healed; load: {load.summary()}")
-
+    if sup.kafka_died:
+        print(f"soak: FAIL (seed {a.seed}): kafka-mock died during the run "
+              f"({sup.kafka_died}); the topic was lost with it, nothing can be checked. "
+              f"Logs: {rundir}", flush=True)
+        return 1
     report = check.Checker(a, world, load, group, t_healed, ex.journal, sup.unexpected).run()
+    if heal_errors:
+        report["failures"].append({"stage": "heal", "what": f"healing failed: {heal_errors}",
+                                   "count": 0, "ids": []})
     report["seed"] = a.seed
     report["schedule"] = schedule
     with open(os.path.join(rundir, "report.json"), "w") as f:
         json.dump(report, f, indent=1, default=str)
     sup.halt.set()
     sup.join(timeout=5)
+    shutil.copy(world["kafka"].logfile, os.path.join(rundir, "kafka-mock.log"))
     for r in replicas:
         r.want = False
         r.archive()
