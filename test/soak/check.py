@@ -300,7 +300,15 @@ class Checker:
                             for prev, nxt in zip(ms, ms[1:]))
             (crash_window if explained else second).append(a)
         if second:
-            self.fail("email", "second e-mail for one application", second)
+            t0 = self.journal[0]["wall"] - self.journal[0]["t"] if self.journal else 0
+            how = []
+            for a in _sample(second)[:3]:
+                copies = ", ".join(f"{m['time'] - t0:.1f}s from replica"
+                                   f"{replica_of.get((m.get('peer') or ('',))[0], '?')}"
+                                   for m in sorted(per_app[a], key=lambda x: x["time"]))
+                how.append(f"{a}: {copies}")
+            self.fail("email", "second e-mail for one application (" + "; ".join(how) + ")",
+                      second)
         if crash_window:
             what = ("second e-mail for one application across a SIGKILL (the documented "
                     "at-least-once window: crash after the send, before the mark)")
