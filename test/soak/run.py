@@ -17,8 +17,6 @@ import faults as fx
 from faults import log
 from load import Load
 
-TOPIC = "ticket-applied"
-
 
 def known_settings():
     """Environment variables this ticketd's config table knows (older code may not know
@@ -118,8 +116,9 @@ class Supervisor(threading.Thread):
                 self.kafka_died = {"t": round(time.time() - self.t0, 2),
                                    "rc": self.kafka.proc.returncode}
                 shutil.copy(self.kafka.logfile, os.path.join(self.rundir, "kafka-mock.log"))
-                log(f"soak: kafka-mock DIED (rc {self.kafka.proc.returncode}) at "
-                    f"{self.kafka_died['t']}s; its log is in {self.rundir}")
+                with open(self.kafka.logfile, errors="replace") as f:
+                    self.kafka_died["last_line"] = (f.read().strip().splitlines() or [""])[-1]
+                log(f"soak: kafka-mock DIED: {self.kafka_died}; its log is in {self.rundir}")
             for r in self.replicas:
                 with r.mu:
                     if not r.want or r.alive():
@@ -390,6 +389,8 @@ def run(a, schedule):
         env["CONSUMER_SESSION_TIMEOUT"] = "6s"
     else:
         env["KAFKA_CONFIG"] = "session.timeout.ms=6000,heartbeat.interval.ms=500"
+    if "RELAY_LEASE_TTL" in known:   # a standby takes over within a leader's freeze
+        env["RELAY_LEASE_TTL"] = "3s"
     if "SMTP_ALLOW_CLEARTEXT" in known:
         env["SMTP_ALLOW_CLEARTEXT"] = "true"
     settings_used = sorted(env)
