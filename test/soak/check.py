@@ -204,7 +204,7 @@ class Checker:
                 bad.append(a)
         if bad:
             self.fail("topic", "message does not carry the row's event id, or the row points "
-                               "at another offset", set(bad))
+                               "at another offset; " + self._where(set(bad)), set(bad))
         unknown = [m["key"] for m in self.msgs if m["headers"].get("ce_id") not in self.event_app]
         if unknown:
             self.fail("topic", "messages of no outbox event (keys)", unknown)
