@@ -7,13 +7,15 @@ In a test (same process, server on a thread):
     sink.fail_all(500)                # every POST answers 500 (after recording it)
     sink.fail_matching("01012345678") # POSTs whose body contains the text answer 500
     sink.hold()                       # record, then keep the reply back until release()
+    sink.slow(2.5)                    # record, answer 200 after 2.5 s
     sink.ok()                         # back to 200 for everything (also releases held ones)
     sink.received()                   # [{'seq','key','body'(parsed JSON),'status'}], in arrival order
     sink.wait_for(n, timeout)         # until n requests were received
     sink.close()
 
 Standalone (demo, manual runs): `python3 fake_sink.py --port 9000`, controlled over HTTP:
-POST /_control {"mode": "ok"|"fail_all"|"fail_match"|"hold", "status": 500, "match": "..."},
+POST /_control {"mode": "ok"|"fail_all"|"fail_match"|"hold"|"slow", "status": 500, "match": "...",
+"delay": 2.5},
 GET /_received. Every other POST is a delivery.
 """
 import argparse
@@ -29,6 +31,7 @@ class _State:
         self.mode = "ok"
         self.status = 500
         self.match = None
+        self.delay = 0.0
         self.released = threading.Event()
         self.records = []
 
@@ -41,6 +44,10 @@ class _State:
         if self.mode == "hold":
             return 200, True
         return 200, False
+
+    def delay_for(self):
+        """Seconds to wait before answering (mode slow), under the lock."""
+        return self.delay if self.mode == "slow" else 0.0
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -78,6 +85,7 @@ class _Handler(BaseHTTPRequestHandler):
                 st.mode = cmd.get("mode", "ok")
                 st.status = int(cmd.get("status", 500))
                 st.match = cmd.get("match")
+                st.delay = float(cmd.get("delay", 0))
                 if st.mode != "hold":
                     st.released.set()
                 else:
@@ -91,6 +99,7 @@ class _Handler(BaseHTTPRequestHandler):
             body = None
         with st.lock:
             status, hold = st.decide(text)
+            delay = st.delay_for()
             rec = {"seq": len(st.records), "key": self.headers.get("Idempotency-Key"),
                    "content_type": self.headers.get("Content-Type"), "body": body,
                    "status": status, "time": time.time()}
@@ -98,6 +107,8 @@ class _Handler(BaseHTTPRequestHandler):
             st.lock.notify_all()
         if hold:
             st.released.wait(timeout=120)
+        elif delay:
+            time.sleep(delay)
         self._reply(status, {"ok": 200 <= status < 300})
 
 
@@ -131,6 +142,12 @@ class FakeSink:
 
     def hold(self):
         self._set("hold")
+
+    def slow(self, seconds):
+        """Every POST is recorded and answered 200, seconds later."""
+        with self.state.lock:
+            self.state.delay = float(seconds)
+        self._set("slow")
 
     def received(self):
         with self.state.lock:

@@ -649,3 +649,14 @@ def _watchdog(seconds=540):
 
 
 _watchdog(int(os.environ.get("TICKETD_TEST_WATCHDOG", "540")))
+
+
+def application_ids(pg, bodies):
+    """{k: applications.id} for many 201 bodies {k: body} (Pg.application_id's mapping; the
+    references of issue 12 are looked up in one query)."""
+    out = {k: pg.application_id(b) for k, b in bodies.items() if "id" in b}
+    refs = {str(b["reference"]): k for k, b in bodies.items() if "id" not in b}
+    if refs:
+        got = dict(pg.query("SELECT reference::text, id FROM applications WHERE reference IS NOT NULL"))
+        out.update({k: int(got[r]) if r in got else None for r, k in refs.items()})
+    return out
