@@ -538,7 +538,12 @@ static void process_drs(struct relay *r)
         struct row *row = map_find(&r->rows, d->id);
         if (!row || row->state != ROW_INFLIGHT) continue;
         r->inflight--;
-        if (d->err == RD_KAFKA_RESP_ERR_NO_ERROR) {
+        /* An acknowledgement without a position (librdkafka reports offset -1001 when the
+         * idempotent producer's retry meets DUPLICATE_SEQUENCE_NUMBER, or a broker answers
+         * without an offset) proves nothing we could write back or the audit could check:
+         * it counts as a failed try, and the row is re-sent (same ce_id) rather than marked. */
+        bool positioned = d->partition >= 0 && d->offset >= 0;
+        if (d->err == RD_KAFKA_RESP_ERR_NO_ERROR && positioned) {
             if (grow((void **)&r->acks, &r->acks_cap, r->nacks + 1, sizeof *r->acks) != 0) {
                 map_remove(&r->rows, d->id); /* unmarked: resent later, same ce_id */
                 continue;
@@ -554,7 +559,8 @@ static void process_drs(struct relay *r)
                 first_failed = d->id;
             }
             failed++;
-            row_failed(r, row, rd_kafka_err2str(d->err));
+            row_failed(r, row, d->err ? rd_kafka_err2str(d->err)
+                                      : "acknowledged without a partition and offset");
         }
     }
     r->ndrs = 0;
@@ -564,7 +570,8 @@ static void process_drs(struct relay *r)
     }
     if (failed)
         log_warn("relay", "event=delivery_failed rows=%zu first_id=%" PRId64 " err=\"%s\"",
-                 failed, first_failed, rd_kafka_err2str(first_err));
+                 failed, first_failed,
+                 first_err ? rd_kafka_err2str(first_err) : "acknowledged without an offset");
     flush_marks(r);
     flush_fails(r);
 }
