@@ -13,12 +13,17 @@ import unittest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOAK = os.path.join(os.path.dirname(HERE), "soak", "soak.py")
+DEFAULT_SEED = "1234"
 
 
 class SoakTest(unittest.TestCase):
 
     def test_short_soak(self):
-        seed = os.environ.get("SOAK_SEED") or str(random.SystemRandom().randrange(1, 2**31))
+        # A fixed seed by default, so that CI judges the code, not the luck of a schedule;
+        # SOAK_SEED=random draws a new one (printed, replayable) to look for new failures.
+        seed = os.environ.get("SOAK_SEED") or DEFAULT_SEED
+        if seed == "random":
+            seed = str(random.SystemRandom().randrange(1, 2**31))
         duration = float(os.environ.get("SOAK_DURATION", "120"))
         # The sanitizer build (test/run's second stage) runs ticketd 2-3 times slower.
         drain = os.environ.get("SOAK_DRAIN_BOUND") or ("120" if "ASAN_OPTIONS" in os.environ else "60")
