@@ -135,8 +135,13 @@ class Load:
                 o.status, o.body = "created", json.loads(data)
                 break
             if status == 409:
-                o.status, o.body = "conflict", json.loads(data or b"{}")
-                break
+                answer = json.loads(data or b"{}")
+                # "idempotency_key_in_flight": the first try with this key is still queued or
+                # being written (a stalled database); the contract says retry for its answer
+                if answer.get("error") != "idempotency_key_in_flight":
+                    o.status, o.body = "conflict", answer
+                    break
+                status = "409 in flight"
             if isinstance(status, int) and status not in RETRYABLE:
                 o.status, o.body = "rejected", {"status": status, "body": data[:300].decode("utf-8", "replace")}
                 break
