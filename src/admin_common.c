@@ -9,8 +9,6 @@
 #include <string.h>
 #include <time.h>
 
-#include "app.h"
-#include "http_server.h"
 #include "kafka_common.h"
 #include "log.h"
 
@@ -594,61 +592,4 @@ int admin_cli_run(struct admin_cli *cli, const char *http_example, admin_cli_run
     free(cli->rest);
     cli->rest = NULL;
     return status;
-}
-
-/* ------------------------------------------------------------------ HTTP */
-
-static void job_free(void *arg)
-{
-    struct admin_job *job = arg;
-    free(job->brokers);
-    free(job);
-}
-
-void *admin_job_alloc(struct http_request *req, size_t size)
-{
-    void *job = calloc(1, size);
-    if (!job) api_respond_error(req, 503, "unavailable", "out of memory", NULL);
-    return job;
-}
-
-void admin_job_start(struct app *app, struct http_request *req, struct admin_job *job,
-                     api_blocking_fn work)
-{
-    if (!app->kafka_brokers || !*app->kafka_brokers) {
-        api_respond_error(req, 503, "unavailable", "no Kafka brokers known yet", NULL);
-        free(job);
-        return;
-    }
-    job->cfg = app->cfg;
-    job->brokers = strdup(app->kafka_brokers);
-    if (!job->brokers) {
-        api_respond_error(req, 503, "unavailable", "out of memory", NULL);
-        free(job);
-        return;
-    }
-    api_run_blocking(app, req, work, job, job_free);
-}
-
-static char *error_body(const char *code, const char *message)
-{
-    json_object *o = json_object_new_object();
-    json_object_object_add(o, "error", json_object_new_string(code));
-    json_object_object_add(o, "message", json_object_new_string(message));
-    char *s = strdup(json_object_to_json_string_ext(o, JSON_C_TO_STRING_PLAIN));
-    json_object_put(o);
-    return s;
-}
-
-int admin_job_reply(int r, json_object *report, const char *failed_code, const char *err,
-                    char **body)
-{
-    if (r < 0) {
-        *body = error_body(r == -2 ? "bad_request" : failed_code, err);
-        return r == -2 ? 400 : 503;
-    }
-    *body = strdup(json_object_to_json_string_ext(report, JSON_C_TO_STRING_PLAIN |
-                                                              JSON_C_TO_STRING_NOSLASHESCAPE));
-    json_object_put(report);
-    return 200;
 }

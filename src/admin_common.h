@@ -8,10 +8,10 @@
  *     own log lines of these handles go through log.h (mod=rdkafka), never raw to stderr;
  *   - a message's header, key and timestamp as text;
  *   - the frame of the CLI commands `ticketd audit|trace` (the command's own flags first,
- *     then the settings flags) and of the admin HTTP handlers (a job run on the thread pool).
+ *     then the settings flags).
  *
  * All of it blocks (sync libpq, rdkafka's blocking calls): the CLI calls it directly, the
- * HTTP handlers only from work run on libuv's thread pool (api_run_blocking), never on the
+ * admin HTTP adapter (admin_http.c) only from work run on libuv's thread pool, never on the
  * loop. Functions taking err/errlen fill err with a one-line message when they fail. */
 #ifndef TICKETD_ADMIN_COMMON_H
 #define TICKETD_ADMIN_COMMON_H
@@ -24,7 +24,6 @@
 #include <stdint.h>
 #include <stdio.h>
 
-#include "api.h"
 #include "config.h"
 
 /* snprintf into err (nothing when err is NULL or errlen 0). */
@@ -166,29 +165,5 @@ int admin_cli_run(struct admin_cli *cli, const char *http_example, admin_cli_run
  * "ticketd: --name needs a value" and sets *bad. */
 bool admin_take_flag(int argc, char **argv, int *i, const char *name, const char **value,
                      bool *bad);
-
-/* ---- HTTP: admin handlers running a tool on the thread pool ----------------------------- */
-
-/* The first member of every tool's job struct (calloc'ed). */
-struct admin_job {
-    const struct cfg *cfg;
-    char *brokers;               /* a copy of app->kafka_brokers */
-};
-
-/* A zeroed job of `size` bytes (a tool's job struct, struct admin_job first); NULL after
- * answering req with 503 when memory is short. */
-void *admin_job_alloc(struct http_request *req, size_t size);
-
-/* Fills job's cfg and brokers from app and runs work(job) on the thread pool; job is freed
- * afterwards. Takes job in every case: when no Kafka brokers are known yet or memory is short,
- * it answers req with 503 and frees job. */
-void admin_job_start(struct app *app, struct http_request *req, struct admin_job *job,
-                     api_blocking_fn work);
-
-/* The answer of a job whose tool returned r: 200 with report (taken) when r >= 0; 400
- * {"error": "bad_request", "message": err} when r == -2; else 503 with failed_code. Sets
- * *body, returns the status. */
-int admin_job_reply(int r, json_object *report, const char *failed_code, const char *err,
-                    char **body);
 
 #endif

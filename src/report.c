@@ -17,10 +17,8 @@
 #include <time.h>
 
 #include "admin_common.h"
-#include "api.h"
 #include "audit.h"
 #include "db_pool.h"
-#include "http_server.h"
 #include "limits.h"
 #include "log.h"
 #include "validate.h"
@@ -982,41 +980,4 @@ int report_main(struct cfg *loaded, int argc, char **argv)
     }
     return admin_cli_run(&cli, "'http://HOST:PORT/admin/report?event_id=E'", report_cli_run,
                          &opts, 1, 0);
-}
-
-/* ------------------------------------------------------------------ HTTP */
-
-struct report_job {
-    struct admin_job base;   /* first */
-    char event_id[EVENT_ID_MAX_CHARS + 1];
-};
-
-static int report_job_run(void *arg, char **body)
-{
-    struct report_job *job = arg;
-    struct report_result res;
-    char err[512] = "";
-    int r = report_run(job->base.cfg, job->base.brokers, job->event_id, &res, err, sizeof err);
-    if (r < 0) {
-        log_warn("report", "event=report_failed error=\"%s\"", err);
-        return admin_job_reply(r, NULL, "report_failed", err, body);
-    }
-    *body = res.html; /* "<!DOCTYPE html>...": api_run_blocking answers it as text/html */
-    return 200;
-}
-
-void report_handle_http(struct app *app, struct http_request *req)
-{
-    if (!api_admin_authorized(app, req)) return;
-    struct report_job *job = admin_job_alloc(req, sizeof *job);
-    if (!job) return;
-    int n = api_query_param(req->query ? req->query : "", "event_id", job->event_id,
-                            sizeof job->event_id);
-    if (n <= 0 || !validate_event_id(job->event_id, (size_t)n)) {
-        api_respond_error(req, 400, "bad_request",
-                          "event_id: required, 1-64 characters of [A-Za-z0-9._-]", NULL);
-        free(job);
-        return;
-    }
-    admin_job_start(app, req, &job->base, report_job_run);
 }
