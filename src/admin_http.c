@@ -421,10 +421,7 @@ static int dlq_list_run(struct admin_job *base)
     json_object *o = NULL;
     char err[512] = "", qb[600];
     int rc = dlq_list(base->cfg, base->brokers, job->limit, &o, err, sizeof err);
-    if (rc != 0) {
-        log_quote(err, qb, sizeof qb);
-        log_error("dlq", "event=list_failed err=%s", qb);
-    }
+    if (rc != 0) log_error("dlq", "event=list_failed err=%s", log_quoted(err, qb, sizeof qb));
     return job_reply(base, rc, o, "unavailable", err);
 }
 
@@ -435,10 +432,7 @@ static int dlq_replay_run(struct admin_job *base)
     char err[512] = "", qb[600];
     int rc = dlq_replay(base->cfg, base->brokers, job->has_event ? job->event_id : NULL, &o, err,
                         sizeof err);
-    if (rc != 0) {
-        log_quote(err, qb, sizeof qb);
-        log_error("dlq", "event=replay_failed err=%s", qb);
-    }
+    if (rc != 0) log_error("dlq", "event=replay_failed err=%s", log_quoted(err, qb, sizeof qb));
     return job_reply(base, rc, o, "unavailable", err);
 }
 

@@ -480,8 +480,8 @@ static void on_query_result(void *ud, const PGresult *res, const char *error)
     }
     if (PQresultStatus(res) != PGRES_TUPLES_OK) {
         char quoted[256];
-        log_quote(PQresultErrorMessage(res), quoted, sizeof quoted);
-        log_error("api", "event=query_error req=%" PRIu64 " err=%s", req->id, quoted);
+        log_error("api", "event=query_error req=%" PRIu64 " err=%s", req->id,
+                  log_quoted(PQresultErrorMessage(res), quoted, sizeof quoted));
         api_respond_error(req, 500, "internal", NULL, NULL);
         return;
     }

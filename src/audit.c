@@ -17,7 +17,10 @@
 #include <string.h>
 #include <time.h>
 
+#include "admin_cli.h"
 #include "admin_common.h"
+#include "admin_kafka.h"
+#include "admin_pg.h"
 #include "audit_ctx.h"
 #include "effects.h"
 #include "kafka_common.h"

@@ -11,7 +11,9 @@
 #include <strings.h>
 #include <unistd.h>
 
-#include "admin_common.h"
+#include "admin_cli.h"
+#include "admin_kafka.h"
+#include "admin_pg.h"
 #include "db_pool.h"
 #include "effects.h"
 #include "kafka_common.h"
@@ -415,7 +417,7 @@ int dlq_replay(const struct cfg *cfg, const char *brokers, const char *event_id,
         goto out;
     }
     rd_kafka_conf_set_dr_msg_cb(conf, replay_dr);
-    admin_kafka_log_to_ours(conf);
+    kafka_conf_log_to_ours(conf);
     ctx.producer = rd_kafka_new(RD_KAFKA_PRODUCER, conf, err, errlen);
     if (!ctx.producer) {
         rd_kafka_conf_destroy(conf);

@@ -8,12 +8,16 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "admin_cli.h"
 #include "admin_common.h"
+#include "admin_kafka.h"
+#include "admin_pg.h"
 #include "app_status.h"
 #include "effects.h"
 #include "kafka_common.h"
 #include "limits.h"
 #include "log.h"
+#include "pg_array.h"
 #include "validate.h"
 
 struct trace_ctx {
@@ -508,18 +512,17 @@ static int trace_collect(struct trace_ctx *t, json_object *root)
     if (!apps) return -1;
     int napps = PQntuples(apps);
     /* "{1,2,3}" for the outbox query. */
-    char *ids = malloc((size_t)napps * 21 + 3);
-    if (!ids) {
+    struct strbuf ids;
+    strbuf_init(&ids, 0);
+    pg_array_open(&ids);
+    for (int i = 0; i < napps; i++) pg_array_int(&ids, admin_pg_i64(PQgetvalue(apps, i, 0), -1));
+    if (pg_array_close(&ids)) {
+        strbuf_free(&ids);
         PQclear(apps);
+        admin_set_err(t->err, t->errlen, "out of memory");
         return -1;
     }
-    size_t len = 0;
-    ids[len++] = '{';
-    for (int i = 0; i < napps; i++)
-        len += (size_t)sprintf(ids + len, "%s%s", i ? "," : "", PQgetvalue(apps, i, 0));
-    ids[len++] = '}';
-    ids[len] = '\0';
-    const char *p4[4] = {t->phone, t->opts->event_id, grace, ids};
+    const char *p4[4] = {t->phone, t->opts->event_id, grace, strbuf_str(&ids)};
     PGresult *ob = admin_pg_exec(
         t->db,
         "SELECT o.event_id::text, o.aggregate_id, o.created_at, o.published_at, o.kafka_partition,"
@@ -531,7 +534,7 @@ static int trace_collect(struct trace_ctx *t, json_object *root)
         " OR (o.payload->>'phone' = $1 AND ($2::text IS NULL OR o.payload->>'event_id' = $2))"
         " ORDER BY o.id LIMIT 200",
         4, p4, t->err, t->errlen);
-    free(ids);
+    strbuf_free(&ids);
     if (!ob) {
         PQclear(apps);
         return -1;
