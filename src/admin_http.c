@@ -183,7 +183,7 @@ static void bad_request(struct http_request *req, const char *message)
 /* The full record, built by PostgreSQL: the row, its newest outbox row, its processed_events
  * row, effects and newest dead letter, and the status of app_status.h. Expects the aliases
  * of APP_STATUS_FROM_SQL. */
-#define RECORD_JSON_SQL                                                                   \
+#define RECORD_JSON_SQL                                                                        \
     "json_build_object("                                                                       \
     "'id', a.id, 'reference', a.reference, 'event_id', a.event_id, "                          \
     "'phone', CASE length(a.phone) "                                                           \
@@ -192,7 +192,7 @@ static void bad_request(struct http_request *req, const char *message)
     "  ELSE a.phone END, "                                                                     \
     "'name', a.name, 'email', a.email, 'seats', a.seats, "                                     \
     "'created_at', " DBP_RFC3339_UTC("a.created_at") ", " \
-    "'status', " APP_STATUS_SQL ", "                                                   \
+    "'status', " APP_STATUS_SQL ", "                                                           \
     "'outbox', CASE WHEN o.id IS NULL THEN NULL ELSE json_build_object("                       \
     "  'event_id', o.event_id, "                                                               \
     "  'created_at', " DBP_RFC3339_UTC("o.created_at") ", " \
@@ -213,7 +213,6 @@ static void bad_request(struct http_request *req, const char *message)
     "  'dead_lettered_at', " DBP_RFC3339_UTC("d.dead_lettered_at") ", " \
     "  'replayed_at', " DBP_RFC3339_UTC("d.replayed_at") ") " \
     "  FROM dead_letters d WHERE d.event_id = o.event_id ORDER BY d.id DESC LIMIT 1))"
-
 
 static const char get_application_sql[] =
     "SELECT " RECORD_JSON_SQL "::text" APP_STATUS_FROM_SQL " WHERE a.id = $1::bigint";

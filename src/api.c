@@ -451,7 +451,7 @@ static void handle_apply(struct app *app, struct http_request *req)
 #define APPLICATION_PUBLIC_JSON_SQL                                                            \
     "json_build_object("                                                                       \
     "'reference', a.reference, 'event_id', a.event_id, "                                       \
-    "'status', " APP_STATUS_SQL ", "                                                   \
+    "'status', " APP_STATUS_SQL ", "                                                           \
     "'phone', CASE length(a.phone) "                                                           \
     "  WHEN 11 THEN substr(a.phone,1,3)||'-****-'||substr(a.phone,8,4) "                       \
     "  WHEN 10 THEN substr(a.phone,1,3)||'-***-'||substr(a.phone,7,4) "                        \
