@@ -15,9 +15,10 @@
  *
  * Who may read what (docs/PRIVACY.md): the public API knows applications only by their
  * random reference and answers status and a masked phone; full records and the lookup by
- * (event_id, phone) are admin routes behind the bearer token.
+ * (event_id, phone) are admin routes behind the bearer token, in admin_http.c, which gets
+ * every /admin/... request.
  *
- * Every response the handlers send goes through api_send(), which counts it in
+ * Every response the handlers send goes through api_respond(), which counts it in
  * ticketd_http_requests_total{route,code} and ticketd_http_request_duration_seconds{route}. */
 #include "api.h"
 
@@ -29,61 +30,36 @@
 #include <string.h>
 #include <strings.h>
 
-#include "audit.h"
+#include "admin_http.h"
+#include "app_status.h"
 #include "consumer.h"
-#include "dlq.h"
 #include "db_pool.h"
 #include "ingest.h"
 #include "limits.h"
 #include "log.h"
 #include "metrics.h"
 #include "outbox_relay.h"
-#include "report.h"
-#include "trace.h"
 #include "validate.h"
 
 #define JSON_TYPE "application/json"
 #define RETRY_AFTER_1 "Retry-After: 1\r\n"
 
-typedef void (*api_route_fn)(struct app *app, struct http_request *req);
-
-struct api_route {
-    int method;          /* llhttp_method_t */
-    const char *path;    /* exact path, or a prefix when prefix is true */
-    bool prefix;
-    bool admin;          /* needs Authorization: Bearer <ADMIN_TOKEN> */
-    const char *label;   /* route label in metrics */
-    api_route_fn handler;
-};
-
 static void handle_apply(struct app *app, struct http_request *req);
 static void handle_get_status(struct app *app, struct http_request *req);
-static void handle_admin_application(struct app *app, struct http_request *req);
-static void handle_admin_lookup(struct app *app, struct http_request *req);
 static void handle_healthz(struct app *app, struct http_request *req);
 static void handle_readyz(struct app *app, struct http_request *req);
 static void handle_metrics(struct app *app, struct http_request *req);
 
 /* First match wins: exact paths before prefixes that could cover them. */
-static const struct api_route routes[] = {
-    {HTTP_POST, "/v1/applications", false, false, "apply", handle_apply},
-    {HTTP_GET, "/v1/applications/", true, false, "application_status", handle_get_status},
-    {HTTP_GET, "/healthz", false, false, "healthz", handle_healthz},
-    {HTTP_GET, "/readyz", false, false, "readyz", handle_readyz},
-    {HTTP_GET, "/metrics", false, false, "metrics", handle_metrics},
-    {HTTP_GET, "/admin/applications", false, true, "admin_lookup", handle_admin_lookup},
-    {HTTP_GET, "/admin/applications/", true, true, "admin_application", handle_admin_application},
-    /* wiring: audit */
-    {HTTP_GET, "/admin/audit", false, true, "admin_audit", audit_handle_http},
-    /* wiring: trace */
-    {HTTP_GET, "/admin/trace", false, true, "admin_trace", trace_handle_http},
-    /* wiring: dlq */
-    {HTTP_GET, "/admin/dlq", false, true, "admin_dlq", dlq_handle_list},
-    {HTTP_POST, "/admin/dlq/replay", false, true, "admin_dlq_replay", dlq_handle_replay},
-    {HTTP_GET, "/admin/report", false, true, "admin_report", report_handle_http},
+static const struct api_route public_routes[] = {
+    {HTTP_POST, "/v1/applications", false, "apply", handle_apply},
+    {HTTP_GET, "/v1/applications/", true, "application_status", handle_get_status},
+    {HTTP_GET, "/healthz", false, "healthz", handle_healthz},
+    {HTTP_GET, "/readyz", false, "readyz", handle_readyz},
+    {HTTP_GET, "/metrics", false, "metrics", handle_metrics},
 };
 
-#define NROUTES (sizeof routes / sizeof routes[0])
+#define NROUTES (sizeof public_routes / sizeof public_routes[0])
 
 static bool route_matches_path(const struct api_route *r, const char *path)
 {
@@ -94,22 +70,35 @@ static bool route_matches_path(const struct api_route *r, const char *path)
     return strcmp(path, r->path) == 0;
 }
 
-static const struct api_route *find_route(int method, const char *path)
+static const struct api_route *find_route(const struct api_route *routes, size_t n,
+                                          int method, const char *path)
 {
-    for (size_t i = 0; i < NROUTES; i++)
+    for (size_t i = 0; i < n; i++)
         if (routes[i].method == method && route_matches_path(&routes[i], path)) return &routes[i];
     return NULL;
+}
+
+static bool is_admin_path(const char *path)
+{
+    return strncmp(path, "/admin/", 7) == 0;
+}
+
+const char *api_route_label(const struct api_route *routes, size_t n,
+                            const struct http_request *req)
+{
+    const struct api_route *r = find_route(routes, n, req->method, req->path);
+    if (r) return r->label;
+    for (size_t i = 0; i < n; i++)
+        if (route_matches_path(&routes[i], req->path)) return "method_not_allowed";
+    return "not_found";
 }
 
 /* The label a response is counted under: the matched route, or a fixed bucket so that
  * arbitrary paths cannot grow the metric's cardinality. */
 static const char *route_label(const struct http_request *req)
 {
-    const struct api_route *r = find_route(req->method, req->path);
-    if (r) return r->label;
-    for (size_t i = 0; i < NROUTES; i++)
-        if (route_matches_path(&routes[i], req->path)) return "method_not_allowed";
-    return "not_found";
+    if (is_admin_path(req->path)) return admin_http_label(req);
+    return api_route_label(public_routes, NROUTES, req);
 }
 
 /* The label strings of one (route, status) pair. Route labels are static strings, so a
@@ -151,8 +140,7 @@ static void count_response(const struct http_request *req, int status)
     metrics_observe("ticketd_http_request_duration_seconds", l->route, seconds);
 }
 
-/* The one exit of every API response. req must not be touched afterwards. */
-static void api_send(struct http_request *req, int status, const char *content_type,
+void api_respond(struct http_request *req, int status, const char *content_type,
                      const char *body, size_t len, const char *extra_headers)
 {
     count_response(req, status);
@@ -170,7 +158,7 @@ void api_respond_json(struct http_request *req, int status, json_object *obj,
         len = strlen(text);
         status = 500;
     }
-    api_send(req, status, JSON_TYPE, text, len, extra_headers);
+    api_respond(req, status, JSON_TYPE, text, len, extra_headers);
     json_object_put(obj);
 }
 
@@ -190,12 +178,13 @@ static const char *method_name(int method)
     return llhttp_method_name((llhttp_method_t)method);
 }
 
-static void respond_method_not_allowed(struct http_request *req)
+static void respond_method_not_allowed(struct http_request *req,
+                                       const struct api_route *routes, size_t nroutes)
 {
     char allow[128] = "Allow: ";
     size_t used = strlen(allow);
     bool first = true;
-    for (size_t i = 0; i < NROUTES; i++) {
+    for (size_t i = 0; i < nroutes; i++) {
         if (!route_matches_path(&routes[i], req->path)) continue;
         const char *m = method_name(routes[i].method);
         if (strstr(allow, m)) continue; /* listed already (several routes, one method) */
@@ -230,115 +219,29 @@ void api_handle(struct http_request *req, void *ud)
         return;
     }
 #endif
-    const struct api_route *r = find_route(req->method, req->path);
+    if (is_admin_path(req->path)) {
+        admin_http_handle(app, req);
+        return;
+    }
+    api_dispatch(app, req, public_routes, NROUTES, NULL);
+}
+
+void api_dispatch(struct app *app, struct http_request *req, const struct api_route *routes,
+                  size_t n, bool (*guard)(struct app *app, struct http_request *req))
+{
+    const struct api_route *r = find_route(routes, n, req->method, req->path);
     if (!r) {
-        for (size_t i = 0; i < NROUTES; i++) {
+        for (size_t i = 0; i < n; i++) {
             if (route_matches_path(&routes[i], req->path)) {
-                respond_method_not_allowed(req);
+                respond_method_not_allowed(req, routes, n);
                 return;
             }
         }
         api_respond_error(req, 404, "not_found", NULL, NULL);
         return;
     }
-    if (r->admin && !api_admin_authorized(app, req)) return;
+    if (guard && !guard(app, req)) return;
     r->handler(app, req);
-}
-
-/* ---- admin authorisation ---- */
-
-/* Compares in time that depends only on the lengths, never on where the bytes differ. */
-static bool constant_time_equal(const char *a, size_t alen, const char *b, size_t blen)
-{
-    unsigned char diff = (unsigned char)(alen != blen);
-    size_t n = alen > blen ? alen : blen;
-    for (size_t i = 0; i < n; i++) {
-        unsigned char x = i < alen ? (unsigned char)a[i] : 0;
-        unsigned char y = i < blen ? (unsigned char)b[i] : 0;
-        diff |= x ^ y;
-    }
-    return diff == 0;
-}
-
-bool api_admin_authorized(struct app *app, struct http_request *req)
-{
-    const char *token = app->cfg->admin_token;
-    if (!token || !*token) {
-        api_respond_error(req, 403, "admin_disabled",
-                          "admin endpoints are disabled: ADMIN_TOKEN is not set", NULL);
-        return false;
-    }
-    const char *auth = req->authorization;
-    if (auth && strncasecmp(auth, "Bearer ", 7) == 0) {
-        const char *given = auth + 7;
-        while (*given == ' ') given++;
-        size_t glen = strlen(given);
-        while (glen > 0 && given[glen - 1] == ' ') glen--;
-        if (constant_time_equal(given, glen, token, strlen(token))) return true;
-    }
-    api_respond_error(req, 401, "unauthorized", "a valid admin bearer token is required",
-                      "WWW-Authenticate: Bearer realm=\"ticketd\"\r\n");
-    return false;
-}
-
-/* ---- blocking work on the thread pool ---- */
-
-struct blocking_job {
-    uv_work_t work;
-    struct http_request *req;
-    api_blocking_fn fn;
-    void *arg;
-    void (*free_arg)(void *);
-    int status;
-    char *body;
-};
-
-static void blocking_run(uv_work_t *w)
-{
-    struct blocking_job *job = w->data;
-    job->status = job->fn(job->arg, &job->body);
-}
-
-static void blocking_after(uv_work_t *w, int status)
-{
-    struct blocking_job *job = w->data;
-    if (status == UV_ECANCELED) {
-        api_respond_error(job->req, 503, "unavailable", "shutting down", RETRY_AFTER_1);
-    } else if (job->status < 100 || job->status > 599 || !job->body) {
-        log_error("api", "event=blocking_failed req=%" PRIu64 " status=%d", job->req->id,
-                  job->status);
-        api_respond_error(job->req, 500, "internal", NULL, NULL);
-    } else {
-        bool html = strncmp(job->body, "<!DOCTYPE html>", 15) == 0; /* report.c */
-        api_send(job->req, job->status, html ? "text/html; charset=utf-8" : JSON_TYPE, job->body,
-                 strlen(job->body), NULL);
-    }
-    free(job->body);
-    if (job->free_arg) job->free_arg(job->arg);
-    free(job);
-}
-
-void api_run_blocking(struct app *app, struct http_request *req, api_blocking_fn work,
-                      void *arg, void (*free_arg)(void *))
-{
-    struct blocking_job *job = calloc(1, sizeof *job);
-    if (!job) {
-        if (free_arg) free_arg(arg);
-        api_respond_error(req, 503, "unavailable", NULL, RETRY_AFTER_1);
-        return;
-    }
-    job->work.data = job;
-    job->req = req;
-    job->fn = work;
-    job->arg = arg;
-    job->free_arg = free_arg;
-    int rc = uv_queue_work(app->loop, &job->work, blocking_run, blocking_after);
-    if (rc < 0) {
-        log_error("api", "event=queue_work_failed err=%s", uv_strerror(rc));
-        if (free_arg) free_arg(arg);
-        free(job);
-        api_respond_error(req, 503, "unavailable", NULL, RETRY_AFTER_1);
-    }
 }
 
 /* ---- query strings ---- */
@@ -482,7 +385,7 @@ static void on_applied(void *ud, const struct ingest_result *res)
          * needed. Built by hand (the hot path; snprintf cost more than the rest of this
          * function). */
         n = format_created(body, sizeof body, res->reference, ctx->event_id, res->created_at);
-        api_send(req, 201, JSON_TYPE, body, (size_t)n,
+        api_respond(req, 201, JSON_TYPE, body, (size_t)n,
                  res->status == INGEST_REPLAYED ? "Idempotent-Replayed: true\r\n" : NULL);
         return;
     case INGEST_DUPLICATE:
@@ -541,83 +444,22 @@ static void handle_apply(struct app *app, struct http_request *req)
     ingest_submit(app->ingest, &in, req->idempotency_key, on_applied, ctx);
 }
 
-/* ---- GET /v1/applications/{reference}, /admin/applications/{id} and ?event_id=&phone= ---- */
-
-/* The status rules of ARCHITECTURE.md: dead_lettered (a dead letter not replayed) > processed
- * (processed_events row and no effect left undone) > published > applied. */
-#define APPLICATION_STATUS_SQL                                                                 \
-    "CASE "                                                                                    \
-    "  WHEN EXISTS (SELECT 1 FROM dead_letters d WHERE d.event_id = o.event_id "               \
-    "               AND d.replayed_at IS NULL) THEN 'dead_lettered' "                          \
-    "  WHEN p.event_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM event_effects e "             \
-    "       WHERE e.event_id = o.event_id AND NOT e.done) THEN 'processed' "                   \
-    "  WHEN o.published_at IS NOT NULL THEN 'published' "                                      \
-    "  ELSE 'applied' END"
+/* ---- GET /v1/applications/{reference} ---- */
 
 /* What the applicant (anyone holding the reference) sees: no name, no e-mail, the phone
  * masked like log_mask_phone. */
 #define APPLICATION_PUBLIC_JSON_SQL                                                            \
     "json_build_object("                                                                       \
     "'reference', a.reference, 'event_id', a.event_id, "                                       \
-    "'status', " APPLICATION_STATUS_SQL ", "                                                   \
+    "'status', " APP_STATUS_SQL ", "                                                           \
     "'phone', CASE length(a.phone) "                                                           \
     "  WHEN 11 THEN substr(a.phone,1,3)||'-****-'||substr(a.phone,8,4) "                       \
     "  WHEN 10 THEN substr(a.phone,1,3)||'-***-'||substr(a.phone,7,4) "                        \
     "  ELSE '***' END, "                                                                       \
     "'seats', a.seats, 'created_at', " DBP_RFC3339_UTC("a.created_at") ")"
 
-/* The full record (admin only), built by PostgreSQL: the row, its newest outbox row, its
- * processed_events row, effects and newest dead letter, with the status rules of
- * ARCHITECTURE.md: dead_lettered (a dead letter not replayed) > processed (processed_events
- * row and no effect left undone) > published > applied. Expects aliases a (applications),
- * o (outbox, lateral) and p (processed_events). */
-#define APPLICATION_JSON_SQL                                                                   \
-    "json_build_object("                                                                       \
-    "'id', a.id, 'reference', a.reference, 'event_id', a.event_id, "                          \
-    "'phone', CASE length(a.phone) "                                                           \
-    "  WHEN 11 THEN substr(a.phone,1,3)||'-'||substr(a.phone,4,4)||'-'||substr(a.phone,8,4) "  \
-    "  WHEN 10 THEN substr(a.phone,1,3)||'-'||substr(a.phone,4,3)||'-'||substr(a.phone,7,4) "  \
-    "  ELSE a.phone END, "                                                                     \
-    "'name', a.name, 'email', a.email, 'seats', a.seats, "                                     \
-    "'created_at', " DBP_RFC3339_UTC("a.created_at") ", " \
-    "'status', " APPLICATION_STATUS_SQL ", "                                                   \
-    "'outbox', CASE WHEN o.id IS NULL THEN NULL ELSE json_build_object("                       \
-    "  'event_id', o.event_id, "                                                               \
-    "  'created_at', " DBP_RFC3339_UTC("o.created_at") ", " \
-    "  'published_at', " DBP_RFC3339_UTC("o.published_at") ", " \
-    "  'partition', o.kafka_partition, 'offset', o.kafka_offset, "                             \
-    "  'attempts', o.attempts, 'last_error', o.last_error) END, "                              \
-    "'processed', CASE WHEN p.event_id IS NULL THEN NULL ELSE json_build_object("              \
-    "  'consumer_group', p.consumer_group, 'topic', p.topic, 'partition', p.partition, "       \
-    "  'offset', p.\"offset\", "                                                               \
-    "  'processed_at', " DBP_RFC3339_UTC("p.processed_at") ") END, " \
-    "'effects', COALESCE((SELECT json_agg(json_build_object('effect', e.effect, 'done', e.done, " \
-    "  'attempts', e.attempts, 'last_error', e.last_error) ORDER BY e.effect) "                \
-    "  FROM event_effects e WHERE e.event_id = o.event_id), '[]'::json), "                     \
-    "'dead_letter', (SELECT json_build_object('id', d.id, 'src_topic', d.src_topic, "          \
-    "  'src_partition', d.src_partition, 'src_offset', d.src_offset, "                         \
-    "  'dlq_partition', d.dlq_partition, 'dlq_offset', d.dlq_offset, 'attempts', d.attempts, " \
-    "  'error_class', d.error_class, 'error_message', d.error_message, "                       \
-    "  'dead_lettered_at', " DBP_RFC3339_UTC("d.dead_lettered_at") ", " \
-    "  'replayed_at', " DBP_RFC3339_UTC("d.replayed_at") ") " \
-    "  FROM dead_letters d WHERE d.event_id = o.event_id ORDER BY d.id DESC LIMIT 1))"
-
-#define APPLICATION_FROM_SQL                                                                   \
-    " FROM applications a "                                                                    \
-    "LEFT JOIN LATERAL (SELECT * FROM outbox ob WHERE ob.aggregate_id = a.id "                 \
-    "                   ORDER BY ob.id DESC LIMIT 1) o ON true "                               \
-    "LEFT JOIN processed_events p ON p.event_id = o.event_id "
-
 static const char get_status_sql[] =
-    "SELECT " APPLICATION_PUBLIC_JSON_SQL "::text" APPLICATION_FROM_SQL "WHERE a.reference = $1::uuid";
-
-static const char get_application_sql[] =
-    "SELECT " APPLICATION_JSON_SQL "::text" APPLICATION_FROM_SQL "WHERE a.id = $1::bigint";
-
-static const char lookup_sql[] =
-    "SELECT json_build_object('applications', COALESCE(json_agg(x.j ORDER BY x.id), '[]'::json))::text "
-    "FROM (SELECT a.id, " APPLICATION_JSON_SQL " AS j" APPLICATION_FROM_SQL
-    "WHERE a.event_id = $1 AND a.phone = $2) x";
+    "SELECT " APPLICATION_PUBLIC_JSON_SQL "::text" APP_STATUS_FROM_SQL " WHERE a.reference = $1::uuid";
 
 struct query_ctx {
     struct http_request *req;
@@ -638,8 +480,8 @@ static void on_query_result(void *ud, const PGresult *res, const char *error)
     }
     if (PQresultStatus(res) != PGRES_TUPLES_OK) {
         char quoted[256];
-        log_quote(PQresultErrorMessage(res), quoted, sizeof quoted);
-        log_error("api", "event=query_error req=%" PRIu64 " err=%s", req->id, quoted);
+        log_error("api", "event=query_error req=%" PRIu64 " err=%s", req->id,
+                  log_quoted(PQresultErrorMessage(res), quoted, sizeof quoted));
         api_respond_error(req, 500, "internal", NULL, NULL);
         return;
     }
@@ -647,10 +489,10 @@ static void on_query_result(void *ud, const PGresult *res, const char *error)
         api_respond_error(req, 404, "not_found", NULL, NULL);
         return;
     }
-    api_send(req, 200, JSON_TYPE, PQgetvalue(res, 0, 0), (size_t)PQgetlength(res, 0, 0), NULL);
+    api_respond(req, 200, JSON_TYPE, PQgetvalue(res, 0, 0), (size_t)PQgetlength(res, 0, 0), NULL);
 }
 
-static void run_query(struct app *app, struct http_request *req, const char *sql, int nparams,
+void api_run_query(struct app *app, struct http_request *req, const char *sql, int nparams,
                       const char *const *params)
 {
     struct query_ctx *ctx = http_request_alloc(req, sizeof *ctx);
@@ -685,49 +527,7 @@ static void handle_get_status(struct app *app, struct http_request *req)
         return;
     }
     const char *params[1] = {ref};
-    run_query(app, req, get_status_sql, 1, params);
-}
-
-static void handle_admin_application(struct app *app, struct http_request *req)
-{
-    const char *id = req->path + strlen("/admin/applications/");
-    size_t n = strlen(id);
-    /* A positive bigint in plain decimal; anything else cannot name an application. */
-    bool ok = n >= 1 && n <= 18 && id[0] != '0';
-    for (size_t i = 0; ok && i < n; i++) ok = id[i] >= '0' && id[i] <= '9';
-    if (!ok) {
-        api_respond_error(req, 404, "not_found", NULL, NULL);
-        return;
-    }
-    log_info("api", "event=admin_read req=%" PRIu64 " application_id=%s", req->id, id);
-    const char *params[1] = {id};
-    run_query(app, req, get_application_sql, 1, params);
-}
-
-static void handle_admin_lookup(struct app *app, struct http_request *req)
-{
-    char event_id[EVENT_ID_MAX_CHARS + 2], phone_raw[32], phone[PHONE_DIGITS_MAX + 1];
-    int elen = api_query_param(req->query, "event_id", event_id, sizeof event_id);
-    int plen = api_query_param(req->query, "phone", phone_raw, sizeof phone_raw);
-
-    if (elen < 0 || !validate_event_id(event_id, (size_t)elen)) {
-        respond_invalid(req, "event_id",
-                        "query parameter event_id is required: 1-64 characters of A-Z, a-z, "
-                        "0-9, '.', '_', '-'");
-        return;
-    }
-    if (plen < 0 || validate_phone(phone_raw, (size_t)plen, phone) != 0) {
-        respond_invalid(req, "phone",
-                        "query parameter phone is required: a Korean mobile number like "
-                        "010-1234-5678");
-        return;
-    }
-    char masked[24];
-    log_mask_phone(phone, masked, sizeof masked);
-    log_info("api", "event=admin_lookup req=%" PRIu64 " event_id=%s phone=%s", req->id, event_id,
-             masked);
-    const char *params[2] = {event_id, phone};
-    run_query(app, req, lookup_sql, 2, params);
+    api_run_query(app, req, get_status_sql, 1, params);
 }
 
 /* ---- health, readiness, metrics ---- */
@@ -735,7 +535,7 @@ static void handle_admin_lookup(struct app *app, struct http_request *req)
 static void handle_healthz(struct app *app, struct http_request *req)
 {
     static const char ok[] = "{\"status\":\"ok\"}";
-    api_send(req, 200, JSON_TYPE, ok, sizeof ok - 1, NULL);
+    api_respond(req, 200, JSON_TYPE, ok, sizeof ok - 1, NULL);
 }
 
 static void handle_readyz(struct app *app, struct http_request *req)
@@ -744,7 +544,6 @@ static void handle_readyz(struct app *app, struct http_request *req)
     if (app->draining) reason = "draining";
     else if (!app->db || dbp_connected(app->db) == 0) reason = "database";
     else if (app->relay && !relay_kafka_ready(app->relay)) reason = "kafka";
-    /* wiring: kafka readiness */
     /* A consumer-only replica is ready once it joined its group; with the API role the
      * group join (seconds, longer after a rebalance) must not hold the API back. */
     else if (app->consumer && !app->cfg->role_api && !consumer_ready(app->consumer))
@@ -757,7 +556,7 @@ static void handle_readyz(struct app *app, struct http_request *req)
         return;
     }
     static const char ready[] = "{\"status\":\"ready\"}";
-    api_send(req, 200, JSON_TYPE, ready, sizeof ready - 1, NULL);
+    api_respond(req, 200, JSON_TYPE, ready, sizeof ready - 1, NULL);
 }
 
 static void handle_metrics(struct app *app, struct http_request *req)

@@ -1,9 +1,12 @@
 /* api: routes HTTP requests to handlers and maps outcomes to status codes and JSON bodies.
- * The one table of error -> HTTP status lives here. */
+ * The one table of error -> HTTP status lives here; /admin/... goes to admin_http.h. */
 #ifndef TICKETD_API_H
 #define TICKETD_API_H
 
 #include <json-c/json.h>
+#include <libpq-fe.h>
+#include <stdbool.h>
+#include <stddef.h>
 
 #include "app.h"
 #include "http_server.h"
@@ -11,6 +14,28 @@
 /* The http_handler_fn for the server; ud is the struct app. */
 void api_handle(struct http_request *req, void *ud);
 
+/* A route: exact path, or a prefix (with something after it) when prefix is true. */
+typedef void (*api_route_fn)(struct app *app, struct http_request *req);
+struct api_route {
+    int method;          /* llhttp_method_t */
+    const char *path;
+    bool prefix;
+    const char *label;   /* route label in metrics */
+    api_route_fn handler;
+};
+
+/* Runs the first route of routes[0..n) matching req; 404, or 405 with Allow, when none does.
+ * When guard is not NULL it runs between the match and the handler (false: it answered). */
+void api_dispatch(struct app *app, struct http_request *req, const struct api_route *routes,
+                  size_t n, bool (*guard)(struct app *app, struct http_request *req));
+/* The metrics label of req among routes: the matched route's, "method_not_allowed" or
+ * "not_found" (a fixed set, whatever the path). */
+const char *api_route_label(const struct api_route *routes, size_t n,
+                            const struct http_request *req);
+
+/* The one exit of every response (counted in the HTTP metrics); req is gone afterwards. */
+void api_respond(struct http_request *req, int status, const char *content_type,
+                 const char *body, size_t len, const char *extra_headers);
 /* Answers with the JSON of obj (takes the reference) and the given status. */
 void api_respond_json(struct http_request *req, int status, json_object *obj,
                       const char *extra_headers);
@@ -22,16 +47,10 @@ void api_respond_error(struct http_request *req, int status, const char *code,
 void api_respond_bad_field(struct http_request *req, const char *code, const char *field,
                            const char *message);
 
-/* true when the request carries "Authorization: Bearer <ADMIN_TOKEN>" (constant-time
- * compare). Otherwise answers 401 (or 403 when no token is configured) and returns false. */
-bool api_admin_authorized(struct app *app, struct http_request *req);
-
-/* Runs work(arg) on libuv's thread pool (admin tools use blocking libpq/rdkafka calls,
- * which must never run on the loop), then answers req with the status and JSON body it
- * returns (*body malloc'd, freed here; sent as text/html when it starts with "<!DOCTYPE html>"). arg is freed with free_arg (may be NULL) afterwards. */
-typedef int (*api_blocking_fn)(void *arg, char **body);
-void api_run_blocking(struct app *app, struct http_request *req, api_blocking_fn work,
-                      void *arg, void (*free_arg)(void *));
+/* Runs sql (one row, one JSON text column) on the API pool's read class and answers req with
+ * it: 200, 404 when there is no row or it is NULL, 503 when the database cannot answer. */
+void api_run_query(struct app *app, struct http_request *req, const char *sql, int nparams,
+                   const char *const *params);
 
 /* Decodes the value of key in a query string ("a=1&b=x%2By") into out; returns length or -1. */
 int api_query_param(const char *query, const char *key, char *out, size_t outlen);

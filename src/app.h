@@ -1,7 +1,7 @@
 /* app: the process's modules and the state that crosses them. main.c builds one struct app,
  * wires the modules in order (config -> migrate -> Kafka -> DB pool -> ingest -> relay ->
  * consumer -> HTTP) and tears them down in reverse on SIGTERM/SIGINT. Modules receive the
- * pieces they need, not the whole struct, except the HTTP handlers in api.c. */
+ * pieces they need, not the whole struct, except the HTTP handlers (api.c, admin_http.c). */
 #ifndef TICKETD_APP_H
 #define TICKETD_APP_H
 

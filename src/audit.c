@@ -17,19 +17,19 @@
 #include <string.h>
 #include <time.h>
 
+#include "admin_cli.h"
 #include "admin_common.h"
-#include "api.h"
+#include "admin_kafka.h"
+#include "admin_pg.h"
+#include "audit_ctx.h"
 #include "effects.h"
-#include "http_server.h"
 #include "kafka_common.h"
 #include "limits.h"
 #include "log.h"
 #include "validate.h"
 
 #define AUDIT_FETCH_ROWS "10000"      /* rows per FETCH from the server-side cursor */
-#define AUDIT_LOOKUP_BATCH 512        /* unmatched messages looked up per query */
 #define AUDIT_DLQ_CHECK_MAX 100000    /* unhandled events checked against the DLQ topic */
-#define AUDIT_HUMAN_DETAILS 20        /* items printed per category in the human report */
 
 /* ------------------------------------------------------------------ small helpers */
 
@@ -123,33 +123,6 @@ static void cur_close(struct pgcur *k)
 
 /* ------------------------------------------------------------------ report */
 
-/* One kind of finding: an exact count and the first AUDIT_LIST_MAX items. */
-struct cat {
-    const char *key;     /* JSON name */
-    const char *title;   /* human report */
-    bool missing;        /* counts toward the verdict */
-    int64_t count;
-    json_object *items;
-};
-
-enum {
-    C_WITHOUT_OUTBOX,        /* stage 1 */
-    C_OUTBOX_ORPHAN,
-    C_PRUNED_UNACCOUNTED,
-    C_UNPUBLISHED,           /* stage 2 */
-    C_NOT_IN_TOPIC,
-    C_WRONG_OFFSET,
-    C_TOPIC_ORPHAN,
-    C_RECORDED_ELSEWHERE,
-    C_EXPIRED,
-    C_EXPIRED_UNCONSUMED,
-    C_UNHANDLED,             /* stage 3 */
-    C_NOT_CONSUMED,
-    C_EFFECTS_OPEN,
-    C_DEAD_LETTERED,
-    C_COUNT
-};
-
 static const struct cat cat_template[C_COUNT] = {
     [C_WITHOUT_OUTBOX] = {"without_outbox", "applications without an outbox row", true, 0, NULL},
     [C_OUTBOX_ORPHAN] = {"outbox_without_application", "outbox rows without an application",
@@ -177,40 +150,6 @@ static const struct cat cat_template[C_COUNT] = {
                         "below the committed offset, processed but effects not done", true, 0,
                         NULL},
     [C_DEAD_LETTERED] = {"dead_lettered", "in the dead-letter queue, not replayed", true, 0, NULL},
-};
-
-struct part_stat {
-    int64_t low, high, committed;
-    int64_t rows, verified, expired, messages;
-};
-
-/* A message no row matched at its position, waiting for its lookup by ce_id. */
-struct cand {
-    int32_t partition;
-    int64_t offset;
-    int64_t ts;
-    char key[40];
-    char ce_id[UUID_STR_LEN + 1];
-};
-
-/* An event below the committed offset the DB does not account for; the DLQ topic may. */
-struct unhandled {
-    char ce_id[UUID_STR_LEN + 1];
-    int64_t app_id;
-    int32_t partition;
-    int64_t offset;
-    int64_t committed;
-    bool in_dlq_topic;
-};
-
-/* Distinct application ids named missing (one application may fail at two stages: a deleted
- * outbox row also leaves its message without a row). Open addressing; past
- * AUDIT_DISTINCT_MAX ids it stops deduplicating rather than grow further. */
-#define AUDIT_DISTINCT_MAX (1 << 20)
-struct idset {
-    int64_t *slots;  /* 0 = empty; ids are stored + 1 so id 0 is representable */
-    size_t cap, n;
-    bool full;
 };
 
 /* true when id was not in the set (or the set is full and cannot tell). */
@@ -244,38 +183,6 @@ static bool idset_add(struct idset *s, int64_t id)
     s->n++;
     return true;
 }
-
-struct audit_ctx {
-    const struct cfg *cfg;
-    const struct audit_opts *opts;
-    char *err;
-    size_t errlen;
-
-    PGconn *db;        /* the snapshot (REPEATABLE READ) */
-    PGconn *lookup;    /* autocommit: sees rows committed after the snapshot */
-    rd_kafka_t *rk;    /* reader (assign only) */
-
-    struct cat cats[C_COUNT];
-    json_object *missing_ids;   /* verdict list of distinct ids, capped */
-    int64_t missing;            /* distinct application ids (or keys) with a finding */
-    struct idset distinct;
-
-    int64_t applications, outbox_rows, outbox_published, in_grace;
-    int64_t pruned;             /* older than OUTBOX_RETENTION, outbox row gone (not provable) */
-    int64_t processed, outside_scope;
-    int64_t pending;            /* not consumed yet, published within AUDIT_GRACE */
-    int64_t since_ms;           /* -1 = no --since */
-
-    int nparts;
-    struct part_stat *parts;
-
-    struct cand cands[AUDIT_LOOKUP_BATCH];
-    int ncands;
-
-    struct unhandled *unh;
-    size_t nunh, capunh;
-    int64_t unh_unchecked;      /* beyond AUDIT_DLQ_CHECK_MAX: not looked for in the DLQ topic */
-};
 
 static void ctx_missing_id(struct audit_ctx *a, json_object *id)
 {
@@ -922,197 +829,6 @@ static void stage3_settle(struct audit_ctx *a)
     }
 }
 
-/* ------------------------------------------------------------------ rendering */
-
-static json_object *cat_json(const struct cat *k)
-{
-    json_object *o = json_object_new_object();
-    json_object_object_add(o, "count", json_object_new_int64(k->count));
-    json_object_object_add(o, "items", json_object_get(k->items));
-    json_object_object_add(o, "truncated",
-                           json_object_new_boolean(k->count > (int64_t)json_object_array_length(k->items)));
-    return o;
-}
-
-static int64_t part_lag(const struct part_stat *ps)
-{
-    int64_t from = ps->committed >= 0 ? ps->committed : ps->low;
-    return ps->high > from ? ps->high - from : 0;
-}
-
-/* Applications not through yet but within AUDIT_GRACE: not missing, not complete. */
-static int64_t in_flight(const struct audit_ctx *a)
-{
-    return a->in_grace + a->pending;
-}
-
-static const char *verdict(const struct audit_ctx *a)
-{
-    return a->missing ? "incomplete" : in_flight(a) ? "in_progress" : "complete";
-}
-
-static void verdict_line(const struct audit_ctx *a, FILE *out)
-{
-    if (a->missing == 0 && in_flight(a)) {
-        fprintf(out, "in progress: %" PRId64 " applications, 0 missing, %" PRId64
-                " not through yet (within AUDIT_GRACE)\n", a->applications, in_flight(a));
-        return;
-    }
-    if (a->missing == 0) {
-        fprintf(out, "complete: %" PRId64 " applications, 0 missing\n", a->applications);
-        return;
-    }
-    fprintf(out, "incomplete: %" PRId64 " applications, %" PRId64 " missing: ", a->applications,
-            a->missing);
-    size_t n = json_object_array_length(a->missing_ids);
-    for (size_t i = 0; i < n; i++)
-        fprintf(out, "%s%s", i ? "," : "",
-                json_object_get_string(json_object_array_get_idx(a->missing_ids, i)));
-    if ((int64_t)n < a->missing) fprintf(out, ",... (%" PRId64 " more)", a->missing - (int64_t)n);
-    fputc('\n', out);
-}
-
-static json_object *report_json(const struct audit_ctx *a)
-{
-    json_object *root = json_object_new_object();
-    json_object_object_add(root, "verdict", json_object_new_string(verdict(a)));
-    json_object_object_add(root, "in_flight", json_object_new_int64(in_flight(a)));
-    json_object_object_add(root, "applications", json_object_new_int64(a->applications));
-    json_object_object_add(root, "missing", json_object_new_int64(a->missing));
-    json_object_object_add(root, "missing_ids", json_object_get(a->missing_ids));
-    json_object_object_add(root, "missing_ids_truncated",
-                           json_object_new_boolean(a->missing >
-                                                   (int64_t)json_object_array_length(a->missing_ids)));
-    json_object *filter = json_object_new_object();
-    json_object_object_add(filter, "event_id", admin_json_text(a->opts->event_id));
-    json_object_object_add(filter, "since", admin_json_text(a->opts->since));
-    json_object_object_add(root, "filter", filter);
-    json_object_object_add(root, "topic", json_object_new_string(a->cfg->topic));
-    json_object_object_add(root, "dlq_topic", json_object_new_string(a->cfg->dlq_topic));
-    json_object_object_add(root, "consumer_group", json_object_new_string(a->cfg->consumer_group));
-    json_object_object_add(root, "grace_ms", json_object_new_int64(a->cfg->audit_grace_ms));
-
-    json_object *stages = json_object_new_object();
-    json_object *s1 = json_object_new_object();
-    json_object_object_add(s1, "applications", json_object_new_int64(a->applications));
-    json_object_object_add(s1, "outbox_rows", json_object_new_int64(a->outbox_rows));
-    json_object_object_add(s1, "outbox_pruned", json_object_new_int64(a->pruned));
-    json_object_object_add(s1, a->cats[C_WITHOUT_OUTBOX].key, cat_json(&a->cats[C_WITHOUT_OUTBOX]));
-    json_object_object_add(s1, a->cats[C_OUTBOX_ORPHAN].key, cat_json(&a->cats[C_OUTBOX_ORPHAN]));
-    json_object_object_add(s1, a->cats[C_PRUNED_UNACCOUNTED].key,
-                           cat_json(&a->cats[C_PRUNED_UNACCOUNTED]));
-    json_object_object_add(stages, "applications_outbox", s1);
-
-    json_object *s2 = json_object_new_object();
-    json_object_object_add(s2, "outbox_rows", json_object_new_int64(a->outbox_rows));
-    json_object_object_add(s2, "published", json_object_new_int64(a->outbox_published));
-    int64_t verified = 0, messages = 0;
-    for (int p = 0; p < a->nparts; p++) {
-        verified += a->parts[p].verified;
-        messages += a->parts[p].messages;
-    }
-    json_object_object_add(s2, "verified", json_object_new_int64(verified));
-    json_object_object_add(s2, "topic_messages", json_object_new_int64(messages));
-    json_object_object_add(s2, "in_grace", json_object_new_int64(a->in_grace));
-    json_object_object_add(s2, "outside_scope", json_object_new_int64(a->outside_scope));
-    for (int c = C_UNPUBLISHED; c <= C_EXPIRED_UNCONSUMED; c++)
-        json_object_object_add(s2, a->cats[c].key, cat_json(&a->cats[c]));
-    json_object_object_add(stages, "outbox_kafka", s2);
-
-    json_object *s3 = json_object_new_object();
-    json_object_object_add(s3, "group", json_object_new_string(a->cfg->consumer_group));
-    json_object_object_add(s3, "processed", json_object_new_int64(a->processed));
-    json_object_object_add(s3, "pending", json_object_new_int64(a->pending));
-    json_object *parts = json_object_new_array();
-    int64_t lag = 0;
-    for (int p = 0; p < a->nparts; p++) {
-        const struct part_stat *ps = &a->parts[p];
-        json_object *o = json_object_new_object();
-        json_object_object_add(o, "partition", json_object_new_int(p));
-        json_object_object_add(o, "low", json_object_new_int64(ps->low));
-        json_object_object_add(o, "high", json_object_new_int64(ps->high));
-        json_object_object_add(o, "committed",
-                               ps->committed >= 0 ? json_object_new_int64(ps->committed) : NULL);
-        json_object_object_add(o, "lag", json_object_new_int64(part_lag(ps)));
-        json_object_object_add(o, "rows", json_object_new_int64(ps->rows));
-        json_object_object_add(o, "verified", json_object_new_int64(ps->verified));
-        json_object_object_add(o, "expired", json_object_new_int64(ps->expired));
-        json_object_object_add(o, "messages", json_object_new_int64(ps->messages));
-        json_object_array_add(parts, o);
-        lag += part_lag(ps);
-    }
-    json_object_object_add(s3, "lag", json_object_new_int64(lag));
-    json_object_object_add(s3, "partitions", parts);
-    for (int c = C_UNHANDLED; c < C_COUNT; c++)
-        json_object_object_add(s3, a->cats[c].key, cat_json(&a->cats[c]));
-    json_object_object_add(stages, "kafka_consumer", s3);
-    json_object_object_add(root, "stages", stages);
-    return root;
-}
-
-static void human_cat(const struct cat *k, FILE *out)
-{
-    fprintf(out, "  %-66s %" PRId64 "%s\n", k->title, k->count,
-            k->count && k->missing ? "  <-- MISSING" : "");
-    size_t n = json_object_array_length(k->items);
-    for (size_t i = 0; i < n && i < AUDIT_HUMAN_DETAILS; i++) {
-        json_object *d = NULL;
-        json_object_object_get_ex(json_object_array_get_idx(k->items, i), "detail", &d);
-        fprintf(out, "    - %s\n", json_object_get_string(d));
-    }
-    if (k->count > AUDIT_HUMAN_DETAILS)
-        fprintf(out, "    ... %" PRId64 " more (--json lists up to %d)\n",
-                k->count - AUDIT_HUMAN_DETAILS, AUDIT_LIST_MAX);
-}
-
-static void report_human(const struct audit_ctx *a, FILE *out)
-{
-    fprintf(out, "audit of %s%s%s%s: topic %s (%d partitions), DLQ %s, group %s, grace %" PRId64
-            " ms\n",
-            a->opts->event_id ? "event " : "all events", a->opts->event_id ? a->opts->event_id : "",
-            a->opts->since ? ", since " : "", a->opts->since ? a->opts->since : "", a->cfg->topic,
-            a->nparts, a->cfg->dlq_topic, a->cfg->consumer_group, a->cfg->audit_grace_ms);
-    fprintf(out, "\nstage 1: applications <-> outbox\n");
-    fprintf(out, "  %-66s %" PRId64 "\n", "applications", a->applications);
-    fprintf(out, "  %-66s %" PRId64 "\n", "outbox rows", a->outbox_rows);
-    fprintf(out, "  %-66s %" PRId64 "\n", "older than OUTBOX_RETENTION, outbox row pruned", a->pruned);
-    human_cat(&a->cats[C_WITHOUT_OUTBOX], out);
-    human_cat(&a->cats[C_OUTBOX_ORPHAN], out);
-    human_cat(&a->cats[C_PRUNED_UNACCOUNTED], out);
-
-    int64_t verified = 0, messages = 0, lag = 0;
-    for (int p = 0; p < a->nparts; p++) {
-        verified += a->parts[p].verified;
-        messages += a->parts[p].messages;
-        lag += part_lag(&a->parts[p]);
-    }
-    fprintf(out, "\nstage 2: outbox <-> kafka\n");
-    fprintf(out, "  %-66s %" PRId64 "\n", "published rows", a->outbox_published);
-    fprintf(out, "  %-66s %" PRId64 "\n", "verified (ce_id found at the recorded offset)", verified);
-    fprintf(out, "  %-66s %" PRId64 "\n", "topic messages read", messages);
-    fprintf(out, "  %-66s %" PRId64 "\n", "unpublished within the grace window", a->in_grace);
-    for (int c = C_UNPUBLISHED; c <= C_EXPIRED_UNCONSUMED; c++) human_cat(&a->cats[c], out);
-
-    fprintf(out, "\nstage 3: kafka <-> consumer (group %s)\n", a->cfg->consumer_group);
-    fprintf(out, "  %9s %12s %12s %12s %10s\n", "partition", "low", "high", "committed", "lag");
-    for (int p = 0; p < a->nparts; p++) {
-        const struct part_stat *ps = &a->parts[p];
-        char committed[24];
-        if (ps->committed >= 0)
-            snprintf(committed, sizeof committed, "%" PRId64, ps->committed);
-        else
-            snprintf(committed, sizeof committed, "-");
-        fprintf(out, "  %9d %12" PRId64 " %12" PRId64 " %12s %10" PRId64 "\n", p, ps->low,
-                ps->high, committed, part_lag(ps));
-    }
-    fprintf(out, "  %-66s %" PRId64 "\n", "total lag (messages)", lag);
-    fprintf(out, "  %-66s %" PRId64 "\n", "processed, every effect done", a->processed);
-    fprintf(out, "  %-66s %" PRId64 "\n", "pending (not consumed yet, within the grace window)", a->pending);
-    for (int c = C_UNHANDLED; c < C_COUNT; c++) human_cat(&a->cats[c], out);
-    fputc('\n', out);
-    verdict_line(a, out);
-}
-
 /* ------------------------------------------------------------------ the run */
 
 int audit_run(const struct cfg *cfg, const char *brokers, const struct audit_opts *opts,
@@ -1194,10 +910,10 @@ int audit_run(const struct cfg *cfg, const char *brokers, const struct audit_opt
 
     log_info("audit", "event=audit_done applications=%" PRId64 " missing=%" PRId64
              " elapsed_ms=%" PRIu64, a.applications, a.missing, (uint64_t)now_ms() - started);
-    if (human_out) report_human(&a, human_out);
-    if (json_out) *json_out = report_json(&a);
+    if (human_out) audit_report_human(&a, human_out);
+    if (json_out) *json_out = audit_report_json(&a);
     ret = a.missing > INT32_MAX ? INT32_MAX : (int)a.missing;
-    if (opts->in_flight) *opts->in_flight = in_flight(&a);
+    if (opts->in_flight) *opts->in_flight = audit_in_flight(&a);
 out:
     free(committed);
     free(a.parts);
@@ -1249,65 +965,4 @@ int audit_main(struct cfg *loaded, int argc, char **argv)
     }
     /* exit status 1 when something is missing */
     return admin_cli_run(&cli, "http://HOST:PORT/admin/audit", audit_cli_run, &opts, 1, 0);
-}
-
-/* ------------------------------------------------------------------ HTTP */
-
-struct audit_job {
-    struct admin_job base;   /* first */
-    struct audit_opts opts;
-    char event_id[EVENT_ID_MAX_CHARS + 1];
-    char since[64];
-};
-
-static int audit_job_run(void *arg, char **body)
-{
-    struct audit_job *job = arg;
-    json_object *report = NULL;
-    char err[512] = "";
-    int r = audit_run(job->base.cfg, job->base.brokers, &job->opts, NULL, &report, err,
-                      sizeof err);
-    if (r < 0) log_warn("audit", "event=audit_failed error=\"%s\"", err);
-    return admin_job_reply(r, report, "audit_failed", err, body);
-}
-
-/* Whether key appears in the query at all (api_query_param's -1 means absent or too long). */
-static bool query_has(const char *query, const char *key)
-{
-    size_t n = strlen(key);
-    for (const char *p = query; p && *p;) {
-        if (strncmp(p, key, n) == 0 && (p[n] == '=' || p[n] == '&' || p[n] == '\0')) return true;
-        p = strchr(p, '&');
-        if (p) p++;
-    }
-    return false;
-}
-
-void audit_handle_http(struct app *app, struct http_request *req)
-{
-    if (!api_admin_authorized(app, req)) return;
-    struct audit_job *job = admin_job_alloc(req, sizeof *job);
-    if (!job) return;
-    const char *q = req->query ? req->query : "";
-    int n = api_query_param(q, "event_id", job->event_id, sizeof job->event_id);
-    if (n > 0) {
-        if (!validate_event_id(job->event_id, (size_t)n)) goto bad_event;
-        job->opts.event_id = job->event_id;
-    } else if (query_has(q, "event_id") && n < 0) {
-        goto bad_event;
-    }
-    n = api_query_param(q, "since", job->since, sizeof job->since);
-    if (n > 0) {
-        job->opts.since = job->since;
-    } else if (query_has(q, "since") && n < 0) {
-        api_respond_error(req, 400, "bad_request", "since: a timestamp, at most 63 bytes", NULL);
-        free(job);
-        return;
-    }
-    admin_job_start(app, req, &job->base, audit_job_run);
-    return;
-bad_event:
-    api_respond_error(req, 400, "bad_request", "event_id: 1-64 characters of [A-Za-z0-9._-]",
-                      NULL);
-    free(job);
 }

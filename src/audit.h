@@ -36,7 +36,7 @@
  * AUDIT_LIST_MAX per category ("truncated" says when).
  *
  * Blocking code (sync libpq, rdkafka): the CLI calls it directly; the HTTP handlers run it
- * on libuv's thread pool through api_run_blocking, never on the loop. */
+ * on libuv's thread pool by the admin HTTP adapter, never on the loop. */
 #ifndef TICKETD_AUDIT_H
 #define TICKETD_AUDIT_H
 
@@ -44,9 +44,6 @@
 #include <stdio.h>
 
 #include "config.h"
-
-struct app;
-struct http_request;
 
 #define AUDIT_LIST_MAX 1000          /* ids listed per category (counts stay exact) */
 
@@ -75,10 +72,5 @@ int audit_run(const struct cfg *cfg, const char *brokers, const struct audit_opt
  * flags (`loaded` is not used). Exit status: 0 complete, 1 something missing or still in
  * progress (the verdict line says which), 2 error. */
 int audit_main(struct cfg *loaded, int argc, char **argv);
-
-/* GET /admin/audit?event_id=&since= : checks the admin token, then runs the audit on the
- * thread pool against app->kafka_brokers; 200 with the JSON report (complete or not), 400 on
- * a bad parameter, 503 when the DB or Kafka cannot be read. */
-void audit_handle_http(struct app *app, struct http_request *req);
 
 #endif

@@ -11,11 +11,11 @@
 #include <strings.h>
 #include <unistd.h>
 
-#include "admin_common.h"
-#include "api.h"
+#include "admin_cli.h"
+#include "admin_kafka.h"
+#include "admin_pg.h"
 #include "db_pool.h"
 #include "effects.h"
-#include "http_server.h"
 #include "kafka_common.h"
 #include "log.h"
 #include "validate.h"
@@ -417,7 +417,7 @@ int dlq_replay(const struct cfg *cfg, const char *brokers, const char *event_id,
         goto out;
     }
     rd_kafka_conf_set_dr_msg_cb(conf, replay_dr);
-    admin_kafka_log_to_ours(conf);
+    kafka_conf_log_to_ours(conf);
     ctx.producer = rd_kafka_new(RD_KAFKA_PRODUCER, conf, err, errlen);
     if (!ctx.producer) {
         rd_kafka_conf_destroy(conf);
@@ -460,141 +460,6 @@ out:
     free(ctx.rows.rows);
     PQfinish(db);
     return rc;
-}
-
-/* ---- HTTP ---- */
-
-struct dlq_job {
-    struct admin_job base;   /* first */
-    size_t limit;
-    bool has_event;
-    char event_id[UUID_STR_LEN + 1];
-};
-
-static int list_work(void *arg, char **body)
-{
-    char qb[600];
-    struct dlq_job *job = arg;
-    json_object *o = NULL;
-    char err[512];
-    int rc = dlq_list(job->base.cfg, job->base.brokers, job->limit, &o, err, sizeof err);
-    if (rc != 0) log_error("dlq", "event=list_failed err=%s", lq(err, qb, sizeof qb));
-    return admin_job_reply(rc, o, "unavailable", err, body);
-}
-
-static int replay_work(void *arg, char **body)
-{
-    char qb[600];
-    struct dlq_job *job = arg;
-    json_object *o = NULL;
-    char err[512];
-    int rc = dlq_replay(job->base.cfg, job->base.brokers, job->has_event ? job->event_id : NULL,
-                        &o, err, sizeof err);
-    if (rc != 0) log_error("dlq", "event=replay_failed err=%s", lq(err, qb, sizeof qb));
-    return admin_job_reply(rc, o, "unavailable", err, body);
-}
-
-void dlq_handle_list(struct app *app, struct http_request *req)
-{
-    if (!api_admin_authorized(app, req)) return;
-    size_t limit = DLQ_LIST_DEFAULT;
-    char buf[32];
-    int n = api_query_param(req->query ? req->query : "", "limit", buf, sizeof buf);
-    if (n > 0) {
-        char *end;
-        long v = strtol(buf, &end, 10);
-        if (*end || v < 1 || v > DLQ_LIST_MAX) {
-            api_respond_error(req, 400, "bad_request", "limit: an integer from 1 to 10000", NULL);
-            return;
-        }
-        limit = (size_t)v;
-    }
-    struct dlq_job *job = admin_job_alloc(req, sizeof *job);
-    if (!job) return;
-    job->limit = limit;
-    admin_job_start(app, req, &job->base, list_work);
-}
-
-static void replay_bad_request(struct http_request *req, const char *field, const char *message)
-{
-    api_respond_bad_field(req, "bad_request", field, message);
-}
-
-/* The body says what to replay, explicitly: {"event_id": "<uuid>"} or {"all": true}.
- * Anything else (empty, null values, unknown or misspelled fields, both, trailing bytes) is
- * a 400 naming the field, so that a typo can never mean "everything". */
-static bool parse_replay_body(struct http_request *req, bool *has_event, char *event_id, size_t cap)
-{
-    static const char usage[] = "body: {\"event_id\": \"<uuid>\"} or {\"all\": true}";
-    size_t len = req->body_len;
-    const char *b = req->body ? req->body : "";
-    while (len && (b[len - 1] == ' ' || b[len - 1] == '\t' || b[len - 1] == '\r' || b[len - 1] == '\n'))
-        len--;
-    if (len == 0) {
-        replay_bad_request(req, "body", usage);
-        return false;
-    }
-    json_tokener *tok = json_tokener_new();
-    if (!tok) {
-        api_respond_error(req, 503, "unavailable", NULL, "Retry-After: 1\r\n");
-        return false;
-    }
-    json_tokener_set_flags(tok, JSON_TOKENER_STRICT);
-    json_object *o = json_tokener_parse_ex(tok, b, (int)len);
-    bool whole = json_tokener_get_error(tok) == json_tokener_success &&
-                 json_tokener_get_parse_end(tok) == len;
-    json_tokener_free(tok);
-    if (!o || !whole || !json_object_is_type(o, json_type_object)) {
-        json_object_put(o);
-        replay_bad_request(req, "body", usage);
-        return false;
-    }
-    bool ok = true, all = false;
-    *has_event = false;
-    json_object_object_foreach(o, key, v) {
-        if (!ok) break;
-        if (strcmp(key, "event_id") == 0) {
-            const char *e = json_object_is_type(v, json_type_string) ? json_object_get_string(v) : NULL;
-            if (!e || !effects_is_uuid(e, strlen(e))) {
-                replay_bad_request(req, "event_id", "event_id: a UUID (the ce_id) as a string");
-                ok = false;
-            } else {
-                snprintf(event_id, cap, "%s", e);
-                *has_event = true;
-            }
-        } else if (strcmp(key, "all") == 0) {
-            if (!json_object_is_type(v, json_type_boolean) || !json_object_get_boolean(v)) {
-                replay_bad_request(req, "all", "all: true (the only value; to replay one event "
-                                               "give event_id instead)");
-                ok = false;
-            }
-            all = true;
-        } else {
-            char msg[160];
-            snprintf(msg, sizeof msg, "unknown field \"%.60s\"; %s", key, usage);
-            replay_bad_request(req, key, msg);
-            ok = false;
-        }
-    }
-    json_object_put(o);
-    if (ok && *has_event == all) {
-        replay_bad_request(req, "body", *has_event ? "give event_id or all, not both" : usage);
-        ok = false;
-    }
-    return ok;
-}
-
-void dlq_handle_replay(struct app *app, struct http_request *req)
-{
-    if (!api_admin_authorized(app, req)) return;
-    bool has_event = false;
-    char event_id[UUID_STR_LEN + 1] = "";
-    if (!parse_replay_body(req, &has_event, event_id, sizeof event_id)) return;
-    struct dlq_job *job = admin_job_alloc(req, sizeof *job);
-    if (!job) return;
-    job->has_event = has_event;
-    memcpy(job->event_id, event_id, sizeof event_id);
-    admin_job_start(app, req, &job->base, replay_work);
 }
 
 /* ---- CLI ---- */

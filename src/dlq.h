@@ -15,8 +15,8 @@
  * (error class "unparseable": handling them again cannot succeed) and, within one replay,
  * a second dead letter of an event already replayed by it (marked replayed too).
  *
- * Blocking code (rdkafka, sync libpq): the CLI calls it directly; the HTTP handlers run it on
- * libuv's thread pool through api_run_blocking. */
+ * Blocking code (rdkafka, sync libpq): the CLI calls it directly; the admin HTTP adapter
+ * (admin_http.c) runs it on libuv's thread pool. */
 #ifndef TICKETD_DLQ_H
 #define TICKETD_DLQ_H
 
@@ -24,9 +24,6 @@
 #include <stddef.h>
 
 #include "config.h"
-
-struct app;
-struct http_request;
 
 #define DLQ_LIST_DEFAULT 1000   /* dead letters listed by default */
 #define DLQ_LIST_MAX 10000      /* ... and at most (?limit=) */
@@ -46,11 +43,6 @@ int dlq_list(const struct cfg *cfg, const char *brokers, size_t limit, json_obje
  * *out: {"replayed": N, "skipped": M, "failed": F}. Returns 0, or -1 with err filled. */
 int dlq_replay(const struct cfg *cfg, const char *brokers, const char *event_id,
                json_object **out, char *err, size_t errlen);
-
-/* GET /admin/dlq[?limit=N] and POST /admin/dlq/replay (body {} or {"event_id": "<uuid>"}):
- * api.c route handlers (admin). */
-void dlq_handle_list(struct app *app, struct http_request *req);
-void dlq_handle_replay(struct app *app, struct http_request *req);
 
 /* `ticketd dlq list [--limit N]` | `ticketd dlq replay [--event-id E]`: a main.c command
  * (parse_flags false: argv holds the arguments after "dlq"). Prints the JSON above on

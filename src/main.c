@@ -122,13 +122,11 @@ static void shutdown_advance(struct server *s)
         break;
     case STAGE_PIPELINES:
         log_info("main", "event=closing stage=pipelines");
-        /* wiring: relay flush (s->closing++; relay_close(..., stage_step_done, s)) */
         if (s->app.relay) {
             s->closing++;
             relay_close(s->app.relay, stage_step_done, s);
             s->app.relay = NULL;
         }
-        /* wiring: consumer commit (s->closing++; consumer_close(..., stage_step_done, s)) */
         if (s->app.consumer) {
             s->closing++;
             consumer_close(s->app.consumer, stage_step_done, s);
@@ -138,7 +136,6 @@ static void shutdown_advance(struct server *s)
     case STAGE_STORAGE:
         log_info("main", "event=closing stage=storage");
         close_db(s);
-        /* wiring: kafka mock stop */
         if (s->app.mock) {
             kafka_mock_stop(s->app.mock); /* after the relay and consumer closed */
             s->app.mock = NULL;
@@ -321,7 +318,6 @@ static int cmd_serve(struct cfg *c, int argc, char **argv)
     }
 
     /* 2. Kafka */
-    /* wiring: kafka mock (KAFKA_BROKERS empty) */
     if ((s->cfg.role_relay || s->cfg.role_consumer) &&
         (!s->cfg.kafka_brokers || !*s->cfg.kafka_brokers)) {
         if (kafka_mock_start_dev(&s->app.mock, &s->cfg) != 0) return 1;
@@ -351,7 +347,6 @@ static int cmd_serve(struct cfg *c, int argc, char **argv)
     }
 
     /* 5. relay */
-    /* wiring: relay start */
     if (s->cfg.role_relay &&
         (rc = relay_start(&s->app.relay, loop, &s->cfg, s->app.kafka_brokers)) != 0) {
         log_error("main", "event=relay_failed err=%d", rc);
@@ -359,7 +354,6 @@ static int cmd_serve(struct cfg *c, int argc, char **argv)
     }
 
     /* 6. consumer */
-    /* wiring: consumer start */
     if (s->cfg.role_consumer &&
         (rc = consumer_start(&s->app.consumer, loop, &s->cfg, s->app.kafka_brokers)) != 0) {
         log_error("main", "event=consumer_failed err=%d", rc);
@@ -447,7 +441,6 @@ static const struct command commands[] = {
     {"migrate", cmd_migrate, true, "apply database migrations, then exit"},
     {"config-table", cmd_config_table, true, "print the settings as a Markdown table"},
     {"help", cmd_help, true, "this text"},
-    /* wiring: commands (audit, trace, dlq, kafka-mock) */
     {"audit", audit_main, false, "reconcile DB, outbox, topic, consumer and DLQ (--event-id, --since, --json)"},
     {"trace", trace_main, false, "one phone's trail: trace --phone P [--event-id E] [--scan] [--json]"},
     {"dlq", dlq_main, false, "dead letters: dlq list [--limit N] | dlq replay [--event-id E]"},

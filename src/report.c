@@ -16,13 +16,15 @@
 #include <string.h>
 #include <time.h>
 
+#include "admin_cli.h"
 #include "admin_common.h"
-#include "api.h"
+#include "admin_kafka.h"
+#include "admin_pg.h"
 #include "audit.h"
 #include "db_pool.h"
-#include "http_server.h"
 #include "limits.h"
 #include "log.h"
+#include "pg_array.h"
 #include "validate.h"
 
 #ifndef TICKETD_VERSION
@@ -667,16 +669,13 @@ static int sec_missing(struct rep *r)
         return 0;
     }
     struct lost *lost = calloc(nids ? nids : 1, sizeof *lost);
-    size_t arrcap = nids * 21 + 3;
-    char *arr = malloc(arrcap);
-    if (!lost || !arr) {
-        free(lost);
-        free(arr);
+    if (!lost) {
         admin_set_err(r->err, r->errlen, "out of memory");
         return -1;
     }
-    size_t len = 0;
-    arr[len++] = '{';
+    struct strbuf arr;
+    strbuf_init(&arr, 0);
+    pg_array_open(&arr);
     json_object *unknown = json_object_new_array(); /* ids that are not numbers ("?", keys) */
     for (size_t i = 0; i < nids; i++) {
         json_object *id = json_object_array_get_idx(ids, i);
@@ -685,18 +684,23 @@ static int sec_missing(struct rep *r)
             continue;
         }
         lost[n].id = json_object_get_int64(id);
-        len += (size_t)snprintf(arr + len, arrcap - len, "%s%" PRId64, n ? "," : "", lost[n].id);
+        pg_array_int(&arr, lost[n].id);
         n++;
     }
-    arr[len++] = '}';
-    arr[len] = '\0';
+    if (pg_array_close(&arr)) {
+        strbuf_free(&arr);
+        free(lost);
+        json_object_put(unknown);
+        admin_set_err(r->err, r->errlen, "out of memory");
+        return -1;
+    }
     qsort(lost, n, sizeof *lost, cmp_lost);
-    const char *p1[1] = {arr};
+    const char *p1[1] = {strbuf_str(&arr)};
     PGresult *res = q(r,
                       "SELECT a.id, to_jsonb(a)->>'reference', a.phone, " DBP_RFC3339_UTC("a.created_at")
                       " FROM applications a WHERE a.id = ANY($1::bigint[])",
                       1, p1);
-    free(arr);
+    strbuf_free(&arr);
     if (!res) {
         free(lost);
         json_object_put(unknown);
@@ -982,41 +986,4 @@ int report_main(struct cfg *loaded, int argc, char **argv)
     }
     return admin_cli_run(&cli, "'http://HOST:PORT/admin/report?event_id=E'", report_cli_run,
                          &opts, 1, 0);
-}
-
-/* ------------------------------------------------------------------ HTTP */
-
-struct report_job {
-    struct admin_job base;   /* first */
-    char event_id[EVENT_ID_MAX_CHARS + 1];
-};
-
-static int report_job_run(void *arg, char **body)
-{
-    struct report_job *job = arg;
-    struct report_result res;
-    char err[512] = "";
-    int r = report_run(job->base.cfg, job->base.brokers, job->event_id, &res, err, sizeof err);
-    if (r < 0) {
-        log_warn("report", "event=report_failed error=\"%s\"", err);
-        return admin_job_reply(r, NULL, "report_failed", err, body);
-    }
-    *body = res.html; /* "<!DOCTYPE html>...": api_run_blocking answers it as text/html */
-    return 200;
-}
-
-void report_handle_http(struct app *app, struct http_request *req)
-{
-    if (!api_admin_authorized(app, req)) return;
-    struct report_job *job = admin_job_alloc(req, sizeof *job);
-    if (!job) return;
-    int n = api_query_param(req->query ? req->query : "", "event_id", job->event_id,
-                            sizeof job->event_id);
-    if (n <= 0 || !validate_event_id(job->event_id, (size_t)n)) {
-        api_respond_error(req, 400, "bad_request",
-                          "event_id: required, 1-64 characters of [A-Za-z0-9._-]", NULL);
-        free(job);
-        return;
-    }
-    admin_job_start(app, req, &job->base, report_job_run);
 }

@@ -21,7 +21,7 @@
  * and names the process-lifetime counters that count them (not durable, all shows).
  *
  * Blocking (sync libpq, rdkafka): the CLI calls it directly; the HTTP handler runs it on
- * libuv's thread pool (admin_job_start), never on the loop. */
+ * libuv's thread pool (admin_http.c), never on the loop. */
 #ifndef TICKETD_REPORT_H
 #define TICKETD_REPORT_H
 
@@ -29,9 +29,6 @@
 #include <stddef.h>
 
 #include "config.h"
-
-struct app;
-struct http_request;
 
 #define REPORT_LIST_MAX 1000      /* dead letters / applications listed (counts stay exact) */
 #define REPORT_BUCKETS_MAX 600    /* timeline buckets: 1 s each, wider for a long opening */
@@ -54,9 +51,5 @@ int report_run(const struct cfg *cfg, const char *brokers, const char *event_id,
  * parse_flags false). Without --out the HTML goes to stdout; with it, one summary line (or
  * JSON with --json). Exit status: 0 nothing missing, 1 something missing, 2 error. */
 int report_main(struct cfg *loaded, int argc, char **argv);
-
-/* GET /admin/report?event_id=E : admin token, then report_run on the thread pool; 200
- * text/html, 400 on a bad or absent event_id, 503 when the DB or Kafka cannot be read. */
-void report_handle_http(struct app *app, struct http_request *req);
 
 #endif

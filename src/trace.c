@@ -8,13 +8,16 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "admin_cli.h"
 #include "admin_common.h"
-#include "api.h"
+#include "admin_kafka.h"
+#include "admin_pg.h"
+#include "app_status.h"
 #include "effects.h"
-#include "http_server.h"
 #include "kafka_common.h"
 #include "limits.h"
 #include "log.h"
+#include "pg_array.h"
 #include "validate.h"
 
 struct trace_ctx {
@@ -252,10 +255,10 @@ static int annotate_matches(struct trace_ctx *t, json_object *matches)
 
 /* Consumer-side facts of one event: processed row, effects, points, dead letters. */
 static int consumer_facts(struct trace_ctx *t, const char *ce_id, json_object *o,
-                          bool *processed, bool *effects_open, json_object **open_dlq)
+                          bool *processed, json_object **open_dlq)
 {
     const char *params[1] = {ce_id};
-    *processed = *effects_open = false;
+    *processed = false;
     *open_dlq = NULL;
 
     PGresult *r = admin_pg_exec(t->db,
@@ -289,7 +292,6 @@ static int consumer_facts(struct trace_ctx *t, const char *ce_id, json_object *o
         json_object_object_add(e, "attempts", int_at(r, i, 2, 0));
         add_str(e, "last_error", val(r, i, 3));
         add_str(e, "updated_at", val(r, i, 4));
-        if (!is_true(r, i, 1)) *effects_open = true;
         json_object_array_add(effects, e);
     }
     json_object_object_add(o, "effects", effects);
@@ -390,9 +392,9 @@ static int outbox_entry(struct trace_ctx *t, const PGresult *r, int i, json_obje
     add_str(o, "last_error", val(r, i, 7));
     bool overdue = is_true(r, i, 8);
 
-    bool processed, effects_open;
+    bool processed;
     json_object *dlq;
-    if (consumer_facts(t, ce_id, o, &processed, &effects_open, &dlq)) return -1;
+    if (consumer_facts(t, ce_id, o, &processed, &dlq)) return -1;
 
     int64_t committed = has_pos && partition >= 0 && partition < t->nparts
                             ? t->committed[partition]
@@ -444,15 +446,9 @@ static int outbox_entry(struct trace_ctx *t, const PGresult *r, int i, json_obje
     snprintf(where, sizeof where, "published to %s/%d@%" PRId64 "%s", t->cfg->topic,
              (int)partition, offset, state == 2 ? " (since expired from the topic)" : "");
     char eff[1024];
-    if (processed && !effects_open) {
-        json_object *p = NULL, *at = NULL;
-        json_object_object_get_ex(o, "processed", &p);
-        json_object_object_get_ex(p, "processed_at", &at);
-        set_status(o, "processed", "%s; processed at %s; effects: %s", where,
-                   json_object_get_string(at), effects_summary(o, eff, sizeof eff));
-        return 0;
-    }
-    if (dlq) {
+    /* processed and dead_lettered follow the one rule of app_status.h (column 10). */
+    const char *status = val(r, i, 10) ? val(r, i, 10) : "";
+    if (strcmp(status, "dead_lettered") == 0 && dlq) {
         json_object *cls, *msg, *at, *att;
         json_object_object_get_ex(dlq, "error_class", &cls);
         json_object_object_get_ex(dlq, "error_message", &msg);
@@ -463,6 +459,14 @@ static int outbox_entry(struct trace_ctx *t, const PGresult *r, int i, json_obje
                    "replay --event-id %s)",
                    where, json_object_get_string(at), json_object_get_int(att),
                    json_object_get_string(cls), json_object_get_string(msg), ce_id);
+        return 0;
+    }
+    if (strcmp(status, "processed") == 0) {
+        json_object *p = NULL, *at = NULL;
+        json_object_object_get_ex(o, "processed", &p);
+        json_object_object_get_ex(p, "processed_at", &at);
+        set_status(o, "processed", "%s; processed at %s; effects: %s", where,
+                   json_object_get_string(at), effects_summary(o, eff, sizeof eff));
         return 0;
     }
     if (committed >= 0 && offset < committed) {
@@ -508,29 +512,29 @@ static int trace_collect(struct trace_ctx *t, json_object *root)
     if (!apps) return -1;
     int napps = PQntuples(apps);
     /* "{1,2,3}" for the outbox query. */
-    char *ids = malloc((size_t)napps * 21 + 3);
-    if (!ids) {
+    struct strbuf ids;
+    strbuf_init(&ids, 0);
+    pg_array_open(&ids);
+    for (int i = 0; i < napps; i++) pg_array_int(&ids, admin_pg_i64(PQgetvalue(apps, i, 0), -1));
+    if (pg_array_close(&ids)) {
+        strbuf_free(&ids);
         PQclear(apps);
+        admin_set_err(t->err, t->errlen, "out of memory");
         return -1;
     }
-    size_t len = 0;
-    ids[len++] = '{';
-    for (int i = 0; i < napps; i++)
-        len += (size_t)sprintf(ids + len, "%s%s", i ? "," : "", PQgetvalue(apps, i, 0));
-    ids[len++] = '}';
-    ids[len] = '\0';
-    const char *p4[4] = {t->phone, t->opts->event_id, grace, ids};
+    const char *p4[4] = {t->phone, t->opts->event_id, grace, strbuf_str(&ids)};
     PGresult *ob = admin_pg_exec(
         t->db,
         "SELECT o.event_id::text, o.aggregate_id, o.created_at, o.published_at, o.kafka_partition,"
         " o.kafka_offset, o.attempts, o.last_error,"
         " o.created_at < now() - $3::bigint * interval '1 millisecond',"
-        " EXISTS (SELECT 1 FROM applications a WHERE a.id = o.aggregate_id)"
-        " FROM outbox o WHERE o.aggregate_id = ANY($4::bigint[])"
+        " EXISTS (SELECT 1 FROM applications a WHERE a.id = o.aggregate_id),"
+        " " APP_STATUS_SQL
+        " FROM outbox o" APP_STATUS_JOIN_SQL "WHERE o.aggregate_id = ANY($4::bigint[])"
         " OR (o.payload->>'phone' = $1 AND ($2::text IS NULL OR o.payload->>'event_id' = $2))"
         " ORDER BY o.id LIMIT 200",
         4, p4, t->err, t->errlen);
-    free(ids);
+    strbuf_free(&ids);
     if (!ob) {
         PQclear(apps);
         return -1;
@@ -840,55 +844,4 @@ int trace_main(struct cfg *loaded, int argc, char **argv)
     /* exit status 1 when nothing is found anywhere */
     return admin_cli_run(&cli, "'http://HOST:PORT/admin/trace?phone=...'", trace_cli_run, &opts,
                          0, 1);
-}
-
-/* ------------------------------------------------------------------ HTTP */
-
-struct trace_job {
-    struct admin_job base;   /* first */
-    struct trace_opts opts;
-    char phone[32];
-    char event_id[EVENT_ID_MAX_CHARS + 1];
-};
-
-static int trace_job_run(void *arg, char **body)
-{
-    struct trace_job *job = arg;
-    json_object *report = NULL;
-    char err[512] = "";
-    int r = trace_run(job->base.cfg, job->base.brokers, &job->opts, NULL, &report, err,
-                      sizeof err);
-    if (r < 0) log_warn("trace", "event=trace_failed error=\"%s\"", err);
-    return admin_job_reply(r, report, "trace_failed", err, body);
-}
-
-void trace_handle_http(struct app *app, struct http_request *req)
-{
-    if (!api_admin_authorized(app, req)) return;
-    struct trace_job *job = admin_job_alloc(req, sizeof *job);
-    if (!job) return;
-    const char *q = req->query ? req->query : "";
-    char digits[PHONE_DIGITS_MAX + 1];
-    int n = api_query_param(q, "phone", job->phone, sizeof job->phone);
-    if (n <= 0 || validate_phone(job->phone, (size_t)n, digits) != 0) {
-        api_respond_error(req, 400, "bad_request",
-                          "phone: a Korean mobile number such as 010-1234-5678", NULL);
-        free(job);
-        return;
-    }
-    job->opts.phone = job->phone;
-    n = api_query_param(q, "event_id", job->event_id, sizeof job->event_id);
-    if (n > 0) {
-        if (!validate_event_id(job->event_id, (size_t)n)) {
-            api_respond_error(req, 400, "bad_request",
-                              "event_id: 1-64 characters of [A-Za-z0-9._-]", NULL);
-            free(job);
-            return;
-        }
-        job->opts.event_id = job->event_id;
-    }
-    char scan[8];
-    if (api_query_param(q, "scan", scan, sizeof scan) > 0)
-        job->opts.scan = strcmp(scan, "1") == 0 || strcmp(scan, "true") == 0;
-    admin_job_start(app, req, &job->base, trace_job_run);
 }

@@ -28,9 +28,6 @@
 
 #include "config.h"
 
-struct app;
-struct http_request;
-
 #define TRACE_ROWS_MAX 100      /* applications, outbox rows and topic matches shown */
 
 struct trace_opts {
@@ -49,9 +46,5 @@ int trace_run(const struct cfg *cfg, const char *brokers, const struct trace_opt
  * command like audit_main (its own flags first, then the settings flags; `loaded` unused).
  * Exit status: 0 something found, 1 nothing found anywhere, 2 error. */
 int trace_main(struct cfg *loaded, int argc, char **argv);
-
-/* GET /admin/trace?phone=&event_id=&scan=1 : admin token, then the trace on the thread pool
- * against app->kafka_brokers; 200 JSON, 400 bad phone, 503 when DB/Kafka cannot be read. */
-void trace_handle_http(struct app *app, struct http_request *req);
 
 #endif

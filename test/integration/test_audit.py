@@ -553,6 +553,42 @@ class AuditTest(TicketdTestCase):
         # The service logged no full phone number while tracing.
         self.assertNotIn(self.apps[lost]["phone"], svc.log_text())
 
+    def test_one_status_rule_for_public_admin_and_trace(self):
+        """Issue 13: an application processed (all effects done) whose event also has a dead
+        letter not replayed has one status wherever it is read. Before, the public status and
+        the admin record said dead_lettered and the trace said processed."""
+        app_id = self.healthy(1)[0]
+        self.commit_group()
+        ce = self.apps[app_id]["ce_id"]
+        self.pg.execute(f"""
+            INSERT INTO dead_letters (event_id, application_id, src_topic, src_partition,
+                                      src_offset, dlq_partition, dlq_offset, attempts,
+                                      error_class, error_message)
+            VALUES ('{ce}', {app_id}, '{TOPIC}', 0, 0, 0, 0, 3, 'http_5xx', 'test')""")
+        ref = self.pg.query(f"SELECT reference FROM applications WHERE id = {app_id}")[0][0]
+        svc = self.track(Ticketd(self.pg, brokers=self.km.brokers, role="api",
+                                 env={"CONSUMER_GROUP": self.group}))
+        r = svc.request("GET", f"/v1/applications/{ref}")
+        self.assertEqual(r.status, 200, r.body)
+        public = r.json()["status"]
+        r = svc.admin("GET", f"/admin/applications/{app_id}")
+        self.assertEqual(r.status, 200, r.body)
+        record = r.json()["status"]
+        r = svc.admin("GET", f"/admin/trace?phone={self.apps[app_id]['phone']}")
+        self.assertEqual(r.status, 200, r.body)
+        traced = [a["status"] for a in r.json()["applications"]]
+        _, _, row = self.trace_entry(app_id)
+        self.assertEqual((public, record, traced, row["status"]),
+                         ("dead_lettered", "dead_lettered", ["dead_lettered"], "dead_lettered"))
+        # Once replayed, it is processed everywhere.
+        self.pg.execute(f"UPDATE dead_letters SET replayed_at = now() WHERE event_id = '{ce}'")
+        statuses = (svc.request("GET", f"/v1/applications/{ref}").json()["status"],
+                    svc.admin("GET", f"/admin/applications/{app_id}").json()["status"],
+                    [a["status"] for a in svc.admin(
+                        "GET", f"/admin/trace?phone={self.apps[app_id]['phone']}").json()
+                     ["applications"]])
+        self.assertEqual(statuses, ("processed", "processed", ["processed"]))
+
 
 if __name__ == "__main__":
     unittest.main()
