@@ -83,9 +83,7 @@ int dbp_queued(const struct dbp *pool);
  * done(ud) on a later turn and frees the pool. */
 void dbp_close(struct dbp *pool, void (*done)(void *ud), void *ud);
 
-/* Additions (prepared statements; the declarations above are unchanged).
- *
- * Registers sql as a statement every connection prepares (PQsendPrepare, parameter types
+/* Prepared statements. Registers sql as a statement every connection prepares (PQsendPrepare, parameter types
  * inferred from the SQL, so cast them there: $1::text[]) the first time it runs it in a
  * session; after a reconnect it is prepared again. Returns the statement handle (>= 0) for
  * dbp_query_prepared, or -ENOSPC (at most 32 per pool) / -ENOMEM. */

@@ -10,10 +10,9 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "limits.h"
 #include "log.h"
 
-/* Longest property name we echo back in an error (names are short; values never echoed). */
-#define KAFKA_PROP_NAME_MAX 128
 
 static char *trim(char *s)
 {
