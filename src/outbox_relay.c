@@ -1,19 +1,11 @@
-/* outbox_relay: LISTEN/NOTIFY + timer, leadership lease, produce, mark on ack, retention.
+/* outbox_relay: LISTEN/NOTIFY + timer, claim, produce, mark on ack (the lease: relay_lease.c,
+ * the row map: relay_rows.c, retention and backlog gauges: relay_upkeep.c).
  *
  * Leadership is relay_lease.c's: only the holder of the lease claims, and its marks are
  * fenced by the lease's epoch in the same statement (mark_sql).
  *
- * Every outbox row this process is handling sits in one map, keyed by row id, in one
- * state:
- *   INFLIGHT  produced, delivery report not yet seen
- *   ACKED     acknowledged by the broker, the UPDATE marking it not yet committed
- *   MARKED    marked published while a claim was in flight: that claim may have read the
- *             row before the mark committed; dropped when that claim returns
- *   COOLDOWN  its delivery failed; skipped by claims until its retry time
- * Claims skip every id in the map, so a row is never produced twice concurrently. The rows
- * not yet marked are bounded by RELAY_INFLIGHT_MAX. MARKED rows are not counted: they only
- * wait for the claim in flight, and a full map must never keep the next claim from being
- * sent (that claim is what lets MARKED rows go).
+ * Every outbox row in hand sits in one map (relay_rows.h: its states, and why MARKED rows
+ * wait for the claim in flight).
  *
  * Claims walk a cursor (id > cursor, in id order). Transactions may commit out of id order
  * (group commits on several connections), so a row can appear below the cursor: the
@@ -23,9 +15,7 @@
 
 #include <errno.h>
 #include <inttypes.h>
-#include <stdarg.h>
 #include <stddef.h>
-#include <json-c/json.h>
 #include <librdkafka/rdkafka.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -41,6 +31,7 @@
 #include "pg_array.h"
 #include "relay_lease.h"
 #include "relay_rows.h"
+#include "relay_upkeep.h"
 #include "metrics.h"
 
 #define RELAY_RETENTION_EVERY_MS 60000
@@ -66,20 +57,6 @@ static const char *const fail_sql =
     "UPDATE outbox o SET attempts = o.attempts + 1, last_error = u.e "
     "FROM unnest($1::bigint[], $2::text[]) AS u(id, e) "
     "WHERE o.id = u.id AND o.published_at IS NULL";
-
-/* Only rows whose event is accounted for: processed with every effect done, or
- * dead-lettered. Any other row is the evidence the audit needs, kept whatever its age. */
-static const char *const retention_sql =
-    "DELETE FROM outbox WHERE id IN (SELECT o.id FROM outbox o WHERE o.published_at IS NOT NULL"
-    " AND o.published_at < now() - $1::bigint * interval '1 millisecond'"
-    " AND ((EXISTS (SELECT 1 FROM processed_events pe WHERE pe.event_id = o.event_id)"
-    "   AND NOT EXISTS (SELECT 1 FROM event_effects e WHERE e.event_id = o.event_id"
-    "   AND NOT e.done))"
-    "  OR EXISTS (SELECT 1 FROM dead_letters d WHERE d.event_id = o.event_id)) LIMIT 1000)";
-
-static const char *const backlog_sql =
-    "SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)"
-    " FROM outbox WHERE published_at IS NULL";
 
 struct ack {
     int64_t id;
@@ -125,7 +102,8 @@ struct relay {
     bool kafka_up;   /* a broker is up now (statistics, delivery reports, errors) */
     bool kafka_seen; /* kafka_up was true at least once since start: readiness */
     uint64_t session_gen;     /* bumps on every (dis)connect: stale answers are ignored */
-    bool claim_inflight, claim_again, retention_inflight, backlog_inflight;
+    bool claim_inflight, claim_again;
+    struct relay_upkeep upkeep; /* retention, backlog gauges */
     uint64_t claim_gen;
 
     int64_t cursor;           /* claims read id > cursor */
@@ -384,24 +362,7 @@ static void process_drs(struct relay *r)
 static int on_stats(rd_kafka_t *rk, char *json, size_t len, void *opaque)
 {
     struct relay *r = opaque;
-    json_object *root = json_tokener_parse(json);
-    json_object *brokers;
-    bool up = false;
-
-    if (!root) return 0;
-    if (json_object_object_get_ex(root, "brokers", &brokers) &&
-        json_object_is_type(brokers, json_type_object)) {
-        json_object_object_foreach(brokers, name, b) {
-            json_object *nodeid, *state;
-            (void)name;
-            if (json_object_object_get_ex(b, "nodeid", &nodeid) &&
-                json_object_get_int(nodeid) >= 0 &&
-                json_object_object_get_ex(b, "state", &state) &&
-                strcmp(json_object_get_string(state), "UP") == 0)
-                up = true;
-        }
-    }
-    json_object_put(root);
+    bool up = kafka_stats_broker_up(json);
     set_kafka_up(r, up, "no_broker_up");
     return 0; /* librdkafka frees json */
 }
@@ -424,7 +385,7 @@ static void on_error(rd_kafka_t *rk, int err, const char *reason, void *opaque)
         set_kafka_up(r, false, "all_brokers_down");
         return;
     }
-    /* Connection failures are already in librdkafka's own log line (warn). */
+    /* Connection failures are already in librdkafka's own log line (kafka_log_cb). */
     if (err == RD_KAFKA_RESP_ERR__TRANSPORT || err == RD_KAFKA_RESP_ERR__RESOLVE)
         log_debug("relay", "event=kafka_error err=%s reason=%s", rd_kafka_err2name(err), quoted);
     else
@@ -808,17 +769,6 @@ static void on_notify(void *ud, const char *channel, const char *payload)
 
 /* --- periodic work ------------------------------------------------------------------- */
 
-static void on_backlog(void *ud, const PGresult *res, const char *error)
-{
-    struct relay *r = ud;
-    r->backlog_inflight = false;
-    if (res && PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1) {
-        metrics_gauge_set("ticketd_outbox_backlog", NULL, strtod(PQgetvalue(res, 0, 0), NULL));
-        metrics_gauge_set("ticketd_outbox_oldest_unpublished_age_seconds", NULL,
-                          strtod(PQgetvalue(res, 0, 1), NULL));
-    }
-}
-
 static void on_tick(uv_timer_t *t)
 {
     struct relay *r = t->data;
@@ -832,40 +782,19 @@ static void on_tick(uv_timer_t *t)
     if (!lease_held(r)) return;
     rewind_cursor(r, 1); /* sweep from the start: catches rows committed out of id order */
     maybe_claim(r);
-    if (!r->backlog_inflight &&
-        dbp_query(r->session, backlog_sql, 0, NULL, on_backlog, r) == 0)
-        r->backlog_inflight = true;
+    relay_upkeep_backlog(&r->upkeep, r->session);
 }
 
-static void on_retention(void *ud, const PGresult *res, const char *error)
+static bool upkeep_may_run(void *ud)
 {
     struct relay *r = ud;
-    r->retention_inflight = false;
-    if (!res || PQresultStatus(res) != PGRES_COMMAND_OK) {
-        log_warn("relay", "event=retention_failed err=%s",
-                 db_error(error, res));
-        return;
-    }
-    long deleted = atol(PQcmdTuples((PGresult *)res));
-    if (deleted > 0) log_info("relay", "event=retention_deleted rows=%ld", deleted);
-    if (deleted >= RELAY_RETENTION_BATCH && !r->closing && r->lease.held) {
-        char ms[24];
-        snprintf(ms, sizeof ms, "%" PRId64, r->cfg->outbox_retention_ms);
-        const char *params[1] = {ms};
-        if (dbp_query(r->marker, retention_sql, 1, params, on_retention, r) == 0)
-            r->retention_inflight = true;
-    }
+    return !r->closing && r->lease.held;
 }
 
 static void on_retention_timer(uv_timer_t *t)
 {
     struct relay *r = t->data;
-    if (r->closing || !r->lease.held || r->retention_inflight) return;
-    char ms[24];
-    snprintf(ms, sizeof ms, "%" PRId64, r->cfg->outbox_retention_ms);
-    const char *params[1] = {ms};
-    if (dbp_query(r->marker, retention_sql, 1, params, on_retention, r) == 0)
-        r->retention_inflight = true;
+    relay_upkeep_retention(&r->upkeep);
 }
 
 /* --- lifecycle ----------------------------------------------------------------------- */
@@ -901,9 +830,7 @@ int relay_start(struct relay **out, uv_loop_t *loop, const struct cfg *cfg,
                      "Outbox rows acknowledged by Kafka (marked published)");
     metrics_describe("ticketd_relay_failures_total", "counter",
                      "Failed deliveries or produce calls (row left unpublished, retried)");
-    metrics_describe("ticketd_outbox_backlog", "gauge", "Unpublished outbox rows");
-    metrics_describe("ticketd_outbox_oldest_unpublished_age_seconds", "gauge",
-                     "Age of the oldest unpublished outbox row (0 when none)");
+    relay_upkeep_describe();
     metrics_counter_add("ticketd_relay_failures_total", NULL, 0);
     metrics_describe("ticketd_relay_commit_to_ack_seconds", "histogram",
                      "Outbox row commit to broker acknowledgement");
@@ -931,6 +858,8 @@ int relay_start(struct relay **out, uv_loop_t *loop, const struct cfg *cfg,
                           .reconnect_max_ms = 1000, .ud = r};
     rc = dbp_create(&r->marker, loop, &mo);
     if (rc != 0) goto fail_session;
+    r->upkeep = (struct relay_upkeep){.db = r->marker, .retention_ms = cfg->outbox_retention_ms,
+                                      .may_run = upkeep_may_run, .ud = r};
 
     uv_timer_init(loop, &r->tick_timer);
     uv_timer_init(loop, &r->retry_timer);

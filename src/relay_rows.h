@@ -1,6 +1,17 @@
-/* relay_rows: every outbox row the relay is handling, keyed by row id, in one state (the
- * states are described at the top of outbox_relay.c). A hash map sized to a power of two;
- * pointers into it are valid until the next insert. */
+/* relay_rows: the outbox relay's rows in hand. A hash map sized to a power of two; pointers
+ * into it are valid until the next insert.
+ *
+ * Every outbox row this process is handling sits in one map, keyed by row id, in one
+ * state:
+ *   INFLIGHT  produced, delivery report not yet seen
+ *   ACKED     acknowledged by the broker, the UPDATE marking it not yet committed
+ *   MARKED    marked published while a claim was in flight: that claim may have read the
+ *             row before the mark committed; dropped when that claim returns
+ *   COOLDOWN  its delivery failed; skipped by claims until its retry time
+ * Claims skip every id in the map, so a row is never produced twice concurrently. The rows
+ * not yet marked are bounded by RELAY_INFLIGHT_MAX. MARKED rows are not counted: they only
+ * wait for the claim in flight, and a full map must never keep the next claim from being
+ * sent (that claim is what lets MARKED rows go). */
 #ifndef TICKETD_RELAY_ROWS_H
 #define TICKETD_RELAY_ROWS_H
 

@@ -48,6 +48,10 @@ IS_ROOT = os.geteuid() == 0
 _live = []  # objects with .close(), closed at exit in reverse order
 
 
+class HarnessError(RuntimeError):
+    """A throwaway service could not be started or used (the benches' BenchError too)."""
+
+
 def _cleanup_all():
     for obj in reversed(list(_live)):
         try:
@@ -109,7 +113,7 @@ def wait_until(pred, timeout=30.0, interval=0.1, what="condition"):
         time.sleep(interval)
 
 
-def _tail(path, n=40):
+def tail(path, n=40):
     try:
         with open(path, "rb") as f:
             lines = f.read().decode("utf-8", "replace").splitlines()
@@ -118,10 +122,16 @@ def _tail(path, n=40):
         return ""
 
 
+_tail = tail
+
+
+def as_postgres(argv):
+    """argv run as the postgres user when we are root (PostgreSQL refuses to run as root)."""
+    return (["runuser", "-u", "postgres", "--"] + argv) if IS_ROOT else argv
+
+
 def _run_as_postgres(argv, **kw):
-    if IS_ROOT:
-        argv = ["runuser", "-u", "postgres", "--"] + argv
-    return subprocess.run(argv, **kw)
+    return subprocess.run(as_postgres(argv), **kw)
 
 
 # --------------------------------------------------------------------------- PostgreSQL
@@ -156,7 +166,7 @@ class Pg:
         r = _run_as_postgres([f"{PGBIN}/initdb", "-D", self.data, "-A", "trust", "-U", "postgres",
                               "-E", "UTF8", "--no-locale"], capture_output=True, text=True)
         if r.returncode != 0:
-            raise RuntimeError(f"initdb failed: {r.stderr}")
+            raise HarnessError(f"initdb failed: {r.stderr}")
         _live.append(self)
         self.start()
         self.execute("CREATE DATABASE ticketd", db="postgres")
@@ -176,7 +186,7 @@ class Pg:
         r = _run_as_postgres([f"{PGBIN}/pg_ctl", "-D", self.data, "-o", self._opts(), "-l",
                               self.logfile, "-w", "-t", "60", "start"], capture_output=True, text=True)
         if r.returncode != 0:
-            raise RuntimeError(f"pg_ctl start failed: {r.stdout}{r.stderr}\n{_tail(self.logfile)}")
+            raise HarnessError(f"pg_ctl start failed: {r.stdout}{r.stderr}\n{_tail(self.logfile)}")
         with open(os.path.join(self.data, "postmaster.pid")) as f:
             self.pid = int(f.readline())
 
@@ -199,7 +209,7 @@ class Pg:
                 "-d", db, "-c", sql]
         r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
         if check and r.returncode != 0:
-            raise RuntimeError(f"psql failed ({r.returncode}): {r.stderr.strip()}\nSQL: {sql}")
+            raise HarnessError(f"psql failed ({r.returncode}): {r.stderr.strip()}\nSQL: {sql}")
         return r
 
     def rows(self, *sql, db="ticketd", timeout=300):
@@ -211,7 +221,7 @@ class Pg:
             argv += ["-c", s]
         r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
         if r.returncode != 0:
-            raise RuntimeError(f"psql failed: {r.stderr.strip()}\nSQL: {sql[-1][:300]}")
+            raise HarnessError(f"psql failed: {r.stderr.strip()}\nSQL: {sql[-1][:300]}")
         return [line.split("|") for line in r.stdout.splitlines() if line != ""]
 
     def query(self, sql, db="ticketd"):
@@ -314,24 +324,28 @@ class Proc:
                         return line[len(prefix):].strip()
             elif not self.alive():
                 break
-        raise RuntimeError(f"{self.name} did not print {prefix!r}:\n{_tail(self.logfile)}")
+        raise HarnessError(f"{self.name} did not print {prefix!r}:\n{_tail(self.logfile)}")
 
     def stop(self, timeout=30):
         """Closes stdin, SIGTERM, waits, then SIGKILL; returns the exit code."""
-        if self.alive():
-            if self.proc.stdin:
-                try:
-                    self.proc.stdin.close()
-                except OSError:
-                    pass
-            self.signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        self._end(timeout)
         rc = self.proc.returncode
         self.close()
         return rc
+
+    def _end(self, timeout):
+        if not self.alive():
+            return
+        if self.proc.stdin:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+        self.signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
 
     def log_text(self):
         self._log.flush()
@@ -405,16 +419,10 @@ class KafkaMock(Proc):
         self.command("up" if broker is None else f"up {broker}")
 
     def close(self):
-        if self.alive():
-            try:
-                self.proc.stdin.close()
-            except OSError:
-                pass
-            self.signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
+        try:
+            self._end(10)
+        except subprocess.TimeoutExpired:  # SIGKILLed and still not reaped: close() reports it
+            pass
         super().close()
         for pipe in (self.proc.stdin, self.proc.stdout):
             try:
