@@ -636,29 +636,6 @@ static void conn_send(struct dbp_conn *c, struct dbp_query *q)
     conn_flush(c);
 }
 
-static const char *sqlstate(const PGresult *res)
-{
-    const char *st = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
-    return st && strlen(st) == 5 ? st : NULL;
-}
-
-static bool session_read_only(const PGresult *res)
-{
-    const char *st = sqlstate(res);
-    return st && strcmp(st, "25006") == 0;
-}
-
-bool dbp_error_is_ours(const PGresult *res)
-{
-    if (!res) return true;
-    const char *st = sqlstate(res);
-    if (!st) return false;
-    static const char *const classes[] = {"08", "40", "53", "57", "58"};
-    for (size_t i = 0; i < sizeof classes / sizeof *classes; i++)
-        if (strncmp(st, classes[i], 2) == 0) return true;
-    return strcmp(st, "25006") == 0 || strcmp(st, "55P03") == 0;
-}
-
 /* The running command finished (PQgetResult gave NULL). */
 static void conn_command_done(struct dbp_conn *c)
 {
@@ -696,7 +673,7 @@ static void conn_command_done(struct dbp_conn *c)
             error = PQresultErrorMessage(res);
     }
     unsigned gen = c->gen;
-    bool recycle = error && session_read_only(res);
+    bool recycle = error && dbp_error_read_only(res);
     bool alive = query_finish(pool, q, res, error);
     PQclear(res);
     if (!alive || c->gen != gen) return;
@@ -784,6 +761,19 @@ static void on_poll(uv_poll_t *h, int status, int events)
 
 /* ---- public API ---- */
 
+static void pool_free(struct dbp *pool)
+{
+    for (int i = 0; i < pool->nstmts; i++) free(pool->stmts[i].sql);
+    db_hosts_free(&pool->hosts);
+    free(pool->conninfo);
+    free(pool->redacted);
+    free(pool->name);
+    free(pool->app_name);
+    free(pool->labels);
+    free(pool->conns);
+    free(pool);
+}
+
 int dbp_create(struct dbp **out, uv_loop_t *loop, const struct dbp_opts *opts)
 {
     if (!out || !loop || !opts || !opts->conninfo || opts->size < 1 || opts->size > 1024)
@@ -801,13 +791,7 @@ int dbp_create(struct dbp **out, uv_loop_t *loop, const struct dbp_opts *opts)
     pool->labels = malloc(lablen);
     if (!pool->conninfo || !pool->redacted || !pool->name || !pool->conns || !pool->app_name ||
         !pool->labels) {
-        free(pool->conninfo);
-        free(pool->redacted);
-        free(pool->name);
-        free(pool->conns);
-        free(pool->app_name);
-        free(pool->labels);
-        free(pool);
+        pool_free(pool);
         return -ENOMEM;
     }
     snprintf(pool->app_name, applen, "ticketd-%s", name);
@@ -953,15 +937,7 @@ static void on_handle_closed_final(struct dbp *pool)
     }
     log_info("db", "event=pool_closed pool=%s", pool->name);
     if (pool->done) pool->done(pool->done_ud);
-    for (int i = 0; i < pool->nstmts; i++) free(pool->stmts[i].sql);
-    db_hosts_free(&pool->hosts);
-    free(pool->conninfo);
-    free(pool->redacted);
-    free(pool->name);
-    free(pool->app_name);
-    free(pool->labels);
-    free(pool->conns);
-    free(pool);
+    pool_free(pool);
 }
 
 void dbp_close(struct dbp *pool, void (*done)(void *ud), void *ud)

@@ -137,7 +137,7 @@ struct relay {
 static const char *db_error(const char *error, const PGresult *res) /* also any text */
 {
     static char buf[320];
-    log_quote(error ? error : res ? PQresultErrorMessage(res) : "?", buf, sizeof buf);
+    log_quote(dbp_error_text(error, res), buf, sizeof buf);
     return buf;
 }
 

@@ -38,7 +38,7 @@ static uint64_t mono_ms(void)
 
 static const char *db_error(const char *error, const PGresult *res, char *buf, size_t n)
 {
-    return log_quoted(error ? error : res ? PQresultErrorMessage(res) : "?", buf, n);
+    return log_quoted(dbp_error_text(error, res), buf, n);
 }
 
 void relay_lease_init(struct relay_lease *l, int64_t ttl_ms, const struct relay_lease_hooks *hooks,

@@ -34,7 +34,7 @@ static void on_retention(void *ud, const PGresult *res, const char *error)
     if (!res || PQresultStatus(res) != PGRES_COMMAND_OK) {
         char qb[320];
         log_warn("relay", "event=retention_failed err=%s",
-                 log_quoted(error ? error : res ? PQresultErrorMessage(res) : "?", qb, sizeof qb));
+                 log_quoted(dbp_error_text(error, res), qb, sizeof qb));
         return;
     }
     long deleted = atol(PQcmdTuples((PGresult *)res));
