@@ -11,6 +11,8 @@
 #include <string.h>
 #include <strings.h>
 
+#include "strbuf.h"
+
 enum cfg_type {
     CFG_STRING,   /* char * */
     CFG_URL,      /* char *, password redacted when printed */
@@ -608,27 +610,6 @@ void cfg_print_markdown(FILE *out)
 
 /* ---- redaction ---- */
 
-/* Appends n bytes of src to the growing string *dst. */
-struct strbuf {
-    char *p;
-    size_t len, cap;
-};
-
-static int sb_put(struct strbuf *b, const char *src, size_t n)
-{
-    if (b->len + n + 1 > b->cap) {
-        size_t nc = (b->cap ? b->cap * 2 : 64) + n;
-        char *np = realloc(b->p, nc);
-        if (!np) return -1;
-        b->p = np;
-        b->cap = nc;
-    }
-    memcpy(b->p + b->len, src, n);
-    b->len += n;
-    b->p[b->len] = '\0';
-    return 0;
-}
-
 static bool is_key_boundary(const char *start, const char *p)
 {
     if (p == start) return true;
@@ -638,9 +619,8 @@ static bool is_key_boundary(const char *start, const char *p)
 
 char *cfg_redact_url(const char *s)
 {
-    struct strbuf b = {0};
+    struct strbuf b = STRBUF_INIT;
     if (!s) s = "";
-    if (sb_put(&b, "", 0)) return NULL;
 
     const char *p = s;
     /* URL userinfo: scheme://user:password@host -> scheme://user:***@host */
@@ -654,7 +634,7 @@ char *cfg_redact_url(const char *s)
         if (at) {
             const char *colon = memchr(auth, ':', (size_t)(at - auth));
             if (colon) {
-                if (sb_put(&b, s, (size_t)(colon + 1 - s)) || sb_put(&b, "***", 3)) goto oom;
+                if (strbuf_append(&b, s, (size_t)(colon + 1 - s)) || strbuf_append(&b, "***", 3)) goto oom;
                 p = at;
             }
         }
@@ -668,7 +648,7 @@ char *cfg_redact_url(const char *s)
             if (*q == '=') {
                 q++;
                 while (*q == ' ' || *q == '\t') q++;
-                if (sb_put(&b, p, (size_t)(q - p)) || sb_put(&b, "***", 3)) goto oom;
+                if (strbuf_append(&b, p, (size_t)(q - p)) || strbuf_append(&b, "***", 3)) goto oom;
                 if (*q == '\'') { /* quoted conninfo value, backslash escapes */
                     q++;
                     while (*q && *q != '\'') {
@@ -683,11 +663,12 @@ char *cfg_redact_url(const char *s)
                 continue;
             }
         }
-        if (sb_put(&b, p, 1)) goto oom;
+        if (strbuf_append(&b, p, 1)) goto oom;
         p++;
     }
-    return b.p;
+    if (b.failed) goto oom;
+    return strbuf_take(&b);
 oom:
-    free(b.p);
+    strbuf_free(&b);
     return NULL;
 }

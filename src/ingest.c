@@ -25,6 +25,7 @@
 #include "limits.h"
 #include "log.h"
 #include "metrics.h"
+#include "pg_array.h"
 
 /* $1 event_id[], $2 phone[], $3 idempotency_key[], $4 name[], $5 email[], $6 seats[],
  * $7 fingerprint[] (hex): one element per distinct (event_id, phone) of the batch. Rows back
@@ -282,40 +283,6 @@ static unsigned slot_find(const struct ingest_batch *b, const char *event_id, si
     }
 }
 
-/* Appends one text[] element, always double-quoted so that no content (commas, braces,
- * spaces, the word NULL) can be read as syntax; '"' and '\\' get a backslash. */
-static char *put_text_elem(char *p, const char *s, size_t len)
-{
-    *p++ = '"';
-    for (size_t i = 0; i < len; i++) {
-        char ch = s[i];
-        if (ch == '"' || ch == '\\') *p++ = '\\';
-        *p++ = ch;
-    }
-    *p++ = '"';
-    return p;
-}
-
-static char *put_null_elem(char *p)
-{
-    memcpy(p, "NULL", 4);
-    return p + 4;
-}
-
-static char *put_int_elem(char *p, int v)
-{
-    char tmp[12];
-    int n = 0;
-    unsigned u = v < 0 ? 0u - (unsigned)v : (unsigned)v;
-    do {
-        tmp[n++] = (char)('0' + u % 10);
-        u /= 10;
-    } while (u);
-    if (v < 0) *p++ = '-';
-    while (n) *p++ = tmp[--n];
-    return p;
-}
-
 /* The lookup statement takes the first NLOOKUP_COLUMNS. */
 enum column { COL_EVENT_ID, COL_PHONE, COL_KEY, COL_NAME, COL_EMAIL, COL_SEATS, COL_FINGERPRINT,
               NCOLUMNS };
@@ -334,38 +301,39 @@ static char *build_arrays(const struct ingest_batch *b, bool only_unresolved, in
         cap += 2u * (it->len_event_id + it->len_phone + it->len_name + it->len_email + it->len_key) +
                VALIDATE_FINGERPRINT_HEX + 7 * 3 + 12 + 4;
     }
-    char *buf = malloc(cap);
-    if (!buf) return NULL;
-    char *p = buf;
+    struct strbuf buf = STRBUF_INIT;
+    size_t offsets[NCOLUMNS];
+    strbuf_reserve(&buf, cap); /* one allocation: the literals never grow it */
     for (int c = 0; c < ncols; c++) {
-        params[c] = p;
-        *p++ = '{';
-        bool first = true;
+        offsets[c] = buf.len;
+        pg_array_open(&buf);
         for (int i = 0; i < b->n; i++) {
             const struct ingest_item *it = b->items[i];
             if (it->leader != i || (only_unresolved && it->resolved)) continue;
-            if (!first) *p++ = ',';
-            first = false;
             switch ((enum column)c) {
-            case COL_EVENT_ID: p = put_text_elem(p, it->app.event_id, it->len_event_id); break;
-            case COL_PHONE: p = put_text_elem(p, it->app.phone, it->len_phone); break;
-            case COL_NAME: p = put_text_elem(p, it->app.name, it->len_name); break;
+            case COL_EVENT_ID: pg_array_textn(&buf, it->app.event_id, it->len_event_id); break;
+            case COL_PHONE: pg_array_textn(&buf, it->app.phone, it->len_phone); break;
+            case COL_NAME: pg_array_textn(&buf, it->app.name, it->len_name); break;
             case COL_EMAIL:
-                p = it->len_email ? put_text_elem(p, it->app.email, it->len_email) : put_null_elem(p);
+                pg_array_textn(&buf, it->len_email ? it->app.email : NULL, it->len_email);
                 break;
-            case COL_SEATS: p = put_int_elem(p, it->app.seats); break;
-            case COL_KEY: p = it->has_key ? put_text_elem(p, it->key, it->len_key) : put_null_elem(p); break;
+            case COL_SEATS: pg_array_int(&buf, it->app.seats); break;
+            case COL_KEY: pg_array_textn(&buf, it->has_key ? it->key : NULL, it->len_key); break;
             case COL_FINGERPRINT:
-                p = it->has_key ? put_text_elem(p, it->fingerprint, VALIDATE_FINGERPRINT_HEX)
-                                : put_null_elem(p);
+                pg_array_textn(&buf, it->has_key ? it->fingerprint : NULL, VALIDATE_FINGERPRINT_HEX);
                 break;
             case NCOLUMNS: break;
             }
         }
-        *p++ = '}';
-        *p++ = '\0';
+        pg_array_close(&buf);
+        strbuf_append(&buf, "", 1); /* each literal ends with its own NUL */
     }
-    return buf;
+    if (buf.failed) {
+        strbuf_free(&buf);
+        return NULL;
+    }
+    for (int c = 0; c < ncols; c++) params[c] = buf.p + offsets[c];
+    return strbuf_take(&buf);
 }
 
 /* ---- batches ---- */

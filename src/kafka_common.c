@@ -180,3 +180,48 @@ void kafka_bridge_close(struct kafka_bridge *b)
     uv_poll_stop(&b->poll);
     uv_close((uv_handle_t *)&b->poll, bridge_on_close);
 }
+
+/* ---- producer guarantees and logging ---- */
+
+static bool extra_sets(const char *extra_config, const char *prop)
+{
+    return extra_config && strstr(extra_config, prop);
+}
+
+int kafka_conf_idempotent_producer(rd_kafka_conf_t *conf, const char *extra_config,
+                                   const char *client_id, char *errstr, size_t errlen)
+{
+    const char *kv[4][2] = {{"enable.idempotence", "true"}, {"acks", "all"}};
+    size_t n = 2;
+    if (!extra_sets(extra_config, "linger.ms") && !extra_sets(extra_config, "queue.buffering.max.ms"))
+        kv[n][0] = "linger.ms", kv[n++][1] = "5";
+    if (client_id) kv[n][0] = "client.id", kv[n++][1] = client_id;
+    for (size_t i = 0; i < n; i++) {
+        char rderr[512];
+        if (rd_kafka_conf_set(conf, kv[i][0], kv[i][1], rderr, sizeof rderr) != RD_KAFKA_CONF_OK) {
+            snprintf(errstr, errlen, "producer configuration: invalid value for property \"%s\"",
+                     kv[i][0]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+int kafka_log_level(int syslog_level)
+{
+    return syslog_level <= 3 ? LOG_ERROR : syslog_level == 4 ? LOG_WARN
+         : syslog_level <= 6 ? LOG_INFO : LOG_DEBUG;
+}
+
+void kafka_log_cb(const rd_kafka_t *rk, int level, const char *fac, const char *buf)
+{
+    char quoted[512];
+    log_quote(buf, quoted, sizeof quoted);
+    log_at(kafka_log_level(level), "rdkafka", "event=log client=%s fac=%s msg=%s",
+           rk ? rd_kafka_name(rk) : "-", fac, quoted);
+}
+
+void kafka_conf_log_to_ours(rd_kafka_conf_t *conf)
+{
+    rd_kafka_conf_set_log_cb(conf, kafka_log_cb);
+}

@@ -17,6 +17,24 @@
 rd_kafka_conf_t *kafka_conf_new(const char *brokers, const char *extra_config, char *errstr,
                                 size_t errlen);
 
+/* Makes conf an idempotent producer: enable.idempotence=true and acks=all (the guarantees
+ * are not tunable; idempotence also orders retries), linger.ms=5 unless extra_config (the
+ * KAFKA_CONFIG given to kafka_conf_new) sets linger.ms or queue.buffering.max.ms, and
+ * client.id when not NULL. Returns 0, or -1 with errstr naming the property. */
+int kafka_conf_idempotent_producer(rd_kafka_conf_t *conf, const char *extra_config,
+                                   const char *client_id, char *errstr, size_t errlen);
+
+/* librdkafka's syslog levels as ours: 0-3 (emerg..err) error, 4 warning, 5-6 info, 7 debug. */
+int kafka_log_level(int syslog_level);
+
+/* The one librdkafka log callback: "mod=rdkafka event=log client=<handle> fac=.. msg=.." at
+ * kafka_log_level(level). Safe from librdkafka's threads (log_emit writes each line whole).
+ * A module with a special case wraps it and calls it for the rest. */
+void kafka_log_cb(const rd_kafka_t *rk, int level, const char *fac, const char *buf);
+
+/* rd_kafka_conf_set_log_cb(conf, kafka_log_cb). */
+void kafka_conf_log_to_ours(rd_kafka_conf_t *conf);
+
 struct kafka_bridge;
 
 /* Watches q; on_ready(ud) runs on the loop whenever q may hold events; it must drain q

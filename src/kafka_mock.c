@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "kafka_mock_cmd.h"
+#include "kafka_common.h"
 #include "log.h"
 
 #define MOCK_BROKERS 3
@@ -29,15 +30,6 @@ struct kafka_mock {
     int brokers;
 };
 
-/* librdkafka logs from its own threads; log_emit writes each line with one write(2). */
-static void mock_log_cb(const rd_kafka_t *rk, int level, const char *fac, const char *buf)
-{
-    int lvl = level <= 3 ? LOG_ERROR : level == 4 ? LOG_WARN : level <= 6 ? LOG_INFO : LOG_DEBUG;
-    char quoted[512];
-    log_quote(buf, quoted, sizeof quoted);
-    log_at(lvl, "kafka_mock", "event=rdkafka fac=%s msg=%s", fac, quoted);
-}
-
 int kafka_mock_start(struct kafka_mock **out, int brokers, const char *const *topics,
                      int ntopics, int partitions)
 {
@@ -46,7 +38,7 @@ int kafka_mock_start(struct kafka_mock **out, int brokers, const char *const *to
     rd_kafka_conf_t *conf = rd_kafka_conf_new();
 
     if (!m) goto fail;
-    rd_kafka_conf_set_log_cb(conf, mock_log_cb);
+    kafka_conf_log_to_ours(conf);
     m->rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errstr, sizeof errstr);
     conf = NULL; /* owned by rk on success; destroyed below on failure */
     if (!m->rk) {

@@ -13,5 +13,6 @@
 #define IDEMPOTENCY_KEY_MAX_BYTES 128
 #define REQUEST_BODY_MAX_DEFAULT (16 * 1024)   /* SPEC: bodies over 16 KiB -> 413 */
 #define UUID_STR_LEN 36
+#define STRBUF_MAX_DEFAULT ((size_t)64 * 1024 * 1024) /* a strbuf without its own cap */
 
 #endif

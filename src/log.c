@@ -272,3 +272,9 @@ void log_quote(const char *s, char *out, size_t outlen)
     out[o++] = '"';
     out[o] = '\0';
 }
+
+const char *log_quoted(const char *s, char *buf, size_t n)
+{
+    log_quote(s ? s : "", buf, n);
+    return buf;
+}

@@ -48,4 +48,8 @@ void log_mask_phone(const char *phone, char *out, size_t outlen);
 /* Quotes s for a logfmt value (escapes '"' and '\\', drops control bytes) into out. */
 void log_quote(const char *s, char *out, size_t outlen);
 
+/* log_quote for use inside a log call: quotes s (NULL as "") into buf and returns buf.
+ *   char qb[320]; log_error("x", "event=failed err=%s", log_quoted(err, qb, sizeof qb)); */
+const char *log_quoted(const char *s, char *buf, size_t n);
+
 #endif

@@ -12,6 +12,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "strbuf.h"
+
 enum metric_type { MT_COUNTER, MT_GAUGE, MT_HISTOGRAM, MT_UNTYPED };
 
 static const char *const type_names[] = {"counter", "gauge", "histogram", "untyped"};
@@ -303,33 +305,6 @@ void metrics_add_collector(metrics_collector_fn fn, void *ud)
 
 /* ---- rendering ---- */
 
-struct outbuf {
-    char *data;
-    size_t len, cap;
-};
-
-static void out_printf(struct outbuf *o, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-
-static void out_printf(struct outbuf *o, const char *fmt, ...)
-{
-    for (;;) {
-        va_list ap;
-        va_start(ap, fmt);
-        int n = vsnprintf(o->data + o->len, o->cap - o->len, fmt, ap);
-        va_end(ap);
-        if (n < 0) return;
-        if ((size_t)n < o->cap - o->len) {
-            o->len += (size_t)n;
-            return;
-        }
-        size_t nc = o->cap * 2 + (size_t)n;
-        char *nd = realloc(o->data, nc);
-        if (!nd) abort();
-        o->data = nd;
-        o->cap = nc;
-    }
-}
-
 /* Prometheus sample value: integers without exponent, others with enough precision. */
 static void format_value(char *buf, size_t len, double v)
 {
@@ -339,12 +314,12 @@ static void format_value(char *buf, size_t len, double v)
     else snprintf(buf, len, "%.15g", v);
 }
 
-static void out_help(struct outbuf *o, const char *help)
+static void out_help(struct strbuf *o, const char *help)
 {
     for (const char *p = help; *p; p++) {
-        if (*p == '\\') out_printf(o, "\\\\");
-        else if (*p == '\n') out_printf(o, "\\n");
-        else out_printf(o, "%c", *p);
+        if (*p == '\\') strbuf_puts(o, "\\\\");
+        else if (*p == '\n') strbuf_puts(o, "\\n");
+        else strbuf_putc(o, *p);
     }
 }
 
@@ -355,7 +330,7 @@ static int cmp_family(const void *a, const void *b)
     return strcmp(fa->name, fb->name);
 }
 
-static void render_histogram(struct outbuf *o, const struct family *f, const struct series *s)
+static void render_histogram(struct strbuf *o, const struct family *f, const struct series *s)
 {
     const char *sep = s->labels[0] ? "," : "";
     char num[64];
@@ -364,16 +339,16 @@ static void render_histogram(struct outbuf *o, const struct family *f, const str
         cumulative += s->bucket_counts[i];
         if (i < s->nbounds) format_value(num, sizeof num, s->bounds[i]);
         else snprintf(num, sizeof num, "+Inf");
-        out_printf(o, "%s_bucket{%s%sle=\"%s\"} %llu\n", f->name, s->labels, sep, num,
+        strbuf_printf(o, "%s_bucket{%s%sle=\"%s\"} %llu\n", f->name, s->labels, sep, num,
                    (unsigned long long)cumulative);
     }
     format_value(num, sizeof num, s->sum);
     if (s->labels[0]) {
-        out_printf(o, "%s_sum{%s} %s\n", f->name, s->labels, num);
-        out_printf(o, "%s_count{%s} %llu\n", f->name, s->labels, (unsigned long long)s->count);
+        strbuf_printf(o, "%s_sum{%s} %s\n", f->name, s->labels, num);
+        strbuf_printf(o, "%s_count{%s} %llu\n", f->name, s->labels, (unsigned long long)s->count);
     } else {
-        out_printf(o, "%s_sum %s\n", f->name, num);
-        out_printf(o, "%s_count %llu\n", f->name, (unsigned long long)s->count);
+        strbuf_printf(o, "%s_sum %s\n", f->name, num);
+        strbuf_printf(o, "%s_count %llu\n", f->name, (unsigned long long)s->count);
     }
 }
 
@@ -389,9 +364,8 @@ char *metrics_render(size_t *len)
     for (size_t i = 0; i < nc; i++) snapshot[i].fn(snapshot[i].ud);
     free(snapshot);
 
-    struct outbuf o = {.data = malloc(4096), .len = 0, .cap = 4096};
-    if (!o.data) abort();
-    o.data[0] = '\0';
+    struct strbuf o = STRBUF_INIT;
+    if (strbuf_reserve(&o, 4096) != 0) abort();
 
     pthread_mutex_lock(&registry_lock);
     struct family **sorted = calloc_or_die(family_count, sizeof *sorted);
@@ -404,11 +378,11 @@ char *metrics_render(size_t *len)
         struct family *f = sorted[i];
         if (!f->first) continue; /* described but never recorded */
         if (f->help) {
-            out_printf(&o, "# HELP %s ", f->name);
+            strbuf_printf(&o, "# HELP %s ", f->name);
             out_help(&o, f->help);
-            out_printf(&o, "\n");
+            strbuf_printf(&o, "\n");
         }
-        out_printf(&o, "# TYPE %s %s\n", f->name, type_names[f->type]);
+        strbuf_printf(&o, "# TYPE %s %s\n", f->name, type_names[f->type]);
         for (struct series *s = f->first; s; s = s->family_next) {
             if (f->type == MT_HISTOGRAM) {
                 render_histogram(&o, f, s);
@@ -416,15 +390,16 @@ char *metrics_render(size_t *len)
             }
             char num[64];
             format_value(num, sizeof num, s->value);
-            if (s->labels[0]) out_printf(&o, "%s{%s} %s\n", f->name, s->labels, num);
-            else out_printf(&o, "%s %s\n", f->name, num);
+            if (s->labels[0]) strbuf_printf(&o, "%s{%s} %s\n", f->name, s->labels, num);
+            else strbuf_printf(&o, "%s %s\n", f->name, num);
         }
     }
     free(sorted);
     pthread_mutex_unlock(&registry_lock);
 
+    if (o.failed) abort(); /* out of memory, or 64 MiB of series: as calloc_or_die */
     if (len) *len = o.len;
-    return o.data;
+    return strbuf_take(&o);
 }
 
 void metrics_reset(void)

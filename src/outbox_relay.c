@@ -45,6 +45,7 @@
 #include "db_pool.h"
 #include "kafka_common.h"
 #include "log.h"
+#include "pg_array.h"
 #include "metrics.h"
 
 #define RELAY_LEASE_POLL_MAX_MS 1000 /* a standby tries to claim at least this often */
@@ -284,53 +285,6 @@ static int grow(void **arr, size_t *cap, size_t need, size_t elem)
     return 0;
 }
 
-struct sbuf {
-    char *p;
-    size_t len, cap;
-    bool oom;
-};
-
-static void sb_put(struct sbuf *b, const char *s, size_t n)
-{
-    if (b->oom) return;
-    if (b->len + n + 1 > b->cap) {
-        size_t ncap = b->cap ? b->cap : 256;
-        while (ncap < b->len + n + 1) ncap *= 2;
-        char *np = realloc(b->p, ncap);
-        if (!np) {
-            b->oom = true;
-            return;
-        }
-        b->p = np;
-        b->cap = ncap;
-    }
-    memcpy(b->p + b->len, s, n);
-    b->len += n;
-    b->p[b->len] = '\0';
-}
-
-static void sb_printf(struct sbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void sb_printf(struct sbuf *b, const char *fmt, ...)
-{
-    char tmp[64];
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(tmp, sizeof tmp, fmt, ap);
-    va_end(ap);
-    if (n > 0) sb_put(b, tmp, (size_t)n < sizeof tmp ? (size_t)n : sizeof tmp - 1);
-}
-
-/* One element of a PostgreSQL text[] literal, quoted. */
-static void sb_array_text(struct sbuf *b, const char *s)
-{
-    sb_put(b, "\"", 1);
-    for (; *s; s++) {
-        if (*s == '"' || *s == '\\') sb_put(b, "\\", 1);
-        sb_put(b, s, 1);
-    }
-    sb_put(b, "\"", 1);
-}
-
 /* Why a query failed, quoted for a log value (the loop is single-threaded). */
 static const char *db_error(const char *error, const PGresult *res) /* also any text */
 {
@@ -426,28 +380,24 @@ static void flush_marks(struct relay *r)
 {
     if (r->acks_sending || !r->nacks || r->teardown || !lease_held(r)) return;
     size_t n = r->nacks < RELAY_MARK_BATCH_MAX ? r->nacks : RELAY_MARK_BATCH_MAX;
-    struct sbuf ids = {0}, parts = {0}, offs = {0};
-    sb_put(&ids, "{", 1);
-    sb_put(&parts, "{", 1);
-    sb_put(&offs, "{", 1);
+    struct strbuf ids = STRBUF_INIT, parts = STRBUF_INIT, offs = STRBUF_INIT;
+    pg_array_open(&ids);
+    pg_array_open(&parts);
+    pg_array_open(&offs);
     for (size_t i = 0; i < n; i++) {
-        const char *sep = i ? "," : "";
-        sb_printf(&ids, "%s%" PRId64, sep, r->acks[i].id);
-        sb_printf(&parts, "%s%" PRId32, sep, r->acks[i].partition);
-        sb_printf(&offs, "%s%" PRId64, sep, r->acks[i].offset);
+        pg_array_int(&ids, r->acks[i].id);
+        pg_array_int(&parts, r->acks[i].partition);
+        pg_array_int(&offs, r->acks[i].offset);
     }
-    sb_put(&ids, "}", 1);
-    sb_put(&parts, "}", 1);
-    sb_put(&offs, "}", 1);
-    if (!ids.oom && !parts.oom && !offs.oom) {
+    if (pg_array_close(&ids) == 0 && pg_array_close(&parts) == 0 && pg_array_close(&offs) == 0) {
         char epoch[24];
         snprintf(epoch, sizeof epoch, "%" PRId64, r->epoch);
         const char *params[5] = {ids.p, parts.p, offs.p, r->holder, epoch};
         if (dbp_query(r->marker, mark_sql, 5, params, on_mark_done, r) == 0) r->acks_sending = n;
     }
-    free(ids.p);
-    free(parts.p);
-    free(offs.p);
+    strbuf_free(&ids);
+    strbuf_free(&parts);
+    strbuf_free(&offs);
 }
 
 static void on_fail_done(void *ud, const PGresult *res, const char *error)
@@ -471,22 +421,19 @@ static void flush_fails(struct relay *r)
 {
     if (r->fails_sending || !r->nfails || r->teardown) return;
     size_t n = r->nfails < RELAY_MARK_BATCH_MAX ? r->nfails : RELAY_MARK_BATCH_MAX;
-    struct sbuf ids = {0}, errs = {0};
-    sb_put(&ids, "{", 1);
-    sb_put(&errs, "{", 1);
+    struct strbuf ids = STRBUF_INIT, errs = STRBUF_INIT;
+    pg_array_open(&ids);
+    pg_array_open(&errs);
     for (size_t i = 0; i < n; i++) {
-        if (i) sb_put(&errs, ",", 1);
-        sb_printf(&ids, "%s%" PRId64, i ? "," : "", r->fails[i].id);
-        sb_array_text(&errs, r->fails[i].error);
+        pg_array_int(&ids, r->fails[i].id);
+        pg_array_text(&errs, r->fails[i].error);
     }
-    sb_put(&ids, "}", 1);
-    sb_put(&errs, "}", 1);
-    if (!ids.oom && !errs.oom) {
+    if (pg_array_close(&ids) == 0 && pg_array_close(&errs) == 0) {
         const char *params[2] = {ids.p, errs.p};
         if (dbp_query(r->marker, fail_sql, 2, params, on_fail_done, r) == 0) r->fails_sending = n;
     }
-    free(ids.p);
-    free(errs.p);
+    strbuf_free(&ids);
+    strbuf_free(&errs);
 }
 
 /* A try that failed (delivery report or produce call): record it, retry after backoff. */
@@ -620,21 +567,6 @@ static void on_error(rd_kafka_t *rk, int err, const char *reason, void *opaque)
         log_warn("relay", "event=kafka_error err=%s reason=%s", rd_kafka_err2name(err), quoted);
 }
 
-static void on_rdkafka_log(const rd_kafka_t *rk, int level, const char *fac, const char *buf)
-{
-    /* librdkafka logs a broker connection failure at LOG_ERR (3): for the service that is
-     * a warning (it reconnects by itself), so only levels 0-2 are errors here. */
-    int lvl = level <= 2 ? LOG_ERROR : level <= 4 ? LOG_WARN : level <= 6 ? LOG_INFO : LOG_DEBUG;
-    char quoted[512];
-    log_quote(buf, quoted, sizeof quoted);
-    log_at(lvl, "rdkafka", "event=log fac=%s msg=%s", fac, quoted);
-}
-
-static bool user_sets(const struct cfg *c, const char *prop)
-{
-    return c->kafka_config && strstr(c->kafka_config, prop);
-}
-
 static int producer_create(struct relay *r, const char *brokers)
 {
     char errstr[512];
@@ -643,12 +575,8 @@ static int producer_create(struct relay *r, const char *brokers)
         log_error("relay", "event=kafka_config_invalid err=%s", db_error(errstr, NULL));
         return -EINVAL;
     }
-    /* The guarantees are not tunable: idempotence implies acks=all and ordered retries. */
-    if (rd_kafka_conf_set(conf, "enable.idempotence", "true", errstr, sizeof errstr) ||
-        rd_kafka_conf_set(conf, "acks", "all", errstr, sizeof errstr) ||
-        (!user_sets(r->cfg, "linger.ms") && !user_sets(r->cfg, "queue.buffering.max.ms") &&
-         rd_kafka_conf_set(conf, "linger.ms", "5", errstr, sizeof errstr)) ||
-        (!user_sets(r->cfg, "statistics.interval.ms") &&
+    if (kafka_conf_idempotent_producer(conf, r->cfg->kafka_config, NULL, errstr, sizeof errstr) ||
+        (!strstr(r->cfg->kafka_config ? r->cfg->kafka_config : "", "statistics.interval.ms") &&
          rd_kafka_conf_set(conf, "statistics.interval.ms", "1000", errstr, sizeof errstr))) {
         log_error("relay", "event=kafka_config_invalid err=%s", db_error(errstr, NULL));
         rd_kafka_conf_destroy(conf);
@@ -658,7 +586,7 @@ static int producer_create(struct relay *r, const char *brokers)
     rd_kafka_conf_set_dr_msg_cb(conf, on_delivery);
     rd_kafka_conf_set_stats_cb(conf, on_stats);
     rd_kafka_conf_set_error_cb(conf, on_error);
-    rd_kafka_conf_set_log_cb(conf, on_rdkafka_log);
+    kafka_conf_log_to_ours(conf);
     r->rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errstr, sizeof errstr);
     if (!r->rk) {
         rd_kafka_conf_destroy(conf);
