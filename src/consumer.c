@@ -19,13 +19,6 @@
 #include "log.h"
 #include "metrics.h"
 
-/* A logfmt-quoted copy of s in buf (free-form texts: remote replies, libpq errors). */
-static const char *lq(const char *s, char *buf, size_t n)
-{
-    log_quote(s ? s : "", buf, n);
-    return buf;
-}
-
 #define PART_WINDOW 256           /* events per partition in hand (parsed, handed out) */
 /* Flow control. Fetched, unfinished events in all partitions: above INHAND_HIGH the
  * partitions holding more than their window are paused, below INHAND_LOW resumed. Pausing is
@@ -216,7 +209,7 @@ static void db_health(struct consumer *c, bool healthy, const char *error)
         return;
     }
     log_warn("consumer", "event=database_unhealthy action=wait_without_using_attempts err=%s",
-             lq(error, qb, sizeof qb));
+             log_quoted(error, qb, sizeof qb));
 }
 
 static void ascii_only(char *s)
@@ -608,7 +601,7 @@ static void activate(struct slot *s)
         set_error(s, "unparseable", why);
         log_error("consumer", "event=poison_message partition=%" PRId32 " offset=%" PRId64
                   " err=%s action=dead_letter", s->p->partition, m->offset,
-                  lq(err_msg(s), qb, sizeof qb));
+                  log_quoted(err_msg(s), qb, sizeof qb));
         dlq_send(s);
         return;
     }
@@ -764,14 +757,14 @@ static void slot_fail(struct slot *s, unsigned what, const char *error_class, co
                  " event_id=%s attempt=%d of=%d next_in_ms=%" PRIu64 " class=%s err=%s",
                  p->partition, s->m->offset, s->ev.event_id, s->fails,
                  c->cfg->retry_max_attempts, delay, s->err_class,
-                 lq(err_msg(s), qb, sizeof qb));
+                 log_quoted(err_msg(s), qb, sizeof qb));
         backoff(s, what, delay);
         return;
     }
     log_error("consumer", "event=attempts_exhausted partition=%" PRId32 " offset=%" PRId64
               " event_id=%s attempts=%d class=%s err=%s action=dead_letter",
               p->partition, s->m->offset, s->ev.event_id, s->fails, s->err_class,
-              lq(err_msg(s), qb, sizeof qb));
+              log_quoted(err_msg(s), qb, sizeof qb));
     clear_backoff(s);
     ready_remove(s);
     dlq_send(s);
@@ -1063,7 +1056,7 @@ static void on_marks(void *ud, bool ok, const char *error, bool db_fault)
             } else {
                 char qb[600];
                 log_warn("effects", "event=mark_failed_error event_id=%s err=%s",
-                         s->ev.event_id, lq(error, qb, sizeof qb));
+                         s->ev.event_id, log_quoted(error, qb, sizeof qb));
             }
         }
         if (!slot_release(s)) {
@@ -1074,7 +1067,7 @@ static void on_marks(void *ud, bool ok, const char *error, bool db_fault)
                 char qb[600];
                 log_warn("consumer", "event=done_mark_lost event_id=%s effect=%s err=%s"
                          " note=\"revoked partition: the next owner redoes it\"",
-                         s->ev.event_id, effect, lq(error, qb, sizeof qb));
+                         s->ev.event_id, effect, log_quoted(error, qb, sizeof qb));
             }
             continue;
         }
@@ -1254,7 +1247,7 @@ static void on_dead_letter(struct dlq_letter *l, bool ok, enum dlq_step failed,
         else
             log_error("consumer", "event=dead_letter_record_failed partition=%" PRId32
                       " offset=%" PRId64 " err=%s action=%s", p->partition, s->m->offset,
-                      lq(error, qb, sizeof qb),
+                      log_quoted(error, qb, sizeof qb),
                       c->phase == PH_RUNNING ? "retry" : "redeliver_later");
         if (!p->assigned || c->phase != PH_RUNNING) {
             kick(c);
@@ -1295,7 +1288,7 @@ static void on_offset_reset(struct consumer *c, rd_kafka_message_t *m)
         log_error("consumer", "event=offset_out_of_range topic=%s partition=%" PRId32
                   " offset=%" PRId64 " err=%s action=seek_to_log_start"
                   " note=\"events below the log start were deleted before being handled;"
-                  " run ticketd audit\"", c->cfg->topic, partition, m->offset, lq(why, qb, sizeof qb));
+                  " run ticketd audit\"", c->cfg->topic, partition, m->offset, log_quoted(why, qb, sizeof qb));
     }
     struct cpart *p = part_get(c, partition);
     if (p) p->last_seen = -1;
@@ -1316,7 +1309,7 @@ static void on_message(struct consumer *c, rd_kafka_message_t *m)
         if (m->err == RD_KAFKA_RESP_ERR__AUTO_OFFSET_RESET) on_offset_reset(c, m);
         else if (m->err != RD_KAFKA_RESP_ERR__PARTITION_EOF)
             log_warn("consumer", "event=consumer_error err=\"%s\" detail=%s",
-                     rd_kafka_err2str(m->err), lq(rd_kafka_message_errstr(m), qb, sizeof qb));
+                     rd_kafka_err2str(m->err), log_quoted(rd_kafka_message_errstr(m), qb, sizeof qb));
         rd_kafka_message_destroy(m);
         return;
     }
@@ -1437,19 +1430,10 @@ static void lag_collect(void *ud)
     }
 }
 
-/* rdkafka's own log lines. With log.queue they are served by our polls, on the loop.
- * An offset reset caused by an error (out of range, log truncation) is logged by rdkafka
- * at warning level with facility OFFSET ("<topic> [<partition>]: offset reset (at offset
- * ..."); resets for a missing committed offset (a new group) only at debug level. */
-static void on_rdkafka_log(const rd_kafka_t *rk, int level, const char *fac, const char *buf)
-{
-    int lvl = level <= 3 ? LOG_ERROR : level == 4 ? LOG_WARN : level <= 6 ? LOG_INFO : LOG_DEBUG;
-    char quoted[512];
-    log_quote(buf, quoted, sizeof quoted);
-    log_at(lvl, "rdkafka", "event=log fac=%s msg=%s", fac, quoted);
-}
-
-/* The consumer's: watches for offset resets, the rest as above. */
+/* rdkafka's own log lines (kafka_log_cb). With log.queue they are served by our polls, on
+ * the loop. An offset reset caused by an error (out of range, log truncation) is logged by
+ * rdkafka at warning level with facility OFFSET ("<topic> [<partition>]: offset reset (at
+ * offset ..."); resets for a missing committed offset (a new group) only at debug level. */
 static void on_consumer_log(const rd_kafka_t *rk, int level, const char *fac, const char *buf)
 {
     if (level <= 4 && strcmp(fac, "OFFSET") == 0 && strstr(buf, "offset reset")) {
@@ -1465,15 +1449,13 @@ static void on_consumer_log(const rd_kafka_t *rk, int level, const char *fac, co
                   " deleted before being handled; run ticketd audit\"", partition, quoted);
         return;
     }
-    on_rdkafka_log(rk, level, fac, buf);
+    kafka_log_cb(rk, level, fac, buf);
 }
 
 /* ---- start ---- */
 
 static rd_kafka_conf_t *conf_for(const struct cfg *cfg, const char *brokers,
-                                 const char *const *kv, size_t n,
-                                 void (*log_cb)(const rd_kafka_t *, int, const char *,
-                                                const char *))
+                                 const char *const *kv, size_t n)
 {
     char err[512];
     rd_kafka_conf_t *conf = kafka_conf_new(brokers, cfg->kafka_config, err, sizeof err);
@@ -1488,7 +1470,7 @@ static rd_kafka_conf_t *conf_for(const struct cfg *cfg, const char *brokers,
             return NULL;
         }
     }
-    rd_kafka_conf_set_log_cb(conf, log_cb);
+    rd_kafka_conf_set_log_cb(conf, on_consumer_log);
     return conf;
 }
 
@@ -1556,12 +1538,10 @@ int consumer_start(struct consumer **out, uv_loop_t *loop, const struct cfg *cfg
     rc = -1;
 
     /* The dead-letter writer: its own producer, delivery reports served on the loop. */
-    rd_kafka_conf_t *pconf = conf_for(cfg, brokers, NULL, 0, on_rdkafka_log);
-    if (!pconf || dlq_writer_create(&c->dlq, loop, cfg, pconf, c->db, on_dead_letter) != 0)
-        goto fail;
+    if (dlq_writer_create(&c->dlq, loop, cfg, brokers, c->db, on_dead_letter) != 0) goto fail;
 
     /* The consumer. auto.offset.reset=earliest, and every reset caused by an error is
-     * reported (on_rdkafka_log): see consumer.h. */
+     * reported (on_consumer_log): see consumer.h. */
     const char *ckv[] = {"group.id", cfg->consumer_group, "enable.auto.commit", "false",
                          "enable.auto.offset.store", "false", "auto.offset.reset", "earliest",
                          "client.id", "ticketd-consumer", "log.queue", "true",
@@ -1571,7 +1551,7 @@ int consumer_start(struct consumer **out, uv_loop_t *loop, const struct cfg *cfg
                          "fetch.wait.max.ms", FETCH_WAIT_MAX_MS};
     size_t nckv = sizeof ckv / sizeof *ckv;
     if (cfg->kafka_config && strstr(cfg->kafka_config, "fetch.wait.max.ms")) nckv -= 2;
-    rd_kafka_conf_t *cconf = conf_for(cfg, brokers, ckv, nckv, on_consumer_log);
+    rd_kafka_conf_t *cconf = conf_for(cfg, brokers, ckv, nckv);
     if (!cconf) goto fail;
     if (membership_conf(cconf, cfg) != 0) {
         rd_kafka_conf_destroy(cconf);

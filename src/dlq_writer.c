@@ -185,31 +185,33 @@ static void on_ready(void *ud)
 }
 
 int dlq_writer_create(struct dlq_writer **out, uv_loop_t *loop, const struct cfg *cfg,
-                      rd_kafka_conf_t *conf, struct dbp *db, dlq_written_fn cb)
+                      const char *brokers, struct dbp *db, dlq_written_fn cb)
 {
     char err[512];
     struct dlq_writer *w = calloc(1, sizeof *w);
-    if (!w) {
-        rd_kafka_conf_destroy(conf);
-        return -1;
-    }
+    if (!w) return -1;
     w->cfg = cfg;
     w->db = db;
     w->cb = cb;
     metrics_describe("ticketd_dlq_produced_total", "counter",
                      "events produced to the dead-letter topic and acknowledged");
 
-    /* acks=all + idempotence; delivery reports served on the loop. */
-    const char *kv[] = {"acks", "all", "enable.idempotence", "true", "linger.ms", "5",
-                        "client.id", "ticketd-dlq", "log.queue", "true"};
-    for (size_t i = 0; i + 1 < sizeof kv / sizeof *kv; i += 2) {
-        if (rd_kafka_conf_set(conf, kv[i], kv[i + 1], err, sizeof err) != RD_KAFKA_CONF_OK) {
-            log_error("consumer", "event=config_error property=%s", kv[i]);
-            rd_kafka_conf_destroy(conf);
-            free(w);
-            return -1;
-        }
+    /* acks=all + idempotence; delivery reports and logs served on the loop. */
+    rd_kafka_conf_t *conf = kafka_conf_new(brokers, cfg->kafka_config, err, sizeof err);
+    if (!conf) {
+        log_error("consumer", "event=config_error err=\"%s\"", err);
+        free(w);
+        return -1;
     }
+    if (kafka_conf_idempotent_producer(conf, cfg->kafka_config, "ticketd-dlq", err,
+                                       sizeof err) != 0 ||
+        rd_kafka_conf_set(conf, "log.queue", "true", err, sizeof err) != RD_KAFKA_CONF_OK) {
+        log_error("consumer", "event=config_error err=\"%s\"", err);
+        rd_kafka_conf_destroy(conf);
+        free(w);
+        return -1;
+    }
+    kafka_conf_log_to_ours(conf);
     rd_kafka_conf_set_dr_msg_cb(conf, dr_cb);
     rd_kafka_conf_set_opaque(conf, w);
     w->rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, err, sizeof err);

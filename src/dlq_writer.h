@@ -46,12 +46,11 @@ enum dlq_step { DLQ_STEP_PRODUCE, DLQ_STEP_RECORD };
 typedef void (*dlq_written_fn)(struct dlq_letter *l, bool ok, enum dlq_step failed,
                                const char *error);
 
-/* conf (consumed, also on failure): bootstrap servers, KAFKA_CONFIG and the log callback;
- * the writer adds the idempotent acks=all settings. db is borrowed (outlives the writer's
- * use of it). cb runs once per successful dlq_writer_write, on the loop. Returns 0 or -1
+/* brokers and cfg (KAFKA_CONFIG) configure the producer, cfg->dlq_topic is written; both
+ * outlive the writer. db is borrowed (outlives the writer's use of it). cb runs once per successful dlq_writer_write, on the loop. Returns 0 or -1
  * (logged). */
 int dlq_writer_create(struct dlq_writer **out, uv_loop_t *loop, const struct cfg *cfg,
-                      rd_kafka_conf_t *conf, struct dbp *db, dlq_written_fn cb);
+                      const char *brokers, struct dbp *db, dlq_written_fn cb);
 
 /* Writes l (or records it, when l->dlq_partition >= 0). Returns 0 (cb will run), or -1 with
  * err filled and the failed step in *failed (cb not called). */
