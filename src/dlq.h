@@ -1,4 +1,5 @@
-/* dlq (dlq_): the dead letters, listed and replayed (admin HTTP and CLI).
+/* dlq (dlq_): the dead letters' header names (below, the one definition), and the dead
+ * letters listed and replayed (admin HTTP and CLI). They are written by dlq_writer.h.
  *
  * Both read the DLQ topic itself (cfg->dlq_topic), every partition from its low to its high
  * watermark, with a short-lived consumer that assign()s the partitions (it carries a group
