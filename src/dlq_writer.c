@@ -33,20 +33,6 @@ static const char dead_letter_sql[] =
     " WHERE NOT EXISTS (SELECT 1 FROM dead_letters WHERE dlq_partition = $6::int"
     " AND dlq_offset = $7::bigint)";
 
-static bool get_header(const rd_kafka_message_t *m, const char *name, const char **val,
-                       size_t *len)
-{
-    rd_kafka_headers_t *h = NULL;
-    const void *v = NULL;
-    *val = NULL;
-    *len = 0;
-    if (rd_kafka_message_headers(m, &h) != RD_KAFKA_RESP_ERR_NO_ERROR || !h) return false;
-    if (rd_kafka_header_get_last(h, name, &v, len) != RD_KAFKA_RESP_ERR_NO_ERROR || !v)
-        return false;
-    *val = v;
-    return true;
-}
-
 static int produce(struct dlq_writer *w, struct dlq_letter *l, char *errbuf, size_t errlen)
 {
     const rd_kafka_message_t *m = l->m;
@@ -114,9 +100,12 @@ static int record(struct dlq_writer *w, struct dlq_letter *l, char *errbuf, size
     const char *app_id = NULL;
 
     if (l->poison) {
-        const char *id;
-        size_t len;
-        if (get_header(m, CE_ID, &id, &len) && effects_is_uuid(id, len)) {
+        rd_kafka_headers_t *h = NULL;
+        const void *id = NULL;
+        size_t len = 0;
+        if (rd_kafka_message_headers(m, &h) == RD_KAFKA_RESP_ERR_NO_ERROR && h &&
+            rd_kafka_header_get_last(h, CE_ID, &id, &len) == RD_KAFKA_RESP_ERR_NO_ERROR && id &&
+            effects_is_uuid(id, len)) {
             memcpy(idbuf, id, len);
             idbuf[len] = '\0';
             event_id = idbuf;
