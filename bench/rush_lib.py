@@ -10,13 +10,10 @@ One run (run_once):
   committed/published/processed, drain after the peak -> `ticketd audit` (0 missing or the
   run fails) -> DB rows == distinct 201 ids -> JSON + SVG chart -> everything stopped by pid.
 """
-import ctypes
-import http.client
 import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -26,10 +23,12 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(ROOT, "test", "integration"))
 import chart  # noqa: E402
+import harness as H  # noqa: E402  (the tests' PostgreSQL, processes, kafka-mock, /metrics)
 
-PGBIN = os.environ.get("PGBIN", "/usr/lib/postgresql/15/bin")
-IS_ROOT = os.geteuid() == 0
+PGBIN = H.PGBIN
+IS_ROOT = H.IS_ROOT
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 ADMIN_TOKEN = "rush-bench-admin-token-0123456789"
 
@@ -42,81 +41,27 @@ PG_SETTINGS = {
 }
 
 
-class BenchError(Exception):
-    pass
+BenchError = H.HarnessError
+tail = H.tail
+free_port = H.free_port
+parse_metrics = H.parse_metrics
 
 
 def log(msg):
     print(f"[rush {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def _die_with_parent():
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-
-
-def free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _as_postgres(argv):
-    return (["runuser", "-u", "postgres", "--"] + argv) if IS_ROOT else argv
-
-
 # ----------------------------------------------------------------------------- processes
 
-class Pg:
-    """A throwaway PostgreSQL 15 cluster (initdb into a temp dir; unix socket only; run as the
-    postgres user when root), database `ticketd`."""
+class Pg(H.Pg):
+    """The tests' throwaway PostgreSQL 15 cluster (harness.Pg) in workdir/pg with the bench's
+    settings, stopped cleanly (fast) at the end. tcp: also on 127.0.0.1, url through it."""
 
-    def __init__(self, workdir):
-        self.dir = os.path.join(workdir, "pg")
-        os.mkdir(self.dir)
-        os.chmod(self.dir, 0o755)
-        if IS_ROOT:
-            shutil.chown(self.dir, "postgres", "postgres")
-        self.data = os.path.join(self.dir, "data")
-        self.logfile = os.path.join(self.dir, "postgres.log")
-        self.port = 5432
-        self.started = False
-        r = subprocess.run(_as_postgres([f"{PGBIN}/initdb", "-D", self.data, "-A", "trust", "-U",
-                                         "postgres", "-E", "UTF8", "--no-locale"]),
-                           capture_output=True, text=True)
-        if r.returncode != 0:
-            raise BenchError(f"initdb failed: {r.stderr.strip()}")
-        conf = dict(PG_SETTINGS, listen_addresses="''", unix_socket_directories=self.dir,
-                    port=str(self.port))
-        opts = " ".join(f"-c {k}={v}" for k, v in conf.items())
-        r = subprocess.run(_as_postgres([f"{PGBIN}/pg_ctl", "-D", self.data, "-o", opts, "-l",
-                                         self.logfile, "-w", "-t", "60", "start"]),
-                           capture_output=True, text=True)
-        if r.returncode != 0:
-            raise BenchError(f"pg_ctl start failed: {r.stdout}{r.stderr}")
-        self.started = True
-        self.psql("CREATE DATABASE ticketd", db="postgres")
-        self.url = f"host={self.dir} port={self.port} user=postgres dbname=ticketd"
-        with open(os.path.join(self.data, "postmaster.pid")) as f:
-            self.pid = int(f.readline())
-
-    def psql(self, *sql, db="ticketd", timeout=300):
-        """Runs the statements (one psql session, one -c each); returns rows of the last
-        result as lists of strings."""
-        argv = ["psql", "-X", "-q", "-A", "-t", "-F", "|", "-v", "ON_ERROR_STOP=1", "-h", self.dir,
-                "-p", str(self.port), "-U", "postgres", "-d", db]
-        for s in sql:
-            argv += ["-c", s]
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-        if r.returncode != 0:
-            raise BenchError(f"psql failed: {r.stderr.strip()}\nSQL: {sql[-1][:300]}")
-        return [line.split("|") for line in r.stdout.splitlines() if line != ""]
+    def __init__(self, workdir, tcp=False):
+        super().__init__(workdir=workdir, settings=PG_SETTINGS, tcp=tcp, stop_mode="fast")
 
     def scalar(self, sql):
-        rows = self.psql(sql)
+        rows = self.rows(sql)
         return rows[0][0] if rows else None
 
     def pids(self):
@@ -129,105 +74,23 @@ class Pg:
                     out.append(int(d))
         return out
 
-    def close(self):
-        if self.started:
-            subprocess.run(_as_postgres([f"{PGBIN}/pg_ctl", "-D", self.data, "-m", "fast", "-w",
-                                         "-t", "60", "stop"]), capture_output=True)
-            self.started = False
 
-
-class Proc:
-    """A child process with its output in a log file; stopped by pid (SIGTERM, then SIGKILL)."""
+class Proc(H.Proc):
+    """harness.Proc with the log in the run directory, kept quiet at the end."""
 
     def __init__(self, argv, env, logfile, stdin=subprocess.DEVNULL, stdout_pipe=False):
-        self.logfile = logfile
-        self._log = open(logfile, "ab")
-        self.proc = subprocess.Popen(argv, env=env, stdin=stdin,
-                                     stdout=subprocess.PIPE if stdout_pipe else self._log,
-                                     stderr=self._log, preexec_fn=_die_with_parent)
-        self.pid = self.proc.pid
-
-    def alive(self):
-        return self.proc.poll() is None
-
-    def read_line(self, prefix, timeout):
-        """The first stdout line starting with prefix (the process announces its address)."""
-        import select
-        deadline = time.monotonic() + timeout
-        buf = b""
-        while time.monotonic() < deadline:
-            r, _, _ = select.select([self.proc.stdout], [], [], 0.2)
-            if r:
-                chunk = os.read(self.proc.stdout.fileno(), 4096)
-                if not chunk:
-                    break
-                buf += chunk
-                for line in buf.decode("utf-8", "replace").splitlines():
-                    if line.startswith(prefix):
-                        return line[len(prefix):].strip()
-            elif not self.alive():
-                break
-        raise BenchError(f"{self.proc.args[0]} did not print {prefix!r}: {tail(self.logfile)}")
-
-    def stop(self, timeout=30):
-        """SIGTERM, wait, SIGKILL. Returns the exit code."""
-        if self.alive():
-            if self.proc.stdin:
-                try:
-                    self.proc.stdin.close()
-                except OSError:
-                    pass
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=30)
-        self._log.close()
-        return self.proc.returncode
-
-
-def tail(path, n=30):
-    try:
-        with open(path, "rb") as f:
-            return "\n".join(f.read().decode("utf-8", "replace").splitlines()[-n:])
-    except OSError:
-        return ""
+        super().__init__(argv, env, os.path.basename(logfile), stdin=stdin,
+                         stdout_pipe=stdout_pipe, logfile=logfile, echo_log=False)
 
 
 def http_get(port, path, timeout=5, headers=None):
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        c.request("GET", path, headers=headers or {})
-        r = c.getresponse()
-        return r.status, r.read()
-    finally:
-        c.close()
+    r = H.http_request(port, "GET", path, headers=headers, timeout=timeout)
+    return r.status, r.body
 
 
 def http_post_json(port, path, obj, headers=None, timeout=10):
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        h = {"Content-Type": "application/json"}
-        h.update(headers or {})
-        c.request("POST", path, body=json.dumps(obj), headers=h)
-        r = c.getresponse()
-        return r.status, r.read()
-    finally:
-        c.close()
-
-
-def parse_metrics(text):
-    out = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        key, _, val = line.rpartition(" ")
-        try:
-            out[key] = float(val)
-        except ValueError:
-            pass
-    return out
+    r = H.http_request(port, "POST", path, json=obj, headers=headers, timeout=timeout)
+    return r.status, r.body
 
 
 def metric_sum(m, name):
@@ -236,15 +99,20 @@ def metric_sum(m, name):
     return sum(vals) if vals else None
 
 
-def proc_stat(pid):
-    """(cpu ticks utime+stime, ppid) or None."""
+def proc_stat_fields(pid):
+    """The fields of /proc/<pid>/stat after the command name (state is [0]), or None."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             s = f.read()
     except OSError:
         return None
-    fields = s[s.rfind(")") + 2:].split()
-    return int(fields[11]) + int(fields[12]), int(fields[1])
+    return s[s.rfind(")") + 2:].split()
+
+
+def proc_stat(pid):
+    """(cpu ticks utime+stime, ppid) or None."""
+    v = proc_stat_fields(pid)
+    return (int(v[11]) + int(v[12]), int(v[1])) if v else None
 
 
 def proc_rss_mb(pid):
@@ -302,10 +170,10 @@ class Stack:
         self.pg = Pg(self.workdir)
         base = dict(os.environ)
         base.update({"KAFKA_PARTITIONS": str(partitions), "LOG_LEVEL": log_level})
-        self.mock = Proc([self.bins["ticketd"], "kafka-mock"], base,
-                         os.path.join(self.rundir, "kafka-mock.log"), stdin=subprocess.PIPE,
-                         stdout_pipe=True)
-        self.brokers = self.mock.read_line("bootstrap=", 30)
+        self.mock = H.KafkaMock(partitions, env={"LOG_LEVEL": log_level}, bin=self.bins["ticketd"],
+                                logfile=os.path.join(self.rundir, "kafka-mock.log"),
+                                echo_log=False)
+        self.brokers = self.mock.brokers
         self.sink = Proc([sys.executable, os.path.join(HERE, "rush_sink.py")], dict(os.environ),
                          os.path.join(self.rundir, "sink.log"), stdin=subprocess.PIPE,
                          stdout_pipe=True)
@@ -455,7 +323,7 @@ def _pct_row(row):
 
 
 def _per_second(pg, ts_expr, frm, t0):
-    rows = pg.psql(f"SELECT floor(extract(epoch FROM {ts_expr}) - {t0:.6f})::int AS s, count(*) "
+    rows = pg.rows(f"SELECT floor(extract(epoch FROM {ts_expr}) - {t0:.6f})::int AS s, count(*) "
                    f"FROM {frm} GROUP BY 1 ORDER BY 1")
     return {int(s): int(n) for s, n in rows}
 
@@ -486,7 +354,7 @@ def wait_drained(stack, sampler, timeout, stall=30.0):
         lag = metric_sum(stack.metrics(), "ticketd_consumer_lag") or 0
         now = time.time()
         if backlog == 0 and lag == 0:
-            rows = stack.pg.psql("SELECT (SELECT count(*) FROM outbox), (SELECT count(*) FROM processed_events)"
+            rows = stack.pg.rows("SELECT (SELECT count(*) FROM outbox), (SELECT count(*) FROM processed_events)"
                                  " , (SELECT count(DISTINCT event_id) FROM dead_letters)")
             total, processed, dead = (int(x) for x in rows[0])
             if processed + dead >= total:
@@ -565,7 +433,7 @@ def run_once(bins, cfg, rundir, label):
     sampler = None
     try:
         base_id = warm_up(stack) if pipeline else 0
-        wal0 = stack.pg.psql("SELECT pg_current_wal_lsn()")[0][0] if not canned else None
+        wal0 = stack.pg.rows("SELECT pg_current_wal_lsn()")[0][0] if not canned else None
         ids_path = os.path.join(rundir, "ids.txt")
         lg_json = os.path.join(rundir, "loadgen.json")
         argv = [bins["loadgen"], "--port", str(stack.port), "--connections", str(cfg["connections"]),
@@ -584,7 +452,7 @@ def run_once(bins, cfg, rundir, label):
         sampler.samples.append(sampler.sample())  # baseline for the CPU deltas
         sampler.start()
         with open(os.path.join(rundir, "loadgen.log"), "wb") as lgl:
-            lg = subprocess.Popen(argv, stdout=lgl, stderr=lgl, preexec_fn=_die_with_parent)
+            lg = subprocess.Popen(argv, stdout=lgl, stderr=lgl, preexec_fn=H._die_with_parent)
             sampler.loadgen_pid = lg.pid
             limit = (cfg["idle"] + cfg["ramp"] + cfg["duration"] + cfg["tail"] + 60
                      + (cfg.get("give_up", 120) if cfg.get("crowd") else 0))
@@ -629,7 +497,7 @@ def run_once(bins, cfg, rundir, label):
             res["ids"] = check_ids(stack.pg, ids_path, event_id, loadgen)
             # work per application: WAL written from the start of the load to the drain
             # (ingest, relay marks, consumer effects), over the rows of the run
-            wal = int(float(stack.pg.psql(f"SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '{wal0}')")[0][0]))
+            wal = int(float(stack.pg.rows(f"SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '{wal0}')")[0][0]))
             res["wal_bytes"] = wal
             if res["ids"]["db_rows"]:
                 res["wal_bytes_per_application"] = round(wal / res["ids"]["db_rows"])
@@ -654,12 +522,12 @@ def db_figures(pg, base_id, t0, peak_end, t_load_end):
     """Latencies and per-second series computed from the rows' own timestamps."""
     frm_o = f"outbox o WHERE o.id > {base_id} AND o.published_at IS NOT NULL"
     d = {}
-    d["commit_to_ack"] = _pct_row(pg.psql(_pct_sql(
+    d["commit_to_ack"] = _pct_row(pg.rows(_pct_sql(
         "extract(epoch FROM o.published_at - o.created_at) * 1000", frm_o))[0])
     frm_p = (f"outbox o JOIN processed_events p ON p.event_id = o.event_id WHERE o.id > {base_id}")
-    d["publish_to_processed"] = _pct_row(pg.psql(_pct_sql(
+    d["publish_to_processed"] = _pct_row(pg.rows(_pct_sql(
         "extract(epoch FROM p.processed_at - o.published_at) * 1000", frm_p))[0])
-    d["commit_to_processed"] = _pct_row(pg.psql(_pct_sql(
+    d["commit_to_processed"] = _pct_row(pg.rows(_pct_sql(
         "extract(epoch FROM p.processed_at - o.created_at) * 1000", frm_p))[0])
     d["per_second"] = {
         "committed": _per_second(pg, "o.created_at", f"outbox o WHERE o.id > {base_id}", t0),
@@ -668,7 +536,7 @@ def db_figures(pg, base_id, t0, peak_end, t_load_end):
     }
     # Drain after the peak, exact from the rows: when was the last row committed by the end
     # of the peak published (and processed)? 0 if the relay/consumer never fell behind.
-    row = pg.psql(
+    row = pg.rows(
         f"SELECT extract(epoch FROM max(o.published_at)) - {t0 + peak_end:.6f}, "
         f"extract(epoch FROM max(p.processed_at)) - {t0 + peak_end:.6f}, count(*) "
         f"FROM outbox o LEFT JOIN processed_events p ON p.event_id = o.event_id "
@@ -676,7 +544,7 @@ def db_figures(pg, base_id, t0, peak_end, t_load_end):
     f = lambda v: round(max(0.0, float(v)), 3) if v not in (None, "") else None  # noqa: E731
     d["drain_after_peak"] = {"publish_s": f(row[0]), "process_s": f(row[1]),
                              "rows_committed_by_peak_end": int(row[2])}
-    row = pg.psql(f"SELECT extract(epoch FROM max(o.published_at)) - {t0 + t_load_end:.6f}, "
+    row = pg.rows(f"SELECT extract(epoch FROM max(o.published_at)) - {t0 + t_load_end:.6f}, "
                   f"extract(epoch FROM max(p.processed_at)) - {t0 + t_load_end:.6f} "
                   f"FROM outbox o LEFT JOIN processed_events p ON p.event_id = o.event_id "
                   f"WHERE o.id > {base_id}")[0]
@@ -685,7 +553,7 @@ def db_figures(pg, base_id, t0, peak_end, t_load_end):
     proc = d["per_second"]["processed"]
     d["relay_peak_per_s"] = max(pub.values()) if pub else 0
     d["consumer_peak_per_s"] = max(proc.values()) if proc else 0
-    counts = pg.psql("SELECT (SELECT count(*) FROM outbox WHERE published_at IS NULL), "
+    counts = pg.rows("SELECT (SELECT count(*) FROM outbox WHERE published_at IS NULL), "
                      "(SELECT count(*) FROM dead_letters), "
                      "(SELECT count(*) FROM event_effects WHERE NOT done)")[0]
     d["unpublished_at_end"], d["dead_letters"], d["effects_not_done"] = (int(x) for x in counts)
@@ -721,7 +589,7 @@ def check_ids(pg, ids_path, event_id, loadgen):
         ids = f.read().split()
     distinct = len(set(ids))
     os.chmod(ids_path, 0o644)
-    rows = pg.psql("CREATE TEMP TABLE got (phone text)", f"\\copy got FROM '{ids_path}'",
+    rows = pg.rows("CREATE TEMP TABLE got (phone text)", f"\\copy got FROM '{ids_path}'",
                    f"SELECT (SELECT count(*) FROM applications WHERE event_id = '{event_id}'), "
                    f"(SELECT count(DISTINCT g.phone) FROM got g JOIN applications a ON "
                    f"a.phone = g.phone AND a.event_id = '{event_id}'), "

@@ -40,36 +40,11 @@ class Cluster(R.Pg):
     """A throwaway PostgreSQL 15 cluster on a unix socket and 127.0.0.1:<free port>, with
     database `ticketd` (owner postgres) and database `peer` owned by role bench/bench."""
 
-    def __init__(self, workdir):  # noqa: super().__init__ is replaced, not extended
-        self.dir = os.path.join(workdir, "pg")
-        os.mkdir(self.dir)
-        os.chmod(self.dir, 0o755)
-        if R.IS_ROOT:
-            shutil.chown(self.dir, "postgres", "postgres")
-        self.data = os.path.join(self.dir, "data")
-        self.logfile = os.path.join(self.dir, "postgres.log")
-        self.port = R.free_port()
-        self.started = False
-        r = subprocess.run(R._as_postgres([f"{R.PGBIN}/initdb", "-D", self.data, "-A", "trust",
-                                           "-U", "postgres", "-E", "UTF8", "--no-locale"]),
-                           capture_output=True, text=True)
-        if r.returncode != 0:
-            raise BenchError(f"initdb failed: {r.stderr.strip()}")
-        conf = dict(PG_SETTINGS, listen_addresses="127.0.0.1", unix_socket_directories=self.dir,
-                    port=str(self.port))
-        opts = " ".join(f"-c {k}={v}" for k, v in conf.items())
-        r = subprocess.run(R._as_postgres([f"{R.PGBIN}/pg_ctl", "-D", self.data, "-o", opts, "-l",
-                                           self.logfile, "-w", "-t", "60", "start"]),
-                           capture_output=True, text=True)
-        if r.returncode != 0:
-            raise BenchError(f"pg_ctl start failed: {r.stdout}{r.stderr}")
-        self.started = True
-        self.psql("CREATE DATABASE ticketd", "CREATE ROLE bench LOGIN PASSWORD 'bench'",
-                  "CREATE DATABASE peer OWNER bench", db="postgres")
+    def __init__(self, workdir):
         # Both systems reach PostgreSQL the same way: TCP on loopback.
-        self.url = f"host=127.0.0.1 port={self.port} user=postgres dbname=ticketd"
-        with open(os.path.join(self.data, "postmaster.pid")) as f:
-            self.pid = int(f.readline())
+        super().__init__(workdir, tcp=True)
+        self.rows("CREATE ROLE bench LOGIN PASSWORD 'bench'", "CREATE DATABASE peer OWNER bench",
+                  db="postgres")
 
     def cpu_ticks(self):
         """utime+stime of the postmaster and every live child, plus the postmaster's
@@ -88,7 +63,7 @@ class Cluster(R.Pg):
         deadline = time.monotonic() + timeout
         others = "".join(f" AND pid <> {int(p)}" for p in keep)
         while time.monotonic() < deadline:
-            n = int(self.psql(f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}' "
+            n = int(self.rows(f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}' "
                               f"AND backend_type = 'client backend'{others}", db="postgres")[0][0])
             if n == 0:
                 return
@@ -108,7 +83,7 @@ class Session:
                                    "-h", pg.dir, "-p", str(pg.port), "-U", "postgres", "-d", db],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                  preexec_fn=R._die_with_parent)
+                                  preexec_fn=R.H._die_with_parent)
         self.pid = int(self.query("SELECT pg_backend_pid()")[0][0])
 
     def query(self, sql):
@@ -143,13 +118,8 @@ class Session:
 
 def proc_times(pid):
     """(utime+stime, cutime+cstime) in clock ticks, or None."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            s = f.read()
-    except OSError:
-        return None
-    v = s[s.rfind(")") + 2:].split()
-    return int(v[11]) + int(v[12]), int(v[13]) + int(v[14])
+    v = R.proc_stat_fields(pid)
+    return (int(v[11]) + int(v[12]), int(v[13]) + int(v[14])) if v else None
 
 
 def cpu_us(ticks):
@@ -162,10 +132,10 @@ def snapshot(pg, db, session=None):
     """The counters one phase's figures are the difference of. PostgreSQL's CPU excludes the
     bench's own polling session (the one-shot psql backends of the snapshots themselves stay
     in: a few ms per run)."""
-    lsn, recs, fpi, wbytes = pg.psql("SELECT pg_current_wal_lsn(), wal_records, wal_fpi, "
+    lsn, recs, fpi, wbytes = pg.rows("SELECT pg_current_wal_lsn(), wal_records, wal_fpi, "
                                      "wal_bytes FROM pg_stat_wal", db=db)[0]
     tables = {}
-    for name, ins, upd, hot, dele in pg.psql(
+    for name, ins, upd, hot, dele in pg.rows(
             "SELECT relname, n_tup_ins, n_tup_upd, n_tup_hot_upd, n_tup_del "
             "FROM pg_stat_user_tables", db=db):
         tables[name] = {"ins": int(ins), "upd": int(upd), "hot": int(hot), "del": int(dele)}
@@ -177,7 +147,7 @@ def snapshot(pg, db, session=None):
 def indexes(pg, db):
     """{table: [(index, predicate or None), ...]} of the public schema."""
     out = collections.defaultdict(list)
-    for tbl, idx, pred in pg.psql(
+    for tbl, idx, pred in pg.rows(
             "SELECT t.relname, c.relname, coalesce(pg_get_expr(i.indpred, i.indrelid), '') "
             "FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
             "JOIN pg_class t ON t.oid = i.indrelid "
@@ -267,8 +237,8 @@ def relation_names(pg, dbs):
     index or TOAST relation is named with its table); other relations are 'catalog'."""
     out = {}
     for db in dbs:
-        dboid = int(pg.psql(f"SELECT oid FROM pg_database WHERE datname = '{db}'", db=db)[0][0])
-        for node, tbl, rel in pg.psql(
+        dboid = int(pg.rows(f"SELECT oid FROM pg_database WHERE datname = '{db}'", db=db)[0][0])
+        for node, tbl, rel in pg.rows(
                 "SELECT pg_relation_filenode(c.oid), coalesce(t.relname, o.relname, c.relname), "
                 "  CASE WHEN o.relname IS NOT NULL THEN 'toast' ELSE c.relname END "
                 "FROM pg_class c "
@@ -288,7 +258,7 @@ def wal_split(pg, start_lsn, end_lsn, names):
     reference; records without one (commits, running-xacts) go to '(no relation)'."""
     if start_lsn == end_lsn:
         return {"tables": {}, "record_types": {}, "total_bytes": 0, "records": 0}
-    r = subprocess.run(R._as_postgres([f"{R.PGBIN}/pg_waldump", "-p", os.path.join(pg.data, "pg_wal"),
+    r = subprocess.run(R.H.as_postgres([f"{R.PGBIN}/pg_waldump", "-p", os.path.join(pg.data, "pg_wal"),
                                        "-s", start_lsn, "-e", end_lsn]),
                        capture_output=True, text=True)
     tables = collections.defaultdict(lambda: collections.defaultdict(lambda: [0, 0]))

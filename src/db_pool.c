@@ -6,11 +6,8 @@
  *      ^                     |              |                             |        |
  *      +---- timer(0) ---- BROKEN <---------+------- error / EOF ---------+--------+
  *
- * RESOLVING: PQconnectStartParams resolves a host name with a blocking getaddrinfo, so the
- * pool resolves every host name of the conninfo first with uv_getaddrinfo (thread pool) and
- * passes the addresses as hostaddr (host stays for TLS, Kerberos and .pgpass). Unix-socket
- * paths and numeric addresses need no lookup; every attempt resolves again (a failover may
- * move the name).
+ * RESOLVING: every host name of the conninfo is looked up first, off the loop (db_resolve.h);
+ * every attempt resolves again (a failover may move the name).
  *
  * BROKEN is a one-turn state: the failure is noticed wherever it happens (possibly inside
  * dbp_query), the PGconn is finished at once, and a zero timer fails the running query and
@@ -25,24 +22,17 @@
  * and a new one initialised on the new fd. */
 #include "db_pool.h"
 
-#include <arpa/inet.h>
 #include <errno.h>
-#include <netdb.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "config.h"
+#include "db_resolve.h"
+#include "limits.h"
 #include "log.h"
 #include "metrics.h"
 
-#define DBP_MAX_STATEMENTS 32
-#define DBP_CONNECT_TIMEOUT_MS 10000
-#define DBP_DEFAULT_QUEUE_MAX 4096
-#define DBP_REASON_MAX 256
-#define DBP_HOSTS_MAX 16          /* comma-separated hosts of a conninfo */
-#define DBP_ADDR_MAX 64           /* one numeric address */
-#define DBP_ADDRS_PER_HOST 4      /* addresses of one name tried, in the resolver's order */
 
 enum dbc_state {
     DBC_BACKOFF,    /* no PGconn; timer runs until the next attempt */
@@ -91,10 +81,8 @@ struct dbp_conn {
     struct dbp_conn *idle_prev, *idle_next;
     uint64_t backoff_ms;
     int failures;              /* consecutive failed attempts (logs once, then debug) */
-    int resolving;             /* index into pool->hosts */
-    /* addresses of host i (naddrs[i] = 0: no lookup needed, libpq uses the host as given) */
-    char addrs[DBP_HOSTS_MAX][DBP_ADDRS_PER_HOST][DBP_ADDR_MAX];
-    int naddrs[DBP_HOSTS_MAX];
+    int resolving;             /* index into pool->hosts.hosts */
+    struct db_addrs addrs;     /* of the hosts resolved so far in this attempt */
     char reason[DBP_REASON_MAX];
 };
 
@@ -112,10 +100,7 @@ struct dbp {
     char *labels;              /* metrics labels: pool="<name>" */
     int size;
     int queue_max;
-    char *hosts[DBP_HOSTS_MAX];  /* every host of the list; lookup[i]: a name to resolve */
-    bool lookup[DBP_HOSTS_MAX];
-    int nhosts;                  /* 0: no host name in the conninfo (nothing to resolve) */
-    char *ports[DBP_HOSTS_MAX];  /* the port list when it has one entry per host, else NULL */
+    struct db_hosts hosts;       /* host names to resolve (hosts.n = 0: none) */
     uint64_t reconnect_min_ms, reconnect_max_ms;
     void (*on_connect)(void *ud, struct dbp *pool);
     void (*on_disconnect)(void *ud, struct dbp *pool);
@@ -494,118 +479,29 @@ static void on_notice(void *arg, const char *message)
 
 /* ---- host names ---- */
 
-struct dbp_resolve {
-    uv_getaddrinfo_t req;
-    struct dbp_conn *c;
-    unsigned gen;
-};
-
-static bool needs_lookup(const char *host)
-{
-    unsigned char buf[sizeof(struct in6_addr)];
-    if (!*host || host[0] == '/' || host[0] == '@') return false; /* default or unix socket */
-    return inet_pton(AF_INET, host, buf) != 1 && inet_pton(AF_INET6, host, buf) != 1;
-}
-
-/* Splits a comma list into out[] (copies); returns the count, or -1 when it has more than
- * DBP_HOSTS_MAX entries or an empty one. */
-static int split_list(const char *list, char **out)
-{
-    int n = 0;
-    for (const char *p = list;; n++) {
-        const char *e = strchr(p, ',');
-        size_t len = e ? (size_t)(e - p) : strlen(p);
-        while (len && *p == ' ') p++, len--;
-        if (n == DBP_HOSTS_MAX || len == 0) goto bad;
-        if (!(out[n] = strndup(p, len))) goto bad;
-        if (!e) return n + 1;
-        p = e + 1;
-    }
-bad:
-    for (int i = 0; i < n; i++) {
-        free(out[i]);
-        out[i] = NULL;
-    }
-    return -1;
-}
-
-/* Finds the host list (conninfo, else PGHOST) and marks the names that need a lookup.
- * Nothing is resolved here when hostaddr is given already or the list is odd (an empty
- * entry, too many hosts): libpq then resolves by itself, blocking, as before. */
-static void parse_hosts(struct dbp *pool)
-{
-    char *err = NULL;
-    PQconninfoOption *opts = PQconninfoParse(pool->conninfo, &err);
-    if (!opts) {
-        PQfreemem(err);
-        return; /* libpq reports the bad conninfo when connecting */
-    }
-    const char *host = NULL, *hostaddr = NULL, *port = NULL;
-    for (PQconninfoOption *o = opts; o->keyword; o++) {
-        if (!o->val || !*o->val) continue;
-        if (strcmp(o->keyword, "host") == 0) host = o->val;
-        else if (strcmp(o->keyword, "hostaddr") == 0) hostaddr = o->val;
-        else if (strcmp(o->keyword, "port") == 0) port = o->val;
-    }
-    if (!host) host = getenv("PGHOST");
-    if (!hostaddr) hostaddr = getenv("PGHOSTADDR");
-    if (!port) port = getenv("PGPORT");
-    int n = host && *host && !(hostaddr && *hostaddr) ? split_list(host, pool->hosts) : -1;
-    bool any = false;
-    for (int i = 0; i < n; i++) any |= pool->lookup[i] = needs_lookup(pool->hosts[i]);
-    int nports = any && port && strchr(port, ',') ? split_list(port, pool->ports) : 0;
-    if (any && (nports == 0 || nports == n)) {
-        pool->nhosts = n;
-    } else {
-        for (int i = 0; i < DBP_HOSTS_MAX; i++) {
-            free(pool->hosts[i]);
-            free(pool->ports[i]);
-            pool->hosts[i] = pool->ports[i] = NULL;
-        }
-    }
-    PQconninfoFree(opts);
-}
-
 static void conn_connect_now(struct dbp_conn *c);
 static void resolve_next(struct dbp_conn *c);
 
-static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
+static void on_resolved(void *ud, unsigned gen, int status, const char (*addrs)[DBP_ADDR_MAX],
+                        int n)
 {
-    struct dbp_resolve *r = (struct dbp_resolve *)req;
-    struct dbp_conn *c = r->c;
+    struct dbp_conn *c = ud;
     struct dbp *pool = c->pool;
-    bool stale = pool->closing || c->gen != r->gen || c->state != DBC_RESOLVING;
-    free(r);
     pool->handles--;
     if (pool->closing) {
-        if (res) uv_freeaddrinfo(res);
         if (pool->handles == 0) on_handle_closed_final(pool);
         return;
     }
-    if (stale) {
-        if (res) uv_freeaddrinfo(res);
-        return;
-    }
-    int n = 0;
-    for (struct addrinfo *ai = status == 0 ? res : NULL; ai && n < DBP_ADDRS_PER_HOST;
-         ai = ai->ai_next) {
-        const void *addr = ai->ai_family == AF_INET
-                               ? (const void *)&((struct sockaddr_in *)ai->ai_addr)->sin_addr
-                           : ai->ai_family == AF_INET6
-                               ? (const void *)&((struct sockaddr_in6 *)ai->ai_addr)->sin6_addr
-                               : NULL;
-        if (addr && inet_ntop(ai->ai_family, addr, c->addrs[c->resolving][n], DBP_ADDR_MAX))
-            n++;
-    }
-    if (res) uv_freeaddrinfo(res);
+    if (c->gen != gen || c->state != DBC_RESOLVING) return; /* stale */
     if (n == 0) {
         char why[DBP_REASON_MAX];
         snprintf(why, sizeof why, "could not resolve host name \"%s\": %s",
-                 pool->hosts[c->resolving], status ? uv_strerror(status) : "no address");
+                 pool->hosts.hosts[c->resolving], status ? uv_strerror(status) : "no address");
         conn_broken(c, why);
         return;
     }
-    c->naddrs[c->resolving] = n;
+    memcpy(c->addrs.addrs[c->resolving], addrs, (size_t)n * DBP_ADDR_MAX);
+    c->addrs.naddrs[c->resolving] = n;
     c->resolving++;
     resolve_next(c);
 }
@@ -614,24 +510,14 @@ static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
 static void resolve_next(struct dbp_conn *c)
 {
     struct dbp *pool = c->pool;
-    while (c->resolving < pool->nhosts && !pool->lookup[c->resolving])
-        c->naddrs[c->resolving++] = 0;
-    if (c->resolving >= pool->nhosts) {
+    while (c->resolving < pool->hosts.n && !pool->hosts.lookup[c->resolving])
+        c->addrs.naddrs[c->resolving++] = 0;
+    if (c->resolving >= pool->hosts.n) {
         conn_connect_now(c);
         return;
     }
-    struct dbp_resolve *r = malloc(sizeof *r);
-    if (!r) {
-        conn_broken(c, "out of memory");
-        return;
-    }
-    r->c = c;
-    r->gen = c->gen;
-    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM};
-    int rc = uv_getaddrinfo(pool->loop, &r->req, on_resolved, pool->hosts[c->resolving], NULL,
-                            &hints);
+    int rc = db_resolve(pool->loop, pool->hosts.hosts[c->resolving], on_resolved, c, c->gen);
     if (rc < 0) {
-        free(r);
         conn_broken(c, uv_strerror(rc));
         return;
     }
@@ -641,7 +527,7 @@ static void resolve_next(struct dbp_conn *c)
 static void conn_start_connect(struct dbp_conn *c)
 {
     struct dbp *pool = c->pool;
-    if (pool->nhosts == 0) {
+    if (pool->hosts.n == 0) {
         conn_connect_now(c);
         return;
     }
@@ -657,25 +543,10 @@ static void conn_connect_now(struct dbp_conn *c)
     struct dbp *pool = c->pool;
     /* Keywords before dbname are defaults the conninfo may override (libpq processes them
      * in order and expands dbname in place). Keepalives detect a dead peer while idle. */
-    /* A name with k addresses becomes k entries of host (the name: TLS, .pgpass),
-     * hostaddr (one address each) and, when it is a list, port; libpq tries them in order. */
     char host[DBP_HOSTS_MAX * DBP_ADDRS_PER_HOST * 256], hostaddr[sizeof host], port[1024];
-    size_t hl = 0, al = 0, pl = 0;
-    host[0] = hostaddr[0] = port[0] = '\0';
-    for (int i = 0; i < pool->nhosts; i++) {
-        int k = c->naddrs[i] > 0 ? c->naddrs[i] : 1;
-        for (int j = 0; j < k; j++) {
-            const char *sep = hl ? "," : "";
-            hl += (size_t)snprintf(host + hl, sizeof host - hl, "%s%s", sep, pool->hosts[i]);
-            al += (size_t)snprintf(hostaddr + al, sizeof hostaddr - al, "%s%s", sep,
-                                   c->naddrs[i] > 0 ? c->addrs[i][j] : "");
-            if (pool->ports[i])
-                pl += (size_t)snprintf(port + pl, sizeof port - pl, "%s%s", sep, pool->ports[i]);
-            if (hl >= sizeof host || al >= sizeof hostaddr || pl >= sizeof port) break;
-        }
-    }
+    db_hosts_lists(&pool->hosts, &c->addrs, host, hostaddr, sizeof host, port, sizeof port);
     /* after dbname (which expands the conninfo in place), so these win */
-    bool lists = pool->nhosts > 0, ports = lists && pool->ports[0];
+    bool lists = pool->hosts.n > 0, ports = lists && pool->hosts.ports[0];
     const char *const keys[] = {"application_name", "keepalives", "keepalives_idle",
                                 "keepalives_interval", "keepalives_count", "dbname",
                                 lists ? "host" : NULL, "hostaddr", ports ? "port" : NULL, NULL};
@@ -765,29 +636,6 @@ static void conn_send(struct dbp_conn *c, struct dbp_query *q)
     conn_flush(c);
 }
 
-static const char *sqlstate(const PGresult *res)
-{
-    const char *st = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
-    return st && strlen(st) == 5 ? st : NULL;
-}
-
-static bool session_read_only(const PGresult *res)
-{
-    const char *st = sqlstate(res);
-    return st && strcmp(st, "25006") == 0;
-}
-
-bool dbp_error_is_ours(const PGresult *res)
-{
-    if (!res) return true;
-    const char *st = sqlstate(res);
-    if (!st) return false;
-    static const char *const classes[] = {"08", "40", "53", "57", "58"};
-    for (size_t i = 0; i < sizeof classes / sizeof *classes; i++)
-        if (strncmp(st, classes[i], 2) == 0) return true;
-    return strcmp(st, "25006") == 0 || strcmp(st, "55P03") == 0;
-}
-
 /* The running command finished (PQgetResult gave NULL). */
 static void conn_command_done(struct dbp_conn *c)
 {
@@ -825,7 +673,7 @@ static void conn_command_done(struct dbp_conn *c)
             error = PQresultErrorMessage(res);
     }
     unsigned gen = c->gen;
-    bool recycle = error && session_read_only(res);
+    bool recycle = error && dbp_error_read_only(res);
     bool alive = query_finish(pool, q, res, error);
     PQclear(res);
     if (!alive || c->gen != gen) return;
@@ -913,6 +761,19 @@ static void on_poll(uv_poll_t *h, int status, int events)
 
 /* ---- public API ---- */
 
+static void pool_free(struct dbp *pool)
+{
+    for (int i = 0; i < pool->nstmts; i++) free(pool->stmts[i].sql);
+    db_hosts_free(&pool->hosts);
+    free(pool->conninfo);
+    free(pool->redacted);
+    free(pool->name);
+    free(pool->app_name);
+    free(pool->labels);
+    free(pool->conns);
+    free(pool);
+}
+
 int dbp_create(struct dbp **out, uv_loop_t *loop, const struct dbp_opts *opts)
 {
     if (!out || !loop || !opts || !opts->conninfo || opts->size < 1 || opts->size > 1024)
@@ -930,13 +791,7 @@ int dbp_create(struct dbp **out, uv_loop_t *loop, const struct dbp_opts *opts)
     pool->labels = malloc(lablen);
     if (!pool->conninfo || !pool->redacted || !pool->name || !pool->conns || !pool->app_name ||
         !pool->labels) {
-        free(pool->conninfo);
-        free(pool->redacted);
-        free(pool->name);
-        free(pool->conns);
-        free(pool->app_name);
-        free(pool->labels);
-        free(pool);
+        pool_free(pool);
         return -ENOMEM;
     }
     snprintf(pool->app_name, applen, "ticketd-%s", name);
@@ -951,7 +806,7 @@ int dbp_create(struct dbp **out, uv_loop_t *loop, const struct dbp_opts *opts)
     pool->reconnect_max_ms = opts->reconnect_max_ms ? opts->reconnect_max_ms : 5000;
     if (pool->reconnect_max_ms < pool->reconnect_min_ms)
         pool->reconnect_max_ms = pool->reconnect_min_ms;
-    parse_hosts(pool);
+    db_hosts_parse(&pool->hosts, pool->conninfo);
     pool->on_connect = opts->on_connect;
     pool->on_disconnect = opts->on_disconnect;
     pool->on_notify = opts->on_notify;
@@ -1082,18 +937,7 @@ static void on_handle_closed_final(struct dbp *pool)
     }
     log_info("db", "event=pool_closed pool=%s", pool->name);
     if (pool->done) pool->done(pool->done_ud);
-    for (int i = 0; i < pool->nstmts; i++) free(pool->stmts[i].sql);
-    for (int i = 0; i < DBP_HOSTS_MAX; i++) {
-        free(pool->hosts[i]);
-        free(pool->ports[i]);
-    }
-    free(pool->conninfo);
-    free(pool->redacted);
-    free(pool->name);
-    free(pool->app_name);
-    free(pool->labels);
-    free(pool->conns);
-    free(pool);
+    pool_free(pool);
 }
 
 void dbp_close(struct dbp *pool, void (*done)(void *ud), void *ud)

@@ -13,6 +13,8 @@
 #include <stdint.h>
 #include <uv.h>
 
+#include "db_error.h"
+
 struct dbp;
 
 /* SQL text of a timestamptz column as RFC 3339 UTC with microseconds, the one format of every
@@ -53,16 +55,6 @@ int dbp_create(struct dbp **out, uv_loop_t *loop, const struct dbp_opts *opts);
 int dbp_query(struct dbp *pool, const char *sql, int nparams, const char *const *params,
               dbp_result_fn cb, void *ud) __attribute__((warn_unused_result));
 
-/* Whether a failed query's cause is the database rather than the query: res NULL (the
- * connection was lost or never up) or an SQLSTATE of class 08 (connection), 25006 (read-only
- * transaction: a standby or a read-only database), 40 (deadlock, serialization), 53
- * (insufficient resources: disk full, out of memory, too many connections), 57 (operator
- * intervention: admin shutdown, crash recovery), 58 (system error), 55P03 (lock not
- * available). Callers wait for such errors instead of blaming the data. A connection that
- * got 25006 is closed after the callback and reconnects (a new session sees a database made
- * writable again, or follows a failover). */
-bool dbp_error_is_ours(const PGresult *res);
-
 /* Query classes. Writes (dbp_query, dbp_query_prepared) take a freed connection first.
  * Reads (lookups any client can send) run on at most read_conns connections at once and
  * queue up to read_queue deep; beyond that dbp_query_class returns -EAGAIN at once (callers
@@ -83,9 +75,7 @@ int dbp_queued(const struct dbp *pool);
  * done(ud) on a later turn and frees the pool. */
 void dbp_close(struct dbp *pool, void (*done)(void *ud), void *ud);
 
-/* Additions (prepared statements; the declarations above are unchanged).
- *
- * Registers sql as a statement every connection prepares (PQsendPrepare, parameter types
+/* Prepared statements. Registers sql as a statement every connection prepares (PQsendPrepare, parameter types
  * inferred from the SQL, so cast them there: $1::text[]) the first time it runs it in a
  * session; after a reconnect it is prepared again. Returns the statement handle (>= 0) for
  * dbp_query_prepared, or -ENOSPC (at most 32 per pool) / -ENOMEM. */

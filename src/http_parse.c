@@ -7,13 +7,11 @@
 #include <string.h>
 #include <strings.h>
 
+#include "limits.h"
 #include "log.h"
 
 /* Bytes of arena inside each request object: enough for the head copies and a small
  * response, so a typical request never mallocs. */
-#define HTTP_REQ_INLINE_BYTES 2048
-#define HTTP_ARENA_BLOCK_BYTES 4096
-#define HTTP_REQ_CACHE_MAX 256
 #define HTTP_ARENA_ALIGN 16
 
 enum { HDR_CONTENT_TYPE, HDR_AUTHORIZATION, HDR_IDEMPOTENCY_KEY, HDR_EXPECT };

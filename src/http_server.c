@@ -38,14 +38,9 @@
 #include <sys/resource.h>
 
 #include "http_parse.h"
+#include "limits.h"
 #include "log.h"
 
-#define HTTP_BACKLOG 65535 /* the kernel caps it at net.core.somaxconn */
-#define HTTP_READ_BUF_BYTES 65536
-#define HTTP_WRITE_BATCH 64
-#define HTTP_LINGER_MS 2000
-#define HTTP_MAX_REJECTING 64
-#define HTTP_WRITE_CACHE_MAX 64
 
 enum timer_mode { TM_NONE, TM_HEAD, TM_IDLE, TM_PROGRESS, TM_LINGER };
 

@@ -4,16 +4,16 @@
 #include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <json-c/json.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
+#include "limits.h"
 #include "log.h"
 
-/* Longest property name we echo back in an error (names are short; values never echoed). */
-#define KAFKA_PROP_NAME_MAX 128
 
 static char *trim(char *s)
 {
@@ -224,4 +224,26 @@ void kafka_log_cb(const rd_kafka_t *rk, int level, const char *fac, const char *
 void kafka_conf_log_to_ours(rd_kafka_conf_t *conf)
 {
     rd_kafka_conf_set_log_cb(conf, kafka_log_cb);
+}
+
+bool kafka_stats_broker_up(const char *stats_json)
+{
+    json_object *root = json_tokener_parse(stats_json);
+    json_object *brokers;
+    bool up = false;
+    if (!root) return false;
+    if (json_object_object_get_ex(root, "brokers", &brokers) &&
+        json_object_is_type(brokers, json_type_object)) {
+        json_object_object_foreach(brokers, name, b) {
+            json_object *nodeid, *state;
+            (void)name;
+            if (json_object_object_get_ex(b, "nodeid", &nodeid) &&
+                json_object_get_int(nodeid) >= 0 &&
+                json_object_object_get_ex(b, "state", &state) &&
+                strcmp(json_object_get_string(state), "UP") == 0)
+                up = true;
+        }
+    }
+    json_object_put(root);
+    return up;
 }

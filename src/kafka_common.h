@@ -7,6 +7,7 @@
 #define TICKETD_KAFKA_COMMON_H
 
 #include <librdkafka/rdkafka.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <uv.h>
 
@@ -34,6 +35,10 @@ void kafka_log_cb(const rd_kafka_t *rk, int level, const char *fac, const char *
 
 /* rd_kafka_conf_set_log_cb(conf, kafka_log_cb). */
 void kafka_conf_log_to_ours(rd_kafka_conf_t *conf);
+
+/* True when librdkafka's statistics JSON shows a broker learned from metadata (node id >= 0,
+ * not a bootstrap entry) in state UP. */
+bool kafka_stats_broker_up(const char *stats_json);
 
 struct kafka_bridge;
 

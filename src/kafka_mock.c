@@ -18,10 +18,10 @@
 
 #include "kafka_mock_cmd.h"
 #include "kafka_common.h"
+#include "limits.h"
 #include "log.h"
 
 #define MOCK_BROKERS 3
-#define MOCK_CMD_LINE_MAX 256
 
 struct kafka_mock {
     rd_kafka_t *rk; /* dummy producer that owns the cluster */

@@ -1,5 +1,6 @@
-/* limits: every fixed size cap in one place (curl's DYN_* habit). Caps that operators tune
- * are settings in config.c; these are the ones that shape data structures. */
+/* limits: every fixed cap in one place (curl's DYN_* habit): sizes, counts and the longest
+ * waits. Caps that operators tune are settings in config.c; these are the fixed ones. (The
+ * consumer's, the DLQ's and the admin tools' caps join here as those modules are split.) */
 #ifndef TICKETD_LIMITS_H
 #define TICKETD_LIMITS_H
 
@@ -14,5 +15,41 @@
 #define REQUEST_BODY_MAX_DEFAULT (16 * 1024)   /* SPEC: bodies over 16 KiB -> 413 */
 #define UUID_STR_LEN 36
 #define STRBUF_MAX_DEFAULT ((size_t)64 * 1024 * 1024) /* a strbuf without its own cap */
+
+/* PostgreSQL pool (db_pool.c, db_resolve.c) */
+#define DBP_MAX_STATEMENTS 32         /* prepared statements per pool */
+#define DBP_CONNECT_TIMEOUT_MS 10000  /* one connection attempt, resolution included */
+#define DBP_DEFAULT_QUEUE_MAX 4096    /* queries waiting for a connection, unless set */
+#define DBP_REASON_MAX 256            /* bytes of the last failure kept for the log */
+#define DBP_HOSTS_MAX 16              /* comma-separated hosts of a conninfo */
+#define DBP_ADDR_MAX 64               /* one numeric address */
+#define DBP_ADDRS_PER_HOST 4          /* addresses of one name tried, in the resolver's order */
+
+/* HTTP (http_parse.c, http_server.c) */
+#define HTTP_REQ_INLINE_BYTES 2048    /* request bytes kept inline before the arena */
+#define HTTP_ARENA_BLOCK_BYTES 4096
+#define HTTP_REQ_CACHE_MAX 256        /* freed requests kept for reuse */
+#define HTTP_BACKLOG 65535            /* the kernel caps it at net.core.somaxconn */
+#define HTTP_READ_BUF_BYTES 65536
+#define HTTP_WRITE_BATCH 64           /* responses per write */
+#define HTTP_LINGER_MS 2000           /* draining a refused body before close, at most */
+#define HTTP_MAX_REJECTING 64         /* connections being refused at once */
+#define HTTP_WRITE_CACHE_MAX 64       /* freed write requests kept for reuse */
+
+/* outbox relay (outbox_relay.c, relay_lease.c) */
+#define RELAY_LEASE_POLL_MAX_MS 1000  /* a standby tries to claim at least this often */
+#define RELAY_RETENTION_BATCH 1000    /* outbox rows deleted per statement */
+#define RELAY_MARK_BATCH_MAX 5000     /* marks (or failures) per statement */
+#define RELAY_BACKOFF_CAP_MS 60000    /* cap of the doubling retry backoff */
+#define RELAY_CLOSE_WAIT_MAX_MS 10000 /* waiting for rows in flight at shutdown, at most */
+#define RELAY_ERR_MAX 200             /* bytes of a delivery error kept in outbox.last_error */
+
+/* Kafka (kafka_common.c, kafka_mock.c) */
+#define KAFKA_PROP_NAME_MAX 128       /* a property name echoed back in an error (never values) */
+#define MOCK_CMD_LINE_MAX 256         /* one control command of `ticketd kafka-mock` */
+
+/* logging and validation */
+#define LOG_LINE_MAX 4096             /* one log line, longer ones are cut */
+#define JSON_MAX_DEPTH 16             /* nesting of a request body */
 
 #endif

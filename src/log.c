@@ -18,9 +18,9 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "limits.h"
 #include "metrics.h"
 
-#define LOG_LINE_MAX 4096
 
 int log_min_level = LOG_INFO;
 

@@ -1,27 +1,11 @@
-/* outbox_relay: LISTEN/NOTIFY + timer, leadership lease, produce, mark on ack, retention.
+/* outbox_relay: LISTEN/NOTIFY + timer, claim, produce, mark on ack (the lease: relay_lease.c,
+ * the row map: relay_rows.c, retention and backlog gauges: relay_upkeep.c).
  *
- * Leadership is the row of relay_lease (holder, epoch, expires_at by the DB clock): claimed
- * with a conditional UPDATE once expired (bumping the epoch, the fencing token), renewed
- * every RELAY_LEASE_TTL/3 on the relay's session, all nonblocking. The mark UPDATE applies
- * only while this holder and epoch hold an unexpired lease, checked in the same statement.
- * No row lock on the lease: a mark whose snapshot predates a takeover's commit is ordered
- * before it, and what it writes is true (the broker acknowledged it); a FOR SHARE lock
- * would cost a WAL record per mark. The leader also stops on its own clock: once the last successful
- * renewal was sent more than 9/10 of the TTL ago (monotonic), it drops its in-flight state
- * before the DB can let anybody else in. The lease costs one row update per renewal, never
- * one per outbox row.
+ * Leadership is relay_lease.c's: only the holder of the lease claims, and its marks are
+ * fenced by the lease's epoch in the same statement (mark_sql).
  *
- * Every outbox row this process is handling sits in one map, keyed by row id, in one
- * state:
- *   INFLIGHT  produced, delivery report not yet seen
- *   ACKED     acknowledged by the broker, the UPDATE marking it not yet committed
- *   MARKED    marked published while a claim was in flight: that claim may have read the
- *             row before the mark committed; dropped when that claim returns
- *   COOLDOWN  its delivery failed; skipped by claims until its retry time
- * Claims skip every id in the map, so a row is never produced twice concurrently. The rows
- * not yet marked are bounded by RELAY_INFLIGHT_MAX. MARKED rows are not counted: they only
- * wait for the claim in flight, and a full map must never keep the next claim from being
- * sent (that claim is what lets MARKED rows go).
+ * Every outbox row in hand sits in one map (relay_rows.h: its states, and why MARKED rows
+ * wait for the claim in flight).
  *
  * Claims walk a cursor (id > cursor, in id order). Transactions may commit out of id order
  * (group commits on several connections), so a row can appear below the cursor: the
@@ -31,9 +15,7 @@
 
 #include <errno.h>
 #include <inttypes.h>
-#include <stdarg.h>
 #include <stddef.h>
-#include <json-c/json.h>
 #include <librdkafka/rdkafka.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -44,18 +26,16 @@
 
 #include "db_pool.h"
 #include "kafka_common.h"
+#include "limits.h"
 #include "log.h"
 #include "pg_array.h"
+#include "relay_lease.h"
+#include "relay_rows.h"
+#include "relay_upkeep.h"
 #include "metrics.h"
 
-#define RELAY_LEASE_POLL_MAX_MS 1000 /* a standby tries to claim at least this often */
 #define RELAY_RETENTION_EVERY_MS 60000
-#define RELAY_RETENTION_BATCH 1000
-#define RELAY_MARK_BATCH_MAX 5000
-#define RELAY_BACKOFF_CAP_MS 60000
-#define RELAY_CLOSE_WAIT_MAX_MS 10000
 #define RELAY_CLOSE_CHECK_MS 50
-#define RELAY_ERR_MAX 200
 
 #define RELAY_CONTAINER_OF(ptr, type, member) ((type *)((char *)(ptr)-offsetof(type, member)))
 
@@ -65,7 +45,7 @@ static const char *const claim_sql =
     "extract(epoch FROM created_at)::float8, attempts "
     "FROM outbox WHERE published_at IS NULL AND id > $1 ORDER BY id LIMIT $2";
 
-/* $4 holder, $5 epoch: fenced by the lease (see the top of this file). */
+/* $4 holder, $5 epoch: fenced by the lease (relay_lease.h). */
 static const char *const mark_sql =
     "WITH lease AS (SELECT 1 FROM relay_lease WHERE name = 'relay' AND holder = $4"
     " AND epoch = $5::bigint AND expires_at > now()) "
@@ -73,58 +53,10 @@ static const char *const mark_sql =
     "FROM unnest($1::bigint[], $2::int[], $3::bigint[]) AS u(id, p, off) "
     "WHERE o.id = u.id AND o.published_at IS NULL AND EXISTS (SELECT 1 FROM lease)";
 
-/* $1 holder, $2 epoch (renew, release), $3 TTL in ms, $4 the query's sequence number.
- * Claim and renew answer the epoch held and $4 (so a late answer is told from the latest).
- * A missing lease row (deleted by hand) is put back by a claim; the next claim takes it. */
-static const char *const lease_claim_sql =
-    "WITH missing AS (INSERT INTO relay_lease (name) SELECT 'relay' WHERE NOT EXISTS"
-    " (SELECT 1 FROM relay_lease WHERE name = 'relay') ON CONFLICT DO NOTHING) "
-    "UPDATE relay_lease SET holder = $1, epoch = epoch + 1,"
-    " expires_at = now() + $3::bigint * interval '1 millisecond'"
-    " WHERE name = 'relay' AND (expires_at <= now() OR holder = $1) AND $2::bigint >= 0"
-    " RETURNING epoch, $4::bigint";
-static const char *const lease_renew_sql =
-    "UPDATE relay_lease SET expires_at = now() + $3::bigint * interval '1 millisecond'"
-    " WHERE name = 'relay' AND holder = $1 AND epoch = $2::bigint AND expires_at > now()"
-    " RETURNING epoch, $4::bigint";
-static const char *const lease_release_sql =
-    "UPDATE relay_lease SET expires_at = now() WHERE name = 'relay' AND holder = $1"
-    " AND epoch = $2::bigint AND $3::bigint >= 0 RETURNING epoch";
-
 static const char *const fail_sql =
     "UPDATE outbox o SET attempts = o.attempts + 1, last_error = u.e "
     "FROM unnest($1::bigint[], $2::text[]) AS u(id, e) "
     "WHERE o.id = u.id AND o.published_at IS NULL";
-
-/* Only rows whose event is accounted for: processed with every effect done, or
- * dead-lettered. Any other row is the evidence the audit needs, kept whatever its age. */
-static const char *const retention_sql =
-    "DELETE FROM outbox WHERE id IN (SELECT o.id FROM outbox o WHERE o.published_at IS NOT NULL"
-    " AND o.published_at < now() - $1::bigint * interval '1 millisecond'"
-    " AND ((EXISTS (SELECT 1 FROM processed_events pe WHERE pe.event_id = o.event_id)"
-    "   AND NOT EXISTS (SELECT 1 FROM event_effects e WHERE e.event_id = o.event_id"
-    "   AND NOT e.done))"
-    "  OR EXISTS (SELECT 1 FROM dead_letters d WHERE d.event_id = o.event_id)) LIMIT 1000)";
-
-static const char *const backlog_sql =
-    "SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)"
-    " FROM outbox WHERE published_at IS NULL";
-
-enum row_state { ROW_INFLIGHT = 1, ROW_ACKED, ROW_MARKED, ROW_COOLDOWN };
-
-struct row {
-    int64_t id; /* 0 = empty slot */
-    uint8_t state;
-    int attempts;        /* as read by the claim (before this try) */
-    double created_at;   /* epoch seconds, for commit -> ack latency */
-    uint64_t retry_at;   /* COOLDOWN: loop ms */
-};
-
-struct row_map {
-    struct row *slots;
-    size_t cap; /* power of two */
-    size_t count;
-};
 
 struct ack {
     int64_t id;
@@ -163,28 +95,23 @@ struct relay {
     struct dbp *marker;  /* mark published / record failures / retention (may be slow) */
     uv_timer_t tick_timer, retry_timer, retention_timer, close_timer, lease_timer;
 
-    char holder[128];         /* this process in relay_lease.holder */
-    int64_t epoch;            /* fencing token of the lease held (valid while active) */
-    uint64_t lease_until;     /* monotonic ms: past it, this process stops relaying */
-    uint64_t renewed_at;      /* monotonic ms the last successful renewal was sent */
-    uint64_t lease_sent_at, lease_gen, lease_seq; /* of the latest lease query sent */
-    bool lease_inflight, lease_renewing, released, release_inflight;
+    struct relay_lease lease;
     int64_t claim_epoch;
 
-    bool active, fatal, closing, teardown;
+    bool fatal, closing, teardown;
     bool kafka_up;   /* a broker is up now (statistics, delivery reports, errors) */
     bool kafka_seen; /* kafka_up was true at least once since start: readiness */
     uint64_t session_gen;     /* bumps on every (dis)connect: stale answers are ignored */
-    bool claim_inflight, claim_again, retention_inflight, backlog_inflight;
+    bool claim_inflight, claim_again;
+    struct relay_upkeep upkeep; /* retention, backlog gauges */
     uint64_t claim_gen;
-    bool standby_logged;
 
     int64_t cursor;           /* claims read id > cursor */
     int64_t rewind_to;        /* pending rewind, applied when the next claim is sent */
     uint64_t claim_seq_sent;  /* sequence number of the last claim sent */
     uint64_t claim_seq_inflight;
 
-    struct row_map rows;
+    struct relay_rows rows;
     int inflight;             /* rows in state INFLIGHT */
 
     struct ack *acks;         /* acknowledged, waiting for the mark UPDATE */
@@ -204,92 +131,13 @@ struct relay {
     uv_work_t destroy_work;
 };
 
-/* --- row map: open addressing, linear probing, backward-shift deletion ---------------- */
-
-static size_t slot_of(const struct row_map *m, int64_t id)
-{
-    uint64_t h = (uint64_t)id * 0x9E3779B97F4A7C15ull;
-    return (size_t)(h >> 17) & (m->cap - 1);
-}
-
-static struct row *map_find(struct row_map *m, int64_t id)
-{
-    if (!m->cap) return NULL;
-    for (size_t i = slot_of(m, id);; i = (i + 1) & (m->cap - 1)) {
-        if (m->slots[i].id == id) return &m->slots[i];
-        if (m->slots[i].id == 0) return NULL;
-    }
-}
-
-static int map_grow(struct row_map *m)
-{
-    size_t ncap = m->cap ? m->cap * 2 : 1024;
-    struct row *ns = calloc(ncap, sizeof *ns);
-    if (!ns) return -ENOMEM;
-    struct row_map nm = {.slots = ns, .cap = ncap, .count = 0};
-    for (size_t i = 0; i < m->cap; i++) {
-        if (!m->slots[i].id) continue;
-        size_t j = slot_of(&nm, m->slots[i].id);
-        while (ns[j].id) j = (j + 1) & (ncap - 1);
-        ns[j] = m->slots[i];
-        nm.count++;
-    }
-    free(m->slots);
-    *m = nm;
-    return 0;
-}
-
-static struct row *map_insert(struct row_map *m, int64_t id)
-{
-    if ((m->count + 1) * 2 > m->cap && map_grow(m) != 0) return NULL;
-    size_t i = slot_of(m, id);
-    while (m->slots[i].id && m->slots[i].id != id) i = (i + 1) & (m->cap - 1);
-    if (!m->slots[i].id) {
-        memset(&m->slots[i], 0, sizeof m->slots[i]);
-        m->slots[i].id = id;
-        m->count++;
-    }
-    return &m->slots[i];
-}
-
-static void map_remove(struct row_map *m, int64_t id)
-{
-    struct row *r = map_find(m, id);
-    if (!r) return;
-    size_t i = (size_t)(r - m->slots), mask = m->cap - 1;
-    m->slots[i].id = 0;
-    m->count--;
-    /* Shift later members of the probe run back so lookups never stop early. */
-    for (size_t j = (i + 1) & mask; m->slots[j].id; j = (j + 1) & mask) {
-        size_t home = slot_of(m, m->slots[j].id);
-        bool movable = (j > i) ? (home <= i || home > j) : (home <= i && home > j);
-        if (movable) {
-            m->slots[i] = m->slots[j];
-            m->slots[j].id = 0;
-            i = j;
-        }
-    }
-}
-
 /* --- small helpers ------------------------------------------------------------------- */
-
-static int grow(void **arr, size_t *cap, size_t need, size_t elem)
-{
-    if (need <= *cap) return 0;
-    size_t ncap = *cap ? *cap : 64;
-    while (ncap < need) ncap *= 2;
-    void *n = realloc(*arr, ncap * elem);
-    if (!n) return -ENOMEM;
-    *arr = n;
-    *cap = ncap;
-    return 0;
-}
 
 /* Why a query failed, quoted for a log value (the loop is single-threaded). */
 static const char *db_error(const char *error, const PGresult *res) /* also any text */
 {
     static char buf[320];
-    log_quote(error ? error : res ? PQresultErrorMessage(res) : "?", buf, sizeof buf);
+    log_quote(dbp_error_text(error, res), buf, sizeof buf);
     return buf;
 }
 
@@ -314,25 +162,19 @@ static void set_kafka_up(struct relay *r, bool up, const char *why)
     if (up) r->kafka_seen = true;
 }
 
-static void set_active(struct relay *r, bool active, const char *why)
+/* The lease changed hands (relay_lease calls the hooks only on a change). */
+static void note_active(struct relay *r, bool active, const char *why)
 {
-    if (r->active == active) return;
-    r->active = active;
     metrics_gauge_set("ticketd_relay_active", NULL, active ? 1 : 0);
-    if (active) {
-        r->standby_logged = false;
-        log_info("relay", "event=became_active why=%s", why);
-    } else {
-        log_warn("relay", "event=became_inactive why=%s", why);
-    }
+    if (active) log_info("relay", "event=became_active why=%s", why);
+    else log_warn("relay", "event=became_inactive why=%s", why);
 }
 
 static void maybe_claim(struct relay *r);
 static void flush_marks(struct relay *r);
 static void flush_fails(struct relay *r);
-static bool lease_held(struct relay *r);
-static void release_lease(struct relay *r);
 static void close_check(struct relay *r);
+static bool lease_held(struct relay *r);
 static void on_retry_timer(uv_timer_t *t);
 static void on_retention_timer(uv_timer_t *t);
 
@@ -352,12 +194,12 @@ static void on_mark_done(void *ud, const PGresult *res, const char *error)
         return;
     }
     for (size_t i = 0; i < n; i++) {
-        struct row *row = map_find(&r->rows, r->acks[i].id);
+        struct row *row = relay_rows_find(&r->rows, r->acks[i].id);
         if (!row) continue;
         /* With no claim in flight, every later claim sees the mark: the row can go now. */
         if (!r->claim_inflight ||
-            grow((void **)&r->marked, &r->marked_cap, r->nmarked + 1, sizeof *r->marked) != 0) {
-            map_remove(&r->rows, r->acks[i].id);
+            relay_grow((void **)&r->marked, &r->marked_cap, r->nmarked + 1, sizeof *r->marked) != 0) {
+            relay_rows_remove(&r->rows, r->acks[i].id);
             continue;
         }
         row->state = ROW_MARKED;
@@ -391,8 +233,8 @@ static void flush_marks(struct relay *r)
     }
     if (pg_array_close(&ids) == 0 && pg_array_close(&parts) == 0 && pg_array_close(&offs) == 0) {
         char epoch[24];
-        snprintf(epoch, sizeof epoch, "%" PRId64, r->epoch);
-        const char *params[5] = {ids.p, parts.p, offs.p, r->holder, epoch};
+        snprintf(epoch, sizeof epoch, "%" PRId64, r->lease.epoch);
+        const char *params[5] = {ids.p, parts.p, offs.p, r->lease.holder, epoch};
         if (dbp_query(r->marker, mark_sql, 5, params, on_mark_done, r) == 0) r->acks_sending = n;
     }
     strbuf_free(&ids);
@@ -449,7 +291,7 @@ static void row_failed(struct relay *r, struct row *row, const char *error)
     row->attempts = attempts;
     row->retry_at = uv_now(r->loop) + backoff;
     metrics_counter_add("ticketd_relay_failures_total", NULL, 1);
-    if (grow((void **)&r->fails, &r->fails_cap, r->nfails + 1, sizeof *r->fails) == 0) {
+    if (relay_grow((void **)&r->fails, &r->fails_cap, r->nfails + 1, sizeof *r->fails) == 0) {
         struct failure *f = &r->fails[r->nfails++];
         f->id = row->id;
         snprintf(f->error, sizeof f->error, "%s", error);
@@ -465,7 +307,7 @@ static void row_failed(struct relay *r, struct row *row, const char *error)
 static void on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque)
 {
     struct relay *r = opaque;
-    if (grow((void **)&r->drs, &r->drs_cap, r->ndrs + 1, sizeof *r->drs) != 0) {
+    if (relay_grow((void **)&r->drs, &r->drs_cap, r->ndrs + 1, sizeof *r->drs) != 0) {
         log_error("relay", "event=oom_delivery_report id=%" PRId64, (int64_t)(intptr_t)m->_private);
         return; /* the row stays INFLIGHT, unpublished: resent by a later relay */
     }
@@ -482,12 +324,12 @@ static void process_drs(struct relay *r)
 
     for (size_t i = 0; i < r->ndrs; i++) {
         struct dr *d = &r->drs[i];
-        struct row *row = map_find(&r->rows, d->id);
+        struct row *row = relay_rows_find(&r->rows, d->id);
         if (!row || row->state != ROW_INFLIGHT) continue;
         r->inflight--;
         if (d->err == RD_KAFKA_RESP_ERR_NO_ERROR) {
-            if (grow((void **)&r->acks, &r->acks_cap, r->nacks + 1, sizeof *r->acks) != 0) {
-                map_remove(&r->rows, d->id); /* unmarked: resent later, same ce_id */
+            if (relay_grow((void **)&r->acks, &r->acks_cap, r->nacks + 1, sizeof *r->acks) != 0) {
+                relay_rows_remove(&r->rows, d->id); /* unmarked: resent later, same ce_id */
                 continue;
             }
             r->acks[r->nacks++] = (struct ack){d->id, d->partition, d->offset};
@@ -520,24 +362,7 @@ static void process_drs(struct relay *r)
 static int on_stats(rd_kafka_t *rk, char *json, size_t len, void *opaque)
 {
     struct relay *r = opaque;
-    json_object *root = json_tokener_parse(json);
-    json_object *brokers;
-    bool up = false;
-
-    if (!root) return 0;
-    if (json_object_object_get_ex(root, "brokers", &brokers) &&
-        json_object_is_type(brokers, json_type_object)) {
-        json_object_object_foreach(brokers, name, b) {
-            json_object *nodeid, *state;
-            (void)name;
-            if (json_object_object_get_ex(b, "nodeid", &nodeid) &&
-                json_object_get_int(nodeid) >= 0 &&
-                json_object_object_get_ex(b, "state", &state) &&
-                strcmp(json_object_get_string(state), "UP") == 0)
-                up = true;
-        }
-    }
-    json_object_put(root);
+    bool up = kafka_stats_broker_up(json);
     set_kafka_up(r, up, "no_broker_up");
     return 0; /* librdkafka frees json */
 }
@@ -560,7 +385,7 @@ static void on_error(rd_kafka_t *rk, int err, const char *reason, void *opaque)
         set_kafka_up(r, false, "all_brokers_down");
         return;
     }
-    /* Connection failures are already in librdkafka's own log line (warn). */
+    /* Connection failures are already in librdkafka's own log line (kafka_log_cb). */
     if (err == RD_KAFKA_RESP_ERR__TRANSPORT || err == RD_KAFKA_RESP_ERR__RESOLVE)
         log_debug("relay", "event=kafka_error err=%s reason=%s", rd_kafka_err2name(err), quoted);
     else
@@ -690,8 +515,8 @@ static void drop_marked_upto(struct relay *r, uint64_t claim_seq)
 {
     size_t k = 0;
     while (k < r->nmarked && r->marked[k].claim_seq <= claim_seq) {
-        struct row *row = map_find(&r->rows, r->marked[k].id);
-        if (row && row->state == ROW_MARKED) map_remove(&r->rows, r->marked[k].id);
+        struct row *row = relay_rows_find(&r->rows, r->marked[k].id);
+        if (row && row->state == ROW_MARKED) relay_rows_remove(&r->rows, r->marked[k].id);
         k++;
     }
     if (!k) return;
@@ -734,7 +559,7 @@ static void on_claim(void *ud, const PGresult *res, const char *error)
 {
     struct relay *r = ud;
     r->claim_inflight = false;
-    if (r->claim_gen != r->session_gen || r->claim_epoch != r->epoch || !lease_held(r) ||
+    if (r->claim_gen != r->session_gen || r->claim_epoch != r->lease.epoch || !lease_held(r) ||
         r->closing || r->fatal || !r->rk) {
         drop_marked_upto(r, r->claim_seq_inflight);
         if (r->closing) close_check(r);
@@ -751,7 +576,7 @@ static void on_claim(void *ud, const PGresult *res, const char *error)
     bool stopped = false;
     for (int i = 0; i < n; i++) {
         int64_t id = strtoll(PQgetvalue(res, i, 0), NULL, 10);
-        if (map_find(&r->rows, id)) { /* in flight, acked or cooling down */
+        if (relay_rows_find(&r->rows, id)) { /* in flight, acked or cooling down */
             r->cursor = id;
             continue;
         }
@@ -759,7 +584,7 @@ static void on_claim(void *ud, const PGresult *res, const char *error)
             stopped = true;
             break;
         }
-        struct row *row = map_insert(&r->rows, id);
+        struct row *row = relay_rows_insert(&r->rows, id);
         if (!row) {
             stopped = true;
             break;
@@ -769,7 +594,7 @@ static void on_claim(void *ud, const PGresult *res, const char *error)
         row->created_at = strtod(PQgetvalue(res, i, 5), NULL);
         int rc = produce_row(r, res, i, row);
         if (rc == 1) {
-            map_remove(&r->rows, id);
+            relay_rows_remove(&r->rows, id);
             stopped = true;
             break;
         }
@@ -812,7 +637,7 @@ static void maybe_claim(struct relay *r)
     r->claim_inflight = true;
     r->claim_again = false;
     r->claim_gen = r->session_gen;
-    r->claim_epoch = r->epoch;
+    r->claim_epoch = r->lease.epoch;
     r->claim_seq_inflight = ++r->claim_seq_sent;
 }
 
@@ -831,14 +656,14 @@ static void on_retry_timer(uv_timer_t *t)
     for (size_t i = 0; i < r->rows.cap; i++) {
         struct row *row = &r->rows.slots[i];
         if (!row->id || row->state != ROW_COOLDOWN) continue;
-        if (row->retry_at <= now && grow((void **)&due, &cap, ndue + 1, sizeof *due) == 0)
+        if (row->retry_at <= now && relay_grow((void **)&due, &cap, ndue + 1, sizeof *due) == 0)
             due[ndue++] = row->id;
         else if (row->retry_at < next)
             next = row->retry_at > now ? row->retry_at : now + 1;
     }
     for (size_t i = 0; i < ndue; i++) {
         rewind_cursor(r, due[i]);
-        map_remove(&r->rows, due[i]);
+        relay_rows_remove(&r->rows, due[i]);
     }
     free(due);
     if (next != UINT64_MAX && !r->teardown)
@@ -847,25 +672,14 @@ static void on_retry_timer(uv_timer_t *t)
     maybe_claim(r);
 }
 
-/* --- the lease ------------------------------------------------------------------------ */
-
-static uint64_t mono_ms(void)
-{
-    return uv_hrtime() / 1000000u; /* not uv_now: the loop's cached time may be stale */
-}
-
-static uint64_t lease_ttl(const struct relay *r)
-{
-    return r->cfg->relay_lease_ttl_ms > 0 ? (uint64_t)r->cfg->relay_lease_ttl_ms : 10000;
-}
+/* --- the lease (relay_lease.c) --------------------------------------------------------- */
 
 /* Forgets every row in hand: the next leader sends them again (same ce_id). Messages still
  * queued in the producer are purged; delivery reports of any others find no row. */
 static void drop_rows(struct relay *r)
 {
     if (r->rk) rd_kafka_purge(r->rk, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_NON_BLOCKING);
-    if (r->rows.cap) memset(r->rows.slots, 0, r->rows.cap * sizeof *r->rows.slots);
-    r->rows.count = 0;
+    relay_rows_clear(&r->rows);
     r->inflight = 0;
     r->nmarked = 0;
     r->nacks = r->acks_sending; /* a mark in progress is fenced by the DB */
@@ -875,117 +689,40 @@ static void drop_rows(struct relay *r)
     uv_timer_stop(&r->retry_timer);
 }
 
-static void lose_lease(struct relay *r, const char *why)
+static void on_lease_acquired(void *ud)
 {
-    if (!r->active) return;
-    set_active(r, false, why);
+    struct relay *r = ud;
+    r->cursor = 0;
+    r->rewind_to = INT64_MAX;
+    note_active(r, true, "lease_acquired");
+    maybe_claim(r);
+    on_retention_timer(&r->retention_timer); /* then every minute */
+}
+
+static void on_lease_lost(void *ud, const char *why)
+{
+    struct relay *r = ud;
+    note_active(r, false, why);
     drop_rows(r);
 }
 
-/* True while this process may relay: it holds the lease and renewed it recently enough by
- * its own clock (a process woken from SIGSTOP finds out here, before it marks anything). */
+static void on_lease_released(void *ud)
+{
+    close_check(ud);
+}
+
+static const struct relay_lease_hooks lease_hooks = {on_lease_acquired, on_lease_lost,
+                                                     on_lease_released};
+
 static bool lease_held(struct relay *r)
 {
-    if (!r->active) return false;
-    if (mono_ms() < r->lease_until) return true;
-    lose_lease(r, "lease_expired");
-    return false;
+    return relay_lease_held(&r->lease);
 }
 
-static void on_lease(void *ud, const PGresult *res, const char *error)
-{
-    struct relay *r = ud;
-    bool renewing = r->lease_renewing;
-    r->lease_inflight = false;
-    if (r->lease_gen != r->session_gen || r->teardown) return;
-    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK) {
-        /* Kept while it lasts: lease_held() lets go when the TTL runs out. */
-        log_warn("relay", "event=lease_query_failed renewing=%d err=%s", renewing,
-                 db_error(error, res));
-        return;
-    }
-    uint64_t ttl = lease_ttl(r);
-    if (PQntuples(res) == 1) {
-        int64_t epoch = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
-        /* The answer to an older query (sent before one that hung): its send time is not
-         * lease_sent_at, so it proves nothing; the next renewal or claim decides. */
-        if (strtoull(PQgetvalue(res, 0, 1), NULL, 10) != r->lease_seq) return;
-        if (renewing) {
-            if (!r->active || epoch != r->epoch) return; /* lost meanwhile: claim again */
-        } else {
-            if (r->active || r->closing) return;
-            r->epoch = epoch;
-        }
-        r->renewed_at = r->lease_sent_at;
-        r->lease_until = r->lease_sent_at + ttl - ttl / 10;
-        if (!renewing && mono_ms() < r->lease_until) {
-            r->cursor = 0;
-            r->rewind_to = INT64_MAX;
-            set_active(r, true, "lease_acquired");
-            log_info("relay", "event=lease_acquired epoch=%" PRId64 " ttl_ms=%" PRIu64, epoch, ttl);
-            maybe_claim(r);
-            on_retention_timer(&r->retention_timer); /* then every minute */
-        }
-    } else if (renewing) {
-        lose_lease(r, "lease_taken_over");
-    } else if (!r->standby_logged) {
-        r->standby_logged = true;
-        metrics_gauge_set("ticketd_relay_active", NULL, 0);
-        log_info("relay", "event=standby why=lease_held_elsewhere ttl_ms=%" PRIu64, ttl);
-    }
-}
-
-static void lease_send(struct relay *r, const char *sql, dbp_result_fn cb)
-{
-    char epoch[24], ttl[24], seq[24];
-    snprintf(epoch, sizeof epoch, "%" PRId64, r->epoch);
-    snprintf(ttl, sizeof ttl, "%" PRIu64, lease_ttl(r));
-    snprintf(seq, sizeof seq, "%" PRIu64, r->lease_seq + 1);
-    const char *params[4] = {r->holder, epoch, ttl, seq};
-    uint64_t now = mono_ms();
-    if (dbp_query(r->session, sql, 4, params, cb, r) != 0) return;
-    r->lease_seq++;
-    r->lease_inflight = true;
-    r->lease_gen = r->session_gen;
-    r->lease_sent_at = now;
-}
-
-/* Every min(TTL/3, 1 s): the leader renews (every TTL/3), a standby tries to claim. */
 static void on_lease_timer(uv_timer_t *t)
 {
     struct relay *r = t->data;
-    if (r->teardown || !dbp_connected(r->session)) return;
-    /* One at a time; a query stuck longer than the TTL (a hung link) no longer counts. */
-    if (r->lease_inflight && mono_ms() - r->lease_sent_at < lease_ttl(r)) return;
-    if (lease_held(r)) {
-        if (mono_ms() - r->renewed_at < lease_ttl(r) / 3) return;
-        r->lease_renewing = true;
-        lease_send(r, lease_renew_sql, on_lease);
-    } else if (!r->closing) {
-        r->lease_renewing = false;
-        lease_send(r, lease_claim_sql, on_lease);
-    }
-}
-
-static void on_release(void *ud, const PGresult *res, const char *error)
-{
-    struct relay *r = ud;
-    r->release_inflight = false;
-    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK)
-        log_warn("relay", "event=lease_release_failed err=%s note=\"a standby waits for the TTL\"",
-                 db_error(error, res));
-    close_check(r);
-}
-
-static void release_lease(struct relay *r)
-{
-    char epoch[24];
-    snprintf(epoch, sizeof epoch, "%" PRId64, r->epoch);
-    const char *params[3] = {r->holder, epoch, "0"};
-    r->released = true; /* tried once */
-    if (dbp_connected(r->session) &&
-        dbp_query(r->session, lease_release_sql, 3, params, on_release, r) == 0)
-        r->release_inflight = true;
+    if (!r->teardown) relay_lease_tick(&r->lease, r->session);
 }
 
 /* --- the session: LISTEN ------------------------------------------------------------- */
@@ -1002,6 +739,7 @@ static void on_session_connect(void *ud, struct dbp *pool)
     struct relay *r = ud;
     r->session = pool;
     r->session_gen++;
+    relay_lease_session_changed(&r->lease);
     if (r->closing) return;
     if (dbp_query(pool, "LISTEN outbox", 0, NULL, on_listen, r) != 0)
         log_warn("relay", "event=listen_failed err=\"not queued\"");
@@ -1012,8 +750,7 @@ static void on_session_disconnect(void *ud, struct dbp *pool)
 {
     struct relay *r = ud;
     r->session_gen++;
-    r->lease_inflight = false; /* its answer, if any, is ignored (session_gen) */
-    /* The lease outlives the session: renewed on the next one, or lost at its TTL. */
+    relay_lease_session_changed(&r->lease); /* its answer, if any, is ignored */
 }
 
 static void on_notify(void *ud, const char *channel, const char *payload)
@@ -1032,17 +769,6 @@ static void on_notify(void *ud, const char *channel, const char *payload)
 
 /* --- periodic work ------------------------------------------------------------------- */
 
-static void on_backlog(void *ud, const PGresult *res, const char *error)
-{
-    struct relay *r = ud;
-    r->backlog_inflight = false;
-    if (res && PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1) {
-        metrics_gauge_set("ticketd_outbox_backlog", NULL, strtod(PQgetvalue(res, 0, 0), NULL));
-        metrics_gauge_set("ticketd_outbox_oldest_unpublished_age_seconds", NULL,
-                          strtod(PQgetvalue(res, 0, 1), NULL));
-    }
-}
-
 static void on_tick(uv_timer_t *t)
 {
     struct relay *r = t->data;
@@ -1056,40 +782,19 @@ static void on_tick(uv_timer_t *t)
     if (!lease_held(r)) return;
     rewind_cursor(r, 1); /* sweep from the start: catches rows committed out of id order */
     maybe_claim(r);
-    if (!r->backlog_inflight &&
-        dbp_query(r->session, backlog_sql, 0, NULL, on_backlog, r) == 0)
-        r->backlog_inflight = true;
+    relay_upkeep_backlog(&r->upkeep, r->session);
 }
 
-static void on_retention(void *ud, const PGresult *res, const char *error)
+static bool upkeep_may_run(void *ud)
 {
     struct relay *r = ud;
-    r->retention_inflight = false;
-    if (!res || PQresultStatus(res) != PGRES_COMMAND_OK) {
-        log_warn("relay", "event=retention_failed err=%s",
-                 db_error(error, res));
-        return;
-    }
-    long deleted = atol(PQcmdTuples((PGresult *)res));
-    if (deleted > 0) log_info("relay", "event=retention_deleted rows=%ld", deleted);
-    if (deleted >= RELAY_RETENTION_BATCH && !r->closing && r->active) {
-        char ms[24];
-        snprintf(ms, sizeof ms, "%" PRId64, r->cfg->outbox_retention_ms);
-        const char *params[1] = {ms};
-        if (dbp_query(r->marker, retention_sql, 1, params, on_retention, r) == 0)
-            r->retention_inflight = true;
-    }
+    return !r->closing && r->lease.held;
 }
 
 static void on_retention_timer(uv_timer_t *t)
 {
     struct relay *r = t->data;
-    if (r->closing || !r->active || r->retention_inflight) return;
-    char ms[24];
-    snprintf(ms, sizeof ms, "%" PRId64, r->cfg->outbox_retention_ms);
-    const char *params[1] = {ms};
-    if (dbp_query(r->marker, retention_sql, 1, params, on_retention, r) == 0)
-        r->retention_inflight = true;
+    relay_upkeep_retention(&r->upkeep);
 }
 
 /* --- lifecycle ----------------------------------------------------------------------- */
@@ -1114,11 +819,7 @@ int relay_start(struct relay **out, uv_loop_t *loop, const struct cfg *cfg,
     r->loop = loop;
     r->cfg = cfg;
     r->rewind_to = INT64_MAX;
-    char host[64] = "?";
-    gethostname(host, sizeof host - 1);
-    host[sizeof host - 1] = '\0';
-    snprintf(r->holder, sizeof r->holder, "%s/%d/%" PRIx64, host, (int)getpid(),
-             (uint64_t)(now_epoch() * 1e6));
+    relay_lease_init(&r->lease, cfg->relay_lease_ttl_ms, &lease_hooks, r);
     r->brokers = strdup(brokers ? brokers : "");
     if (!r->brokers) {
         free(r);
@@ -1129,9 +830,7 @@ int relay_start(struct relay **out, uv_loop_t *loop, const struct cfg *cfg,
                      "Outbox rows acknowledged by Kafka (marked published)");
     metrics_describe("ticketd_relay_failures_total", "counter",
                      "Failed deliveries or produce calls (row left unpublished, retried)");
-    metrics_describe("ticketd_outbox_backlog", "gauge", "Unpublished outbox rows");
-    metrics_describe("ticketd_outbox_oldest_unpublished_age_seconds", "gauge",
-                     "Age of the oldest unpublished outbox row (0 when none)");
+    relay_upkeep_describe();
     metrics_counter_add("ticketd_relay_failures_total", NULL, 0);
     metrics_describe("ticketd_relay_commit_to_ack_seconds", "histogram",
                      "Outbox row commit to broker acknowledgement");
@@ -1159,6 +858,8 @@ int relay_start(struct relay **out, uv_loop_t *loop, const struct cfg *cfg,
                           .reconnect_max_ms = 1000, .ud = r};
     rc = dbp_create(&r->marker, loop, &mo);
     if (rc != 0) goto fail_session;
+    r->upkeep = (struct relay_upkeep){.db = r->marker, .retention_ms = cfg->outbox_retention_ms,
+                                      .may_run = upkeep_may_run, .ud = r};
 
     uv_timer_init(loop, &r->tick_timer);
     uv_timer_init(loop, &r->retry_timer);
@@ -1167,8 +868,7 @@ int relay_start(struct relay **out, uv_loop_t *loop, const struct cfg *cfg,
     uv_timer_init(loop, &r->lease_timer);
     r->tick_timer.data = r->retry_timer.data = r->retention_timer.data = r->close_timer.data = r;
     r->lease_timer.data = r;
-    uint64_t lease_every = lease_ttl(r) / 3;
-    if (lease_every > RELAY_LEASE_POLL_MAX_MS) lease_every = RELAY_LEASE_POLL_MAX_MS;
+    uint64_t lease_every = relay_lease_poll_ms(&r->lease);
     uv_timer_start(&r->lease_timer, on_lease_timer, lease_every, lease_every);
     uint64_t interval = cfg->relay_interval_ms > 0 ? (uint64_t)cfg->relay_interval_ms : 1000;
     uv_timer_start(&r->tick_timer, on_tick, interval, interval);
@@ -1176,7 +876,7 @@ int relay_start(struct relay **out, uv_loop_t *loop, const struct cfg *cfg,
                    RELAY_RETENTION_EVERY_MS);
     log_info("relay", "event=started topic=%s batch=%d inflight_max=%d interval_ms=%" PRIu64
              " lease_ttl_ms=%" PRIu64 " holder=%s", cfg->topic, cfg->relay_batch,
-             cfg->relay_inflight_max, interval, lease_ttl(r), r->holder);
+             cfg->relay_inflight_max, interval, r->lease.ttl_ms, r->lease.holder);
     *out = r;
     return 0;
 
@@ -1199,7 +899,7 @@ bool relay_kafka_ready(const struct relay *r)
 
 bool relay_is_active(const struct relay *r)
 {
-    return r && r->active;
+    return r && r->lease.held;
 }
 
 static void part_closed(struct relay *r)
@@ -1239,17 +939,21 @@ static void close_check(struct relay *r)
                 !r->fails_sending && !r->claim_inflight;
     bool late = uv_now(r->loop) >= r->close_deadline;
     if (!idle && !late) return;
-    if (!late && r->active && !r->released) {
+    if (!late && r->lease.held && !r->lease.released) {
         /* Hand the lease back so that a standby need not wait for the TTL. */
-        if (!r->release_inflight) release_lease(r);
-        if (r->release_inflight) return;
+        if (!r->lease.release_inflight) relay_lease_release(&r->lease, r->session);
+        if (r->lease.release_inflight) return;
     }
     if (!idle)
         log_warn("relay", "event=close_deadline inflight=%d unmarked=%zu action=abandon "
                  "note=\"rows stay unpublished and are sent again\"",
                  r->inflight, r->nacks);
     r->teardown = true;
-    set_active(r, false, "shutdown");
+    r->lease.stopped = true;
+    if (r->lease.held) {
+        r->lease.held = false;
+        note_active(r, false, "shutdown");
+    }
 
     r->closing_parts = 1; /* held until every part below is started */
     if (r->rk) {
@@ -1277,6 +981,7 @@ void relay_close(struct relay *r, void (*done)(void *ud), void *ud)
 {
     if (!r || r->closing) return;
     r->closing = true;
+    r->lease.closing = true;
     r->done = done;
     r->done_ud = ud;
     uv_timer_stop(&r->tick_timer);

@@ -34,6 +34,7 @@ int strbuf_reserve(struct strbuf *b, size_t extra)
     }
     b->p = np;
     b->cap = ncap;
+    b->p[b->len] = '\0';
     return 0;
 }
 

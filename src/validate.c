@@ -13,7 +13,8 @@
 #include <stdio.h>
 #include <string.h>
 
-#define JSON_MAX_DEPTH 16
+#include "limits.h"
+
 
 static int fail(struct field_error *err, const char *field, const char *message)
 {

@@ -25,6 +25,7 @@ import json as jsonlib
 import os
 import queue
 import re
+import select
 import shutil
 import signal
 import socket
@@ -45,6 +46,10 @@ ADMIN_TOKEN = "test-admin-token-0123456789"
 IS_ROOT = os.geteuid() == 0
 
 _live = []  # objects with .close(), closed at exit in reverse order
+
+
+class HarnessError(RuntimeError):
+    """A throwaway service could not be started or used (the benches' BenchError too)."""
 
 
 def _cleanup_all():
@@ -73,6 +78,20 @@ def free_port():
         return s.getsockname()[1]
 
 
+def parse_metrics(text):
+    """{'name{labels}': float} from a Prometheus text exposition."""
+    out = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        key, _, val = line.rpartition(" ")
+        try:
+            out[key] = float(val)
+        except ValueError:
+            pass
+    return out
+
+
 def unique_group(prefix="test-group"):
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
 
@@ -94,7 +113,7 @@ def wait_until(pred, timeout=30.0, interval=0.1, what="condition"):
         time.sleep(interval)
 
 
-def _tail(path, n=40):
+def tail(path, n=40):
     try:
         with open(path, "rb") as f:
             lines = f.read().decode("utf-8", "replace").splitlines()
@@ -103,44 +122,63 @@ def _tail(path, n=40):
         return ""
 
 
+_tail = tail
+
+
+def as_postgres(argv):
+    """argv run as the postgres user when we are root (PostgreSQL refuses to run as root)."""
+    return (["runuser", "-u", "postgres", "--"] + argv) if IS_ROOT else argv
+
+
 def _run_as_postgres(argv, **kw):
-    if IS_ROOT:
-        argv = ["runuser", "-u", "postgres", "--"] + argv
-    return subprocess.run(argv, **kw)
+    return subprocess.run(as_postgres(argv), **kw)
 
 
 # --------------------------------------------------------------------------- PostgreSQL
 
 class Pg:
-    """A throwaway PostgreSQL 15 cluster with database `ticketd`. Started on construction."""
+    """A throwaway PostgreSQL 15 cluster with database `ticketd`. Started on construction.
+
+    The tests' and the benches' one cluster. workdir: put it in workdir/pg (else a new temp
+    dir); settings: replace the default server settings (extra_conf adds to them); tcp: also
+    listen on 127.0.0.1 and connect through it (url); stop_mode: how close() stops it."""
 
     NULL = "\x1dNULL\x1d"
+    DEFAULT_SETTINGS = {"max_connections": "200", "fsync": "on", "shared_buffers": "128MB"}
 
-    def __init__(self, extra_conf=None):
-        self.dir = tempfile.mkdtemp(prefix="ticketd-pg-")
+    def __init__(self, extra_conf=None, workdir=None, settings=None, tcp=False,
+                 stop_mode="immediate"):
+        if workdir:
+            self.dir = os.path.join(workdir, "pg")
+            os.mkdir(self.dir)
+        else:
+            self.dir = tempfile.mkdtemp(prefix="ticketd-pg-")
         os.chmod(self.dir, 0o755)
         if IS_ROOT:
             shutil.chown(self.dir, "postgres", "postgres")
         self.data = os.path.join(self.dir, "data")
         self.port = free_port()
         self.logfile = os.path.join(self.dir, "postgres.log")
+        self.settings = dict(self.DEFAULT_SETTINGS if settings is None else settings)
         self.extra_conf = extra_conf or {}
+        self.tcp = tcp
+        self.stop_mode = stop_mode
         r = _run_as_postgres([f"{PGBIN}/initdb", "-D", self.data, "-A", "trust", "-U", "postgres",
                               "-E", "UTF8", "--no-locale"], capture_output=True, text=True)
         if r.returncode != 0:
-            raise RuntimeError(f"initdb failed: {r.stderr}")
+            raise HarnessError(f"initdb failed: {r.stderr}")
         _live.append(self)
         self.start()
         self.execute("CREATE DATABASE ticketd", db="postgres")
-        self.url = f"host={self.dir} port={self.port} user=postgres dbname=ticketd"
+        host = "127.0.0.1" if tcp else self.dir
+        self.url = f"host={host} port={self.port} user=postgres dbname=ticketd"
 
     def __repr__(self):
         return f"Pg({self.dir})"
 
     def _opts(self):
-        conf = {"listen_addresses": "''", "unix_socket_directories": self.dir,
-                "port": str(self.port), "max_connections": "200", "fsync": "on",
-                "shared_buffers": "128MB"}
+        conf = dict(self.settings, listen_addresses="127.0.0.1" if self.tcp else "''",
+                    unix_socket_directories=self.dir, port=str(self.port))
         conf.update({k: str(v) for k, v in self.extra_conf.items()})
         return " ".join(f"-c {k}={v}" for k, v in conf.items())
 
@@ -148,7 +186,9 @@ class Pg:
         r = _run_as_postgres([f"{PGBIN}/pg_ctl", "-D", self.data, "-o", self._opts(), "-l",
                               self.logfile, "-w", "-t", "60", "start"], capture_output=True, text=True)
         if r.returncode != 0:
-            raise RuntimeError(f"pg_ctl start failed: {r.stdout}{r.stderr}\n{_tail(self.logfile)}")
+            raise HarnessError(f"pg_ctl start failed: {r.stdout}{r.stderr}\n{_tail(self.logfile)}")
+        with open(os.path.join(self.data, "postmaster.pid")) as f:
+            self.pid = int(f.readline())
 
     def stop(self, mode="fast"):
         _run_as_postgres([f"{PGBIN}/pg_ctl", "-D", self.data, "-m", mode, "-w", "-t", "60", "stop"],
@@ -169,8 +209,20 @@ class Pg:
                 "-d", db, "-c", sql]
         r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
         if check and r.returncode != 0:
-            raise RuntimeError(f"psql failed ({r.returncode}): {r.stderr.strip()}\nSQL: {sql}")
+            raise HarnessError(f"psql failed ({r.returncode}): {r.stderr.strip()}\nSQL: {sql}")
         return r
+
+    def rows(self, *sql, db="ticketd", timeout=300):
+        """Runs the statements (one psql session, one -c each); returns the rows of the last
+        result as lists of strings ("|"-separated output, SQL NULL as "")."""
+        argv = ["psql", "-X", "-q", "-A", "-t", "-F", "|", "-v", "ON_ERROR_STOP=1", "-h", self.dir,
+                "-p", str(self.port), "-U", "postgres", "-d", db]
+        for s in sql:
+            argv += ["-c", s]
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        if r.returncode != 0:
+            raise HarnessError(f"psql failed: {r.stderr.strip()}\nSQL: {sql[-1][:300]}")
+        return [line.split("|") for line in r.stdout.splitlines() if line != ""]
 
     def query(self, sql, db="ticketd"):
         """Rows as lists of strings; SQL NULL is None."""
@@ -209,20 +261,24 @@ class Pg:
         if self in _live:
             _live.remove(self)
         if os.path.exists(self.data):
-            self.stop(mode="immediate")
-        if not os.environ.get("TICKETD_KEEP"):
+            self.stop(mode=self.stop_mode)
+        if not os.environ.get("TICKETD_KEEP") and not os.environ.get("RUSH_KEEP"):
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- processes
 
-class _Proc:
-    """A child process whose stdout+stderr go to a log file, stopped by pid."""
+class Proc:
+    """A child process whose stdout+stderr go to a log file (logfile, else one in a new temp
+    dir), stopped by pid. echo_log: close() prints the log's last lines (tests do, benches
+    keep their output to themselves)."""
 
-    def __init__(self, argv, env, name, stdin=None, stdout_pipe=False):
+    def __init__(self, argv, env, name, stdin=None, stdout_pipe=False, logfile=None,
+                 echo_log=True):
         self.name = name
-        self.dir = tempfile.mkdtemp(prefix=f"ticketd-{name}-")
-        self.logfile = os.path.join(self.dir, f"{name}.log")
+        self.echo_log = echo_log
+        self.dir = None if logfile else tempfile.mkdtemp(prefix=f"ticketd-{name}-")
+        self.logfile = logfile or os.path.join(self.dir, f"{name}.log")
         self._log = open(self.logfile, "ab")
         self.proc = subprocess.Popen(argv, env=env, stdin=stdin,
                                      stdout=subprocess.PIPE if stdout_pipe else self._log,
@@ -251,6 +307,46 @@ class _Proc:
             self.kill()
             raise AssertionError(f"{self.name} did not exit within {timeout}s of SIGTERM")
 
+    def read_line(self, prefix, timeout):
+        """The rest of the first stdout line starting with prefix (a child announcing its
+        address); stdout_pipe=True."""
+        deadline = time.monotonic() + timeout
+        buf = b""
+        while time.monotonic() < deadline:
+            r, _, _ = select.select([self.proc.stdout], [], [], 0.2)
+            if r:
+                chunk = os.read(self.proc.stdout.fileno(), 4096)
+                if not chunk:
+                    break
+                buf += chunk
+                for line in buf.decode("utf-8", "replace").splitlines():
+                    if line.startswith(prefix):
+                        return line[len(prefix):].strip()
+            elif not self.alive():
+                break
+        raise HarnessError(f"{self.name} did not print {prefix!r}:\n{_tail(self.logfile)}")
+
+    def stop(self, timeout=30):
+        """Closes stdin, SIGTERM, waits, then SIGKILL; returns the exit code."""
+        self._end(timeout)
+        rc = self.proc.returncode
+        self.close()
+        return rc
+
+    def _end(self, timeout):
+        if not self.alive():
+            return
+        if self.proc.stdin:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+        self.signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
     def log_text(self):
         self._log.flush()
         with open(self.logfile, "rb") as f:
@@ -261,25 +357,31 @@ class _Proc:
             _live.remove(self)
         if self.alive():
             self.kill()
+        if self._log.closed:
+            return
         self._log.close()
-        tail = _tail(self.logfile)
+        tail = _tail(self.logfile) if self.echo_log else ""
         if tail:
             print(f"---- last lines of {self.name} (pid {self.pid}) log {self.logfile} ----\n{tail}",
                   file=sys.stderr)
-        if not os.environ.get("TICKETD_KEEP"):
+        if self.dir and not os.environ.get("TICKETD_KEEP"):
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class KafkaMock(_Proc):
-    """`ticketd kafka-mock`: the mock cluster in its own process, shared by ticketd processes
-    and kcat. Commands on its stdin: down/up [broker]."""
+_Proc = Proc  # the tests' name for it
 
-    def __init__(self, partitions=4, env=None):
+
+class KafkaMock(Proc):
+    """`ticketd kafka-mock`: the mock cluster in its own process, shared by ticketd processes
+    and kcat. Commands on its stdin: down/up [broker]. bin, logfile, echo_log: for the
+    benches (their own build, their run directory, quiet)."""
+
+    def __init__(self, partitions=4, env=None, bin=None, logfile=None, echo_log=True):
         e = dict(os.environ)
         e.update({"KAFKA_PARTITIONS": str(partitions), "LOG_LEVEL": "info"})
         e.update(env or {})
-        super().__init__([BIN, "kafka-mock"], e, "kafka-mock", stdin=subprocess.PIPE,
-                         stdout_pipe=True)
+        super().__init__([bin or BIN, "kafka-mock"], e, "kafka-mock", stdin=subprocess.PIPE,
+                         stdout_pipe=True, logfile=logfile, echo_log=echo_log)
         self.partitions = partitions
         self._lines = queue.Queue()
         threading.Thread(target=self._reader, daemon=True).start()
@@ -317,16 +419,10 @@ class KafkaMock(_Proc):
         self.command("up" if broker is None else f"up {broker}")
 
     def close(self):
-        if self.alive():
-            try:
-                self.proc.stdin.close()
-            except OSError:
-                pass
-            self.signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
+        try:
+            self._end(10)
+        except subprocess.TimeoutExpired:  # SIGKILLed and still not reaped: close() reports it
+            pass
         super().close()
         for pipe in (self.proc.stdin, self.proc.stdout):
             try:
@@ -531,16 +627,7 @@ class Ticketd(_Proc):
 
     def metrics(self):
         """{'name{labels}': float} from /metrics."""
-        out = {}
-        for line in self.request("GET", "/metrics").body.decode().splitlines():
-            if not line or line.startswith("#"):
-                continue
-            key, _, val = line.rpartition(" ")
-            try:
-                out[key] = float(val)
-            except ValueError:
-                pass
-        return out
+        return parse_metrics(self.request("GET", "/metrics").body.decode())
 
 
 # --------------------------------------------------------------------------- kcat

@@ -1,4 +1,4 @@
-/* check.h: the unit tests' one assertion macro. Each check prints a line; main() ends with
+/* check.h: the unit tests' one assertion macro (every test/unit/test_*.c uses it). Each check prints a line; main() ends with
  * CHECK_SUMMARY(), which prints "N passed, N failed" and returns the exit status. */
 #ifndef TICKETD_TEST_CHECK_H
 #define TICKETD_TEST_CHECK_H
@@ -18,6 +18,7 @@ static int passed, failed;
         }                                                                                      \
         printf(__VA_ARGS__);                                                                   \
         printf("\n");                                                                          \
+        fflush(stdout); /* tests with threads or child processes interleave their output */    \
     } while (0)
 
 #define CHECK_SUMMARY()                                                                        \

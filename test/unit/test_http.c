@@ -1,6 +1,6 @@
 /* Unit test of http_server: the server runs on a libuv loop in its own thread, the checks
  * talk to it over real blocking sockets from the main thread. One line per check, then
- * "N passed, N failed"; exit status 1 on any failure. */
+ * "N passed, N failed" (check.h); exit status 1 on any failure. */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
@@ -17,22 +17,8 @@
 #include <unistd.h>
 #include <uv.h>
 
+#include "check.h"
 #include "http_server.h"
-
-static int passed, failed;
-
-static void check(int ok, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    printf("%s - ", ok ? "ok" : "FAIL");
-    vprintf(fmt, ap);
-    printf("\n");
-    fflush(stdout);
-    va_end(ap);
-    if (ok) passed++;
-    else failed++;
-}
 
 static void sleep_ms(int ms)
 {
@@ -282,9 +268,9 @@ static void test_simple(void)
     client_open(&c, port_main);
     send_str(&c, "GET /echo?x=1&y=2 HTTP/1.1\r\nHost: t\r\n\r\n");
     int st = read_resp(&c, &r);
-    check(st == 200, "simple GET answered 200 (got %d)", st);
-    check(contains(r.body, "method=1 path=/echo query=x=1&y=2"), "GET path and query split at '?': %s", r.body);
-    check(contains(r.head, "Content-Type: text/plain\r\n") && contains(r.head, "X-Test: 1\r\n") &&
+    CHECK(st == 200, "simple GET answered 200 (got %d)", st);
+    CHECK(contains(r.body, "method=1 path=/echo query=x=1&y=2"), "GET path and query split at '?': %s", r.body);
+    CHECK(contains(r.head, "Content-Type: text/plain\r\n") && contains(r.head, "X-Test: 1\r\n") &&
               !contains(r.head, "Connection: close"),
           "response head has content type, extra headers, no Connection: close");
 
@@ -292,18 +278,18 @@ static void test_simple(void)
                  "AUTHORIZATION: Bearer s3cret\r\nIdempotency-Key: k-1\r\nIdempotency-Key: k-2\r\n"
                  "Content-Length: 13\r\n\r\n{\"a\":\"hello\"}");
     st = read_resp(&c, &r);
-    check(st == 200, "keep-alive: second request (POST) on the same connection answered (got %d)", st);
-    check(contains(r.body, "method=3 path=/echo query= ct=application/json auth=Bearer s3cret idem=k-1 "
+    CHECK(st == 200, "keep-alive: second request (POST) on the same connection answered (got %d)", st);
+    CHECK(contains(r.body, "method=3 path=/echo query= ct=application/json auth=Bearer s3cret idem=k-1 "
                            "len=13 body={\"a\":\"hello\"}"),
           "POST headers captured case-insensitively, first Idempotency-Key kept, body intact: %s", r.body);
 
     send_str(&c, "HEAD /echo HTTP/1.1\r\nHost: t\r\n\r\n");
     st = read_resp_opt(&c, &r, 1);
-    check(st == 200 && contains(r.head, "Content-Length: ") && r.body_len == 0,
+    CHECK(st == 200 && contains(r.head, "Content-Length: ") && r.body_len == 0,
           "HEAD answered with Content-Length and no body");
     send_str(&c, "GET /echo?after=head HTTP/1.1\r\nHost: t\r\n\r\n");
     st = read_resp(&c, &r);
-    check(st == 200 && contains(r.body, "query=after=head"), "request after HEAD is framed correctly");
+    CHECK(st == 200 && contains(r.body, "query=after=head"), "request after HEAD is framed correctly");
     client_close(&c);
 }
 
@@ -314,22 +300,22 @@ static void test_http10_and_close(void)
     client_open(&c, port_main);
     send_str(&c, "GET /echo HTTP/1.0\r\n\r\n");
     int st = read_resp(&c, &r);
-    check(st == 200 && contains(r.head, "Connection: close"), "HTTP/1.0 answered with Connection: close");
-    check(closed_within(&c, 3000), "HTTP/1.0 connection closed after the response");
+    CHECK(st == 200 && contains(r.head, "Connection: close"), "HTTP/1.0 answered with Connection: close");
+    CHECK(closed_within(&c, 3000), "HTTP/1.0 connection closed after the response");
     client_close(&c);
 
     client_open(&c, port_main);
     send_str(&c, "GET /echo HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /echo?two HTTP/1.0\r\n\r\n");
     st = read_resp(&c, &r);
     int st2 = read_resp(&c, &r);
-    check(st == 200 && st2 == 200 && contains(r.body, "query=two"), "HTTP/1.0 keep-alive honoured");
+    CHECK(st == 200 && st2 == 200 && contains(r.body, "query=two"), "HTTP/1.0 keep-alive honoured");
     client_close(&c);
 
     client_open(&c, port_main);
     send_str(&c, "GET /echo HTTP/1.1\r\nConnection: close\r\n\r\nGET /echo?ignored HTTP/1.1\r\n\r\n");
     st = read_resp(&c, &r);
-    check(st == 200 && contains(r.head, "Connection: close"), "Connection: close echoed");
-    check(closed_within(&c, 3000), "input after a Connection: close request ignored, connection closed");
+    CHECK(st == 200 && contains(r.head, "Connection: close"), "Connection: close echoed");
+    CHECK(closed_within(&c, 3000), "input after a Connection: close request ignored, connection closed");
     client_close(&c);
 }
 
@@ -347,7 +333,7 @@ static void test_pipelining(void)
     int ok2 = s2 == 200 && contains(r.body, "query=n=2");
     int s3 = read_resp(&c, &r);
     int ok3 = s3 == 200 && contains(r.body, "query=n=3") && contains(r.body, "body=abc");
-    check(ok1 && ok2 && ok3, "3 pipelined requests, first answered late: responses in order");
+    CHECK(ok1 && ok2 && ok3, "3 pipelined requests, first answered late: responses in order");
 
     /* More than max_pipelined (4) in one write, the first late: parsing pauses and resumes. */
     char big[8192];
@@ -361,7 +347,7 @@ static void test_pipelining(void)
         snprintf(want, sizeof want, "query=i=%d ", i);
         if (read_resp(&c, &r) != 200 || !contains(r.body, want)) in_order = 0;
     }
-    check(in_order, "12 pipelined requests (> max_pipelined) all answered, in order");
+    CHECK(in_order, "12 pipelined requests (> max_pipelined) all answered, in order");
     client_close(&c);
 
     /* The client half-closes right after pipelining: held-back requests still answered. */
@@ -370,7 +356,7 @@ static void test_pipelining(void)
     shutdown(c.fd, SHUT_WR);
     int answered = 0;
     while (read_resp(&c, &r) == 200) answered++;
-    check(answered == 12, "pipelined requests then EOF: all 12 answered before the close (%d)", answered);
+    CHECK(answered == 12, "pipelined requests then EOF: all 12 answered before the close (%d)", answered);
     client_close(&c);
 }
 
@@ -386,7 +372,7 @@ static void test_split_reads(void)
         if ((p - req) % 8 == 0) sleep_ms(1);
     }
     int st = read_resp(&c, &r);
-    check(st == 200 && contains(r.body, "query=split=1 ct=text/plain") &&
+    CHECK(st == 200 && contains(r.body, "query=split=1 ct=text/plain") &&
               contains(r.body, "body=hello world"),
           "request sent byte by byte parsed intact: %s", r.body);
     client_close(&c);
@@ -400,11 +386,11 @@ static void test_chunked(void)
     send_str(&c, "POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
                  "5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\n\r\n");
     int st = read_resp(&c, &r);
-    check(st == 200 && contains(r.body, "len=11 body=hello world"), "chunked body decoded: %s", r.body);
+    CHECK(st == 200 && contains(r.body, "len=11 body=hello world"), "chunked body decoded: %s", r.body);
     /* Keep-alive continues after a chunked request. */
     send_str(&c, "GET /echo?after=chunked HTTP/1.1\r\n\r\n");
     st = read_resp(&c, &r);
-    check(st == 200 && contains(r.body, "query=after=chunked"), "keep-alive after chunked request");
+    CHECK(st == 200 && contains(r.body, "query=after=chunked"), "keep-alive after chunked request");
     client_close(&c);
 }
 
@@ -415,10 +401,10 @@ static void test_expect_continue(void)
     client_open(&c, port_main);
     send_str(&c, "POST /echo HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n");
     int st = read_resp(&c, &r);
-    check(st == 100, "Expect: 100-continue answered with 100 Continue (got %d)", st);
+    CHECK(st == 100, "Expect: 100-continue answered with 100 Continue (got %d)", st);
     send_str(&c, "ping");
     st = read_resp(&c, &r);
-    check(st == 200 && contains(r.body, "body=ping"), "body after 100 Continue handled");
+    CHECK(st == 200 && contains(r.body, "body=ping"), "body after 100 Continue handled");
     client_close(&c);
 }
 
@@ -429,9 +415,9 @@ static void expect_error(const char *what, const char *req, int want)
     client_open(&c, port_main);
     send_str(&c, req);
     int st = read_resp(&c, &r);
-    check(st == want && contains(r.head, "Connection: close"), "%s -> %d with Connection: close (got %d)",
+    CHECK(st == want && contains(r.head, "Connection: close"), "%s -> %d with Connection: close (got %d)",
           what, want, st);
-    check(closed_within(&c, 3000), "%s -> connection closed", what);
+    CHECK(closed_within(&c, 3000), "%s -> connection closed", what);
     client_close(&c);
 }
 
@@ -480,7 +466,7 @@ static void test_limits(void)
     req[off + 1024] = '\0';
     send_str(&c, req);
     int st = read_resp(&c, &r);
-    check(st == 200 && contains(r.body, "len=1024 "), "body of exactly max_body_bytes accepted");
+    CHECK(st == 200 && contains(r.body, "len=1024 "), "body of exactly max_body_bytes accepted");
     client_close(&c);
 
     expect_error("malformed request line", "GET /echo HTTP/1.1 junk\r\n\r\n", 400);
@@ -496,7 +482,7 @@ static void test_limits(void)
     int s1 = read_resp(&c, &r);
     int late = contains(r.body, "late");
     int s2 = read_resp(&c, &r);
-    check(s1 == 200 && late && s2 == 400, "400 for a bad pipelined request comes after the earlier answer");
+    CHECK(s1 == 200 && late && s2 == 400, "400 for a bad pipelined request comes after the earlier answer");
     client_close(&c);
 }
 
@@ -509,8 +495,8 @@ static void test_timeouts(void)
     uint64_t t0 = now_ms();
     send_str(&c, "GET /echo HTTP/1.1\r\nHost: t\r\n");
     int st = read_resp(&c, &r);
-    check(st == 408, "incomplete head -> 408 (got %d)", st);
-    check(closed_within(&c, 3000) && now_ms() - t0 < 2500, "incomplete head -> connection closed");
+    CHECK(st == 408, "incomplete head -> 408 (got %d)", st);
+    CHECK(closed_within(&c, 3000) && now_ms() - t0 < 2500, "incomplete head -> connection closed");
     client_close(&c);
 
     /* Slowloris: bytes keep coming, but the head as a whole takes too long. */
@@ -524,7 +510,7 @@ static void test_timeouts(void)
     }
     st = read_resp(&c, &r);
     got = st == 408 && now_ms() - t0 < 2500;
-    check(got, "slowloris head (a header every 50 ms) -> 408 within the header timeout (got %d)", st);
+    CHECK(got, "slowloris head (a header every 50 ms) -> 408 within the header timeout (got %d)", st);
     client_close(&c);
 
     /* request_timeout = 1200 ms: a body trickled every 100 ms (each byte restarts the 500 ms
@@ -537,7 +523,7 @@ static void test_timeouts(void)
         if (send_str(&c, "x") < 0) break;
     }
     st = read_resp(&c, &r);
-    check(st == 408 && contains(r.body, "request_timeout"),
+    CHECK(st == 408 && contains(r.body, "request_timeout"),
           "body trickled a byte per 100 ms -> 408 by the request timeout (got %d)", st);
     client_close(&c);
 
@@ -548,7 +534,7 @@ static void test_timeouts(void)
     t0 = now_ms();
     int closed = closed_within(&c, 3000);
     uint64_t took = now_ms() - t0;
-    check(st == 200 && closed && took >= 300 && c.len == 0, "idle keep-alive connection closed silently after the idle timeout (%llu ms)",
+    CHECK(st == 200 && closed && took >= 300 && c.len == 0, "idle keep-alive connection closed silently after the idle timeout (%llu ms)",
           (unsigned long long)took);
     client_close(&c);
 }
@@ -562,13 +548,13 @@ static void test_max_connections(void)
     send_str(&a, "GET /echo HTTP/1.1\r\n\r\n");
     send_str(&b, "GET /echo HTTP/1.1\r\n\r\n");
     int ok = read_resp(&a, &r) == 200 && read_resp(&b, &r) == 200;
-    check(ok, "two connections within max_connections=2 served");
+    CHECK(ok, "two connections within max_connections=2 served");
     client_open(&x, port_small);
     send_str(&x, "GET /echo HTTP/1.1\r\n\r\n");
     int st = read_resp(&x, &r);
-    check(st == 503 && contains(r.head, "Retry-After: 1") && contains(r.head, "Connection: close"),
+    CHECK(st == 503 && contains(r.head, "Retry-After: 1") && contains(r.head, "Connection: close"),
           "third connection answered 503 with Retry-After (got %d)", st);
-    check(closed_within(&x, 3000), "third connection closed");
+    CHECK(closed_within(&x, 3000), "third connection closed");
     client_close(&x);
     client_close(&a);
     /* Once one leaves, a new connection is served again (the server notices the close). */
@@ -580,7 +566,7 @@ static void test_max_connections(void)
         served = read_resp(&x, &r) == 200;
         client_close(&x);
     }
-    check(served, "after a connection closes, new connections are served again");
+    CHECK(served, "after a connection closes, new connections are served again");
     client_close(&b);
 }
 
@@ -608,17 +594,17 @@ static void test_disconnect(void)
     send_str(&d, "GET /hold HTTP/1.1\r\n\r\nGET /echo?behind=hold HTTP/1.1\r\n\r\n");
     sleep_ms(100);
     unsigned before = pending_now();
-    check(before == 2, "requests held by the handler are pending (%u)", before);
+    CHECK(before == 2, "requests held by the handler are pending (%u)", before);
     client_close(&d); /* the client gives up while the handler still owns the request */
     sleep_ms(100);
     run_on_loop(release_held); /* the handler answers requests whose client has gone */
     unsigned after = pending_now();
-    check(after == 0, "late answers to gone clients are discarded, nothing pending (%u)", after);
+    CHECK(after == 0, "late answers to gone clients are discarded, nothing pending (%u)", after);
     struct client e;
     struct resp r;
     client_open(&e, port_main);
     send_str(&e, "GET /echo?still=alive HTTP/1.1\r\n\r\n");
-    check(read_resp(&e, &r) == 200, "server healthy after clients vanished mid-request");
+    CHECK(read_resp(&e, &r) == 200, "server healthy after clients vanished mid-request");
     client_close(&e);
 }
 
@@ -635,17 +621,17 @@ static void test_pipeline_pause(void)
     send_str(&c, req);
     sleep_ms(100);
     unsigned p1 = pending_now();
-    check(p1 == 4, "6 pipelined held requests: the handler sees max_pipelined=4 of them (%u)", p1);
+    CHECK(p1 == 4, "6 pipelined held requests: the handler sees max_pipelined=4 of them (%u)", p1);
     run_on_loop(release_held);
     int got = 0;
     for (int i = 0; i < 4; i++) got += read_resp(&c, &r) == 200;
     sleep_ms(100);
     unsigned p2 = pending_now();
-    check(got == 4 && p2 == 2, "after answering them, parsing resumes: 4 answers, 2 more pending (%d, %u)", got, p2);
+    CHECK(got == 4 && p2 == 2, "after answering them, parsing resumes: 4 answers, 2 more pending (%d, %u)", got, p2);
     run_on_loop(release_held);
     got = 0;
     for (int i = 0; i < 2; i++) got += read_resp(&c, &r) == 200;
-    check(got == 2, "the last 2 answered");
+    CHECK(got == 2, "the last 2 answered");
     client_close(&c);
 }
 
@@ -660,16 +646,16 @@ static void test_graceful_close(void)
     send_str(&c, "GET /late?ms=300 HTTP/1.1\r\n\r\n");
     sleep_ms(50);
     run_on_loop(close_main);
-    check(closed_within(&idle, 2000), "graceful close: idle keep-alive connection closed at once");
+    CHECK(closed_within(&idle, 2000), "graceful close: idle keep-alive connection closed at once");
     int st = read_resp(&c, &r);
-    check(st == 200 && contains(r.body, "late"), "graceful close: in-flight request still answered (got %d)", st);
-    check(closed_within(&c, 3000), "graceful close: its connection closed after the answer");
+    CHECK(st == 200 && contains(r.body, "late"), "graceful close: in-flight request still answered (got %d)", st);
+    CHECK(closed_within(&c, 3000), "graceful close: its connection closed after the answer");
     client_close(&c);
     client_close(&idle);
     for (int i = 0; i < 60 && !done_main; i++) sleep_ms(50);
-    check(done_main == 1, "graceful close: done callback ran once every connection closed");
+    CHECK(done_main == 1, "graceful close: done callback ran once every connection closed");
     struct client n;
-    check(client_open(&n, port_main) != 0, "graceful close: no longer accepting");
+    CHECK(client_open(&n, port_main) != 0, "graceful close: no longer accepting");
     client_close(&n);
 }
 
@@ -689,16 +675,16 @@ int main(void)
         .request_timeout_ms = 1200,
     };
     int rc = http_server_start(&srv_main, &loop, "127.0.0.1:0", &lim, handler, &srv_main);
-    check(rc == 0, "server starts on 127.0.0.1:0 (%d)", rc);
+    CHECK(rc == 0, "server starts on 127.0.0.1:0 (%d)", rc);
     lim.max_connections = 2;
     lim.idle_timeout_ms = 5000;
     lim.overflow_reject = true; /* the backlog default is tested in test_http_limits.py */
     rc = http_server_start(&srv_small, &loop, "127.0.0.1:0", &lim, handler, &srv_small);
-    check(rc == 0, "second server starts (%d)", rc);
+    CHECK(rc == 0, "second server starts (%d)", rc);
     if (!srv_main || !srv_small) return 1;
     port_main = http_server_port(srv_main);
     port_small = http_server_port(srv_small);
-    check(port_main > 0 && port_small > 0 && port_main != port_small, "port 0 picks real ports");
+    CHECK(port_main > 0 && port_small > 0 && port_main != port_small, "port 0 picks real ports");
 
     pthread_t th;
     pthread_create(&th, NULL, loop_thread, NULL);
@@ -719,8 +705,7 @@ int main(void)
     run_on_loop(close_small);
     run_on_loop(close_async);
     pthread_join(th, NULL);
-    check(done_small == 1, "second server closed");
-    check(uv_loop_close(&loop) == 0, "every handle closed (uv_loop_close succeeds)");
-    printf("%d passed, %d failed\n", passed, failed);
-    return failed ? 1 : 0;
+    CHECK(done_small == 1, "second server closed");
+    CHECK(uv_loop_close(&loop) == 0, "every handle closed (uv_loop_close succeeds)");
+    return CHECK_SUMMARY();
 }

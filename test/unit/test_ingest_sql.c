@@ -18,33 +18,19 @@
 #include <unistd.h>
 #include <uv.h>
 
+#include "check.h"
 #include "db_pool.h"
 #include "ingest.h"
 #include "log.h"
 #include "metrics.h"
 #include "migrate.h"
 
-static int failures, checks;
 static const char *db_url;
 static PGconn *pg;          /* blocking connection for assertions */
 static char run_id[32];     /* event_id prefix unique to this run */
 static uv_loop_t *loop;
 static char pool_name[32];  /* unique per run: sessions show up as application_name ticketd-<it> */
 static char app_name[48];
-
-#define CHECK(cond, ...)                                                                       \
-    do {                                                                                       \
-        checks++;                                                                              \
-        if (cond) {                                                                            \
-            printf("ok %d - ", checks);                                                        \
-        } else {                                                                               \
-            failures++;                                                                        \
-            printf("not ok %d - (%s:%d) ", checks, __FILE__, __LINE__);                        \
-        }                                                                                      \
-        printf(__VA_ARGS__);                                                                   \
-        printf("\n");                                                                          \
-        fflush(stdout);                                                                        \
-    } while (0)
 
 static void die(const char *fmt, ...)
 {
@@ -791,7 +777,7 @@ int main(void)
     if (PQstatus(pg) != CONNECTION_OK) die("cannot connect: %s", PQerrorMessage(pg));
     PQsetNoticeProcessor(pg, quiet, NULL);
     test_migrate();
-    if (failures) die("migrations failed");
+    if (failed) die("migrations failed");
 
     struct dbp *pool, *listener;
     struct dbp_opts po = {.conninfo = db_url, .size = 2, .name = pool_name};
@@ -830,6 +816,5 @@ int main(void)
     uv_run(loop, UV_RUN_DEFAULT);
     CHECK(uv_loop_close(loop) == 0, "every handle closed");
     PQfinish(pg);
-    printf("1..%d\n", checks);
-    return failures ? 1 : 0;
+    return CHECK_SUMMARY();
 }

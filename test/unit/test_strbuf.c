@@ -27,6 +27,10 @@ static void test_strbuf(void)
     strbuf_free(&b);
     CHECK(b.p == NULL && b.len == 0 && b.max == 16, "free keeps the cap");
 
+    struct strbuf r = STRBUF_INIT;
+    CHECK(strbuf_reserve(&r, 100) == 0 && r.p && r.p[0] == '\0', "reserve alone leaves \"\"");
+    strbuf_free(&r);
+
     struct strbuf big = STRBUF_INIT;
     int ok = 0;
     for (int i = 0; i < 10000; i++) ok |= strbuf_printf(&big, "%04d", i % 10000);
