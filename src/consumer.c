@@ -12,18 +12,12 @@
 #include <time.h>
 
 #include "db_pool.h"
+#include "dlq_writer.h"
 #include "effects.h"
 #include "http_client.h"
 #include "kafka_common.h"
 #include "log.h"
 #include "metrics.h"
-
-/* A logfmt-quoted copy of s in buf (free-form texts: remote replies, libpq errors). */
-static const char *lq(const char *s, char *buf, size_t n)
-{
-    log_quote(s ? s : "", buf, n);
-    return buf;
-}
 
 #define PART_WINDOW 256           /* events per partition in hand (parsed, handed out) */
 /* Flow control. Fetched, unfinished events in all partitions: above INHAND_HIGH the
@@ -56,7 +50,7 @@ enum retry_what {
     RETRY_DLQ = 8,     /* the DLQ produce, or the dead_letters insert once acknowledged */
 };
 
-enum dlq_state { DLQ_NONE, DLQ_PRODUCING, DLQ_RECORDING, DLQ_WAIT, DLQ_DONE };
+enum dlq_state { DLQ_NONE, DLQ_WRITING, DLQ_WAIT, DLQ_DONE };
 
 /* Progress of one external effect (data platform, e-mail) of an event. */
 struct ext {
@@ -98,8 +92,7 @@ struct slot {
     enum dlq_state dlq;
     bool finished;              /* handled or dead-lettered: its offset may be committed */
     unsigned ops;               /* callbacks still to come that refer to this slot */
-    int32_t dlq_partition;
-    int64_t dlq_offset;
+    struct dlq_letter letter;    /* while dead-lettering */
     char err_class[32];
     char *err_msg;              /* the last failure (DLQ_MESSAGE_MAX), allocated on demand */
 };
@@ -130,9 +123,9 @@ struct consumer {
     uv_loop_t *loop;
     const struct cfg *cfg;
     rd_kafka_t *rk;             /* group consumer */
-    rd_kafka_t *dlq;            /* DLQ producer */
-    rd_kafka_queue_t *cq, *dlq_q, *close_q;
-    struct kafka_bridge *cbridge, *dlq_bridge, *close_bridge;
+    struct dlq_writer *dlq;
+    rd_kafka_queue_t *cq, *close_q;
+    struct kafka_bridge *cbridge, *close_bridge;
     struct dbp *db;
     struct hc *hc;
     struct effects *fx;
@@ -145,7 +138,6 @@ struct consumer {
     size_t inhand;              /* slots in all partitions */
     bool flow_paused;           /* inhand passed INHAND_HIGH and not yet below INHAND_LOW */
     int points_inflight, marks_inflight;
-    unsigned dlq_inflight;      /* slots producing to the DLQ or recording the dead letter */
     uv_timer_t commit_timer, poll_timer, close_timer;
     uv_check_t check;           /* cuts the batches after each poll phase */
     uv_idle_t idle;             /* keeps the loop from blocking while a batch can be sent */
@@ -168,22 +160,7 @@ static bool lag_collector_added;
 static void chain_pump(struct cpart *p);
 static void slot_check(struct slot *s);
 static void dlq_send(struct slot *s);
-static void dlq_record(struct slot *s);
 static void close_progress(struct consumer *c);
-
-static const char *const dlq_header_names[] = {
-    "dlq_original_topic", "dlq_original_partition", "dlq_original_offset",
-    "dlq_original_timestamp", "dlq_consumer_group", "dlq_attempts",
-    "dlq_error_class", "dlq_error_message",
-};
-
-static const char dead_letter_sql[] =
-    "INSERT INTO dead_letters (event_id, application_id, src_topic, src_partition, src_offset,"
-    " dlq_partition, dlq_offset, attempts, error_class, error_message)"
-    " SELECT coalesce($1::uuid, md5($3 || '/' || $4 || '/' || $5)::uuid), $2::bigint, $3,"
-    " $4::int, $5::bigint, $6::int, $7::bigint, $8::int, $9, $10"
-    " WHERE NOT EXISTS (SELECT 1 FROM dead_letters WHERE dlq_partition = $6::int"
-    " AND dlq_offset = $7::bigint)";
 
 /* ---- small helpers ---- */
 
@@ -232,7 +209,7 @@ static void db_health(struct consumer *c, bool healthy, const char *error)
         return;
     }
     log_warn("consumer", "event=database_unhealthy action=wait_without_using_attempts err=%s",
-             lq(error, qb, sizeof qb));
+             log_quoted(error, qb, sizeof qb));
 }
 
 static void ascii_only(char *s)
@@ -624,7 +601,7 @@ static void activate(struct slot *s)
         set_error(s, "unparseable", why);
         log_error("consumer", "event=poison_message partition=%" PRId32 " offset=%" PRId64
                   " err=%s action=dead_letter", s->p->partition, m->offset,
-                  lq(err_msg(s), qb, sizeof qb));
+                  log_quoted(err_msg(s), qb, sizeof qb));
         dlq_send(s);
         return;
     }
@@ -780,14 +757,14 @@ static void slot_fail(struct slot *s, unsigned what, const char *error_class, co
                  " event_id=%s attempt=%d of=%d next_in_ms=%" PRIu64 " class=%s err=%s",
                  p->partition, s->m->offset, s->ev.event_id, s->fails,
                  c->cfg->retry_max_attempts, delay, s->err_class,
-                 lq(err_msg(s), qb, sizeof qb));
+                 log_quoted(err_msg(s), qb, sizeof qb));
         backoff(s, what, delay);
         return;
     }
     log_error("consumer", "event=attempts_exhausted partition=%" PRId32 " offset=%" PRId64
               " event_id=%s attempts=%d class=%s err=%s action=dead_letter",
               p->partition, s->m->offset, s->ev.event_id, s->fails, s->err_class,
-              lq(err_msg(s), qb, sizeof qb));
+              log_quoted(err_msg(s), qb, sizeof qb));
     clear_backoff(s);
     ready_remove(s);
     dlq_send(s);
@@ -804,8 +781,7 @@ static void on_retry_timer(uv_timer_t *t)
         unsigned what = s->retry;
         clear_backoff(s);
         if (what & RETRY_DLQ) {
-            if (s->dlq == DLQ_WAIT && s->dlq_partition >= 0) dlq_record(s);
-            else if (s->dlq == DLQ_WAIT) dlq_send(s);
+            if (s->dlq == DLQ_WAIT) dlq_send(s);
             continue;
         }
         if (what & RETRY_POINTS) {
@@ -1080,7 +1056,7 @@ static void on_marks(void *ud, bool ok, const char *error, bool db_fault)
             } else {
                 char qb[600];
                 log_warn("effects", "event=mark_failed_error event_id=%s err=%s",
-                         s->ev.event_id, lq(error, qb, sizeof qb));
+                         s->ev.event_id, log_quoted(error, qb, sizeof qb));
             }
         }
         if (!slot_release(s)) {
@@ -1091,7 +1067,7 @@ static void on_marks(void *ud, bool ok, const char *error, bool db_fault)
                 char qb[600];
                 log_warn("consumer", "event=done_mark_lost event_id=%s effect=%s err=%s"
                          " note=\"revoked partition: the next owner redoes it\"",
-                         s->ev.event_id, effect, lq(error, qb, sizeof qb));
+                         s->ev.event_id, effect, log_quoted(error, qb, sizeof qb));
             }
             continue;
         }
@@ -1210,149 +1186,69 @@ static void dlq_abandon(struct slot *s)
     close_progress(s->p->c);
 }
 
+/* Hands s to the DLQ writer (dlq_writer.h): the produce, or only the dead_letters row once
+ * the produce was acknowledged. */
 static void dlq_send(struct slot *s)
 {
     struct cpart *p = s->p;
     struct consumer *c = p->c;
-    rd_kafka_message_t *m = s->m;
-    rd_kafka_headers_t *orig = NULL;
-    char num[4][32];
+    struct dlq_letter *l = &s->letter;
+    char err[256];
+    enum dlq_step step;
 
     if (!p->assigned) return;
     if (c->phase != PH_RUNNING) {
         dlq_abandon(s);
         return;
     }
-    s->dlq = DLQ_PRODUCING;
-    s->dlq_partition = -1;
-
-    rd_kafka_headers_t *h =
-        rd_kafka_message_headers(m, &orig) == RD_KAFKA_RESP_ERR_NO_ERROR && orig
-            ? rd_kafka_headers_copy(orig)
-            : rd_kafka_headers_new(8);
-    for (size_t i = 0; i < sizeof dlq_header_names / sizeof *dlq_header_names; i++)
-        rd_kafka_header_remove(h, dlq_header_names[i]); /* a replayed event failing again */
-    rd_kafka_timestamp_type_t tstype;
-    snprintf(num[0], sizeof num[0], "%" PRId32, m->partition);
-    snprintf(num[1], sizeof num[1], "%" PRId64, m->offset);
-    snprintf(num[2], sizeof num[2], "%" PRId64, rd_kafka_message_timestamp(m, &tstype));
-    snprintf(num[3], sizeof num[3], "%d", s->fails);
-    rd_kafka_header_add(h, "dlq_original_topic", -1, c->cfg->topic, -1);
-    rd_kafka_header_add(h, "dlq_original_partition", -1, num[0], -1);
-    rd_kafka_header_add(h, "dlq_original_offset", -1, num[1], -1);
-    rd_kafka_header_add(h, "dlq_original_timestamp", -1, num[2], -1);
-    rd_kafka_header_add(h, "dlq_consumer_group", -1, c->cfg->consumer_group, -1);
-    rd_kafka_header_add(h, "dlq_attempts", -1, num[3], -1);
-    rd_kafka_header_add(h, "dlq_error_class", -1, s->err_class, -1);
-    rd_kafka_header_add(h, "dlq_error_message", -1, err_msg(s), -1);
-
-    rd_kafka_resp_err_t err = rd_kafka_producev(
-        c->dlq, RD_KAFKA_V_TOPIC(c->cfg->dlq_topic), RD_KAFKA_V_KEY(m->key, m->key_len),
-        RD_KAFKA_V_VALUE(m->payload, m->len), RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
-        RD_KAFKA_V_HEADERS(h), RD_KAFKA_V_OPAQUE(s), RD_KAFKA_V_END);
-    if (err) {
-        rd_kafka_headers_destroy(h); /* still ours when producev fails */
-        log_error("consumer", "event=dlq_produce_failed partition=%" PRId32 " offset=%" PRId64
-                  " err=\"%s\" action=retry", p->partition, m->offset, rd_kafka_err2str(err));
-        dlq_wait(s);
-        return;
-    }
-    c->dlq_inflight++;
-    slot_hold(s);
-}
-
-static void on_recorded(void *ud, const PGresult *res, const char *error)
-{
-    char qb[600];
-    struct slot *s = ud;
-    struct consumer *c = s->p->c;
-    bool ok = res && PQresultStatus(res) == PGRES_COMMAND_OK;
-
-    c->dlq_inflight--;
-    if (!slot_release(s)) return;
-    struct cpart *p = s->p;
-    if (!ok) {
-        log_error("consumer", "event=dead_letter_record_failed partition=%" PRId32
-                  " offset=%" PRId64 " err=%s action=%s", p->partition, s->m->offset,
-                  lq(error ? error : PQresultErrorMessage(res), qb, sizeof qb),
-                  c->phase == PH_RUNNING ? "retry" : "redeliver_later");
-        if (c->phase != PH_RUNNING) dlq_abandon(s);
-        else dlq_wait(s);
-        return;
-    }
-    log_warn("consumer", "event=dead_lettered partition=%" PRId32 " offset=%" PRId64
-             " event_id=%s dlq_partition=%" PRId32 " dlq_offset=%" PRId64 " class=%s",
-             p->partition, s->m->offset, s->poison ? "-" : s->ev.event_id, s->dlq_partition,
-             s->dlq_offset, s->err_class);
-    s->dlq = DLQ_DONE;
-    slot_check(s);
-}
-
-static void dlq_record(struct slot *s)
-{
-    struct cpart *p = s->p;
-    struct consumer *c = p->c;
-    rd_kafka_message_t *m = s->m;
-    char app[24] = "", src_part[16], src_off[24], dlq_part[16], dlq_off[24], attempts[16];
-    char idbuf[UUID_STR_LEN + 1];
-    const char *event_id = s->poison ? NULL : s->ev.event_id;
-    const char *app_id = NULL;
-
-    if (s->poison) {
-        const char *id;
-        size_t len;
-        if (get_header(m, CE_ID, &id, &len) && effects_is_uuid(id, len)) {
-            memcpy(idbuf, id, len);
-            idbuf[len] = '\0';
-            event_id = idbuf;
-        }
-        /* the key is the application id in decimal, when it is one */
-        if (m->key && m->key_len > 0 && m->key_len < 19) {
-            size_t i = 0;
-            for (; i < m->key_len && ((const char *)m->key)[i] >= '0' &&
-                   ((const char *)m->key)[i] <= '9'; i++)
-                app[i] = ((const char *)m->key)[i];
-            app[i] = '\0';
-            if (i == m->key_len) app_id = app;
-        }
-    } else {
-        snprintf(app, sizeof app, "%" PRId64, s->ev.application_id);
-        app_id = app;
-    }
-    snprintf(src_part, sizeof src_part, "%" PRId32, p->partition);
-    snprintf(src_off, sizeof src_off, "%" PRId64, m->offset);
-    snprintf(dlq_part, sizeof dlq_part, "%" PRId32, s->dlq_partition);
-    snprintf(dlq_off, sizeof dlq_off, "%" PRId64, s->dlq_offset);
-    snprintf(attempts, sizeof attempts, "%d", s->fails);
-    const char *params[10] = {event_id, app_id, c->cfg->topic, src_part, src_off, dlq_part,
-                              dlq_off, attempts, s->err_class, err_msg(s)};
-    s->dlq = DLQ_RECORDING;
-    if (dbp_query(c->db, dead_letter_sql, 10, params, on_recorded, s) != 0) {
-        log_error("consumer", "event=dead_letter_record_failed partition=%" PRId32
-                  " offset=%" PRId64 " err=\"database unavailable\" action=retry", p->partition,
-                  m->offset);
+    if (s->dlq == DLQ_NONE) l->dlq_partition = -1;
+    s->dlq = DLQ_WRITING;
+    l->m = s->m;
+    l->poison = s->poison;
+    l->event_id = s->ev.event_id;
+    l->application_id = s->ev.application_id;
+    l->attempts = s->fails;
+    l->error_class = s->err_class;
+    l->error_message = err_msg(s);
+    l->ud = s;
+    if (dlq_writer_write(c->dlq, l, &step, err, sizeof err) != 0) {
+        if (step == DLQ_STEP_PRODUCE)
+            log_error("consumer", "event=dlq_produce_failed partition=%" PRId32
+                      " offset=%" PRId64 " err=\"%s\" action=retry", p->partition, s->m->offset,
+                      err);
+        else
+            log_error("consumer", "event=dead_letter_record_failed partition=%" PRId32
+                      " offset=%" PRId64 " err=\"%s\" action=retry", p->partition,
+                      s->m->offset, err);
         if (!p->assigned || c->phase != PH_RUNNING) dlq_abandon(s);
         else dlq_wait(s);
         return;
     }
-    c->dlq_inflight++;
     slot_hold(s);
 }
 
-static void dlq_dr_cb(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque)
+/* The writer's verdict. A revoked partition's letter is still written (the message is in
+ * the DLQ once acknowledged); its result is dropped. */
+static void on_dead_letter(struct dlq_letter *l, bool ok, enum dlq_step failed,
+                           const char *error)
 {
-    struct consumer *c = opaque;
-    struct slot *s = m->_private;
-
-    if (!s || c->phase >= PH_KAFKA_CLOSING) return;
-    c->dlq_inflight--;
-    s->ops--;
-    s->p->busy--;
+    char qb[600];
+    struct slot *s = l->ud;
     struct cpart *p = s->p;
-    if (m->err) {
-        log_error("consumer", "event=dlq_delivery_failed partition=%" PRId32 " offset=%" PRId64
-                  " err=\"%s\" action=retry", p->partition, s->m->offset,
-                  rd_kafka_err2str(m->err));
+    struct consumer *c = p->c;
+
+    s->ops--;
+    p->busy--;
+    if (!ok) {
+        if (failed == DLQ_STEP_PRODUCE)
+            log_error("consumer", "event=dlq_delivery_failed partition=%" PRId32
+                      " offset=%" PRId64 " err=\"%s\" action=retry", p->partition,
+                      s->m->offset, error);
+        else
+            log_error("consumer", "event=dead_letter_record_failed partition=%" PRId32
+                      " offset=%" PRId64 " err=%s action=%s", p->partition, s->m->offset,
+                      log_quoted(error, qb, sizeof qb),
+                      c->phase == PH_RUNNING ? "retry" : "redeliver_later");
         if (!p->assigned || c->phase != PH_RUNNING) {
             kick(c);
             dlq_abandon(s);
@@ -1361,17 +1257,16 @@ static void dlq_dr_cb(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque)
         dlq_wait(s);
         return;
     }
-    metrics_counter_add("ticketd_dlq_produced_total", NULL, 1);
-    s->dlq_partition = m->partition;
-    s->dlq_offset = m->offset;
-    dlq_record(s); /* a revoked partition's slot records too: the message is in the DLQ */
-}
-
-static void on_dlq_ready(void *ud)
-{
-    struct consumer *c = ud;
-    while (c->dlq && rd_kafka_poll(c->dlq, 0) > 0) {
+    if (!p->assigned) {
+        kick(c); /* the check handle reaps it */
+        return;
     }
+    log_warn("consumer", "event=dead_lettered partition=%" PRId32 " offset=%" PRId64
+             " event_id=%s dlq_partition=%" PRId32 " dlq_offset=%" PRId64 " class=%s",
+             p->partition, s->m->offset, s->poison ? "-" : s->ev.event_id, l->dlq_partition,
+             l->dlq_offset, s->err_class);
+    s->dlq = DLQ_DONE;
+    slot_check(s);
 }
 
 /* ---- consumer events ---- */
@@ -1393,7 +1288,7 @@ static void on_offset_reset(struct consumer *c, rd_kafka_message_t *m)
         log_error("consumer", "event=offset_out_of_range topic=%s partition=%" PRId32
                   " offset=%" PRId64 " err=%s action=seek_to_log_start"
                   " note=\"events below the log start were deleted before being handled;"
-                  " run ticketd audit\"", c->cfg->topic, partition, m->offset, lq(why, qb, sizeof qb));
+                  " run ticketd audit\"", c->cfg->topic, partition, m->offset, log_quoted(why, qb, sizeof qb));
     }
     struct cpart *p = part_get(c, partition);
     if (p) p->last_seen = -1;
@@ -1414,7 +1309,7 @@ static void on_message(struct consumer *c, rd_kafka_message_t *m)
         if (m->err == RD_KAFKA_RESP_ERR__AUTO_OFFSET_RESET) on_offset_reset(c, m);
         else if (m->err != RD_KAFKA_RESP_ERR__PARTITION_EOF)
             log_warn("consumer", "event=consumer_error err=\"%s\" detail=%s",
-                     rd_kafka_err2str(m->err), lq(rd_kafka_message_errstr(m), qb, sizeof qb));
+                     rd_kafka_err2str(m->err), log_quoted(rd_kafka_message_errstr(m), qb, sizeof qb));
         rd_kafka_message_destroy(m);
         return;
     }
@@ -1535,18 +1430,15 @@ static void lag_collect(void *ud)
     }
 }
 
-/* rdkafka's own log lines. With log.queue they are served by our polls, on the loop.
- * An offset reset caused by an error (out of range, log truncation) is logged by rdkafka
- * at warning level with facility OFFSET ("<topic> [<partition>]: offset reset (at offset
- * ..."); resets for a missing committed offset (a new group) only at debug level. */
-static void on_rdkafka_log(const rd_kafka_t *rk, int level, const char *fac, const char *buf)
+/* rdkafka's own log lines (kafka_log_cb). With log.queue they are served by our polls, on
+ * the loop. An offset reset caused by an error (out of range, log truncation) is logged by
+ * rdkafka at warning level with facility OFFSET ("<topic> [<partition>]: offset reset (at
+ * offset ..."); resets for a missing committed offset (a new group) only at debug level. */
+static void on_consumer_log(const rd_kafka_t *rk, int level, const char *fac, const char *buf)
 {
-    int lvl = level <= 3 ? LOG_ERROR : level == 4 ? LOG_WARN : level <= 6 ? LOG_INFO : LOG_DEBUG;
-    char quoted[512];
-    log_quote(buf, quoted, sizeof quoted);
-    struct consumer *c = rd_kafka_opaque(rk);
-    if (c && rk == c->rk && level <= 4 && strcmp(fac, "OFFSET") == 0 &&
-        strstr(buf, "offset reset")) {
+    if (level <= 4 && strcmp(fac, "OFFSET") == 0 && strstr(buf, "offset reset")) {
+        char quoted[512];
+        log_quote(buf, quoted, sizeof quoted);
         const char *br = strstr(buf, " [");
         long partition = br ? strtol(br + 2, NULL, 10) : -1;
         char labels[48];
@@ -1557,7 +1449,7 @@ static void on_rdkafka_log(const rd_kafka_t *rk, int level, const char *fac, con
                   " deleted before being handled; run ticketd audit\"", partition, quoted);
         return;
     }
-    log_at(lvl, "rdkafka", "event=log fac=%s msg=%s", fac, quoted);
+    kafka_log_cb(rk, level, fac, buf);
 }
 
 /* ---- start ---- */
@@ -1578,7 +1470,7 @@ static rd_kafka_conf_t *conf_for(const struct cfg *cfg, const char *brokers,
             return NULL;
         }
     }
-    rd_kafka_conf_set_log_cb(conf, on_rdkafka_log);
+    rd_kafka_conf_set_log_cb(conf, on_consumer_log);
     return conf;
 }
 
@@ -1628,8 +1520,6 @@ int consumer_start(struct consumer **out, uv_loop_t *loop, const struct cfg *cfg
                      "events whose effects all completed");
     metrics_describe("ticketd_consumer_retries_total", "counter",
                      "failed handling attempts that were retried");
-    metrics_describe("ticketd_dlq_produced_total", "counter",
-                     "events produced to the dead-letter topic and acknowledged");
     metrics_describe("ticketd_consumer_offset_out_of_range_total", "counter",
                      "fetch positions found outside the log (events may have been deleted)");
     metrics_describe("ticketd_consumer_lag", "gauge",
@@ -1647,25 +1537,11 @@ int consumer_start(struct consumer **out, uv_loop_t *loop, const struct cfg *cfg
         goto fail;
     rc = -1;
 
-    /* DLQ producer: acks=all + idempotence; delivery reports served on the loop. */
-    const char *pkv[] = {"acks", "all", "enable.idempotence", "true", "linger.ms", "5",
-                         "client.id", "ticketd-dlq", "log.queue", "true"};
-    rd_kafka_conf_t *pconf = conf_for(cfg, brokers, pkv, sizeof pkv / sizeof *pkv);
-    if (!pconf) goto fail;
-    rd_kafka_conf_set_dr_msg_cb(pconf, dlq_dr_cb);
-    rd_kafka_conf_set_opaque(pconf, c);
-    c->dlq = rd_kafka_new(RD_KAFKA_PRODUCER, pconf, err, sizeof err);
-    if (!c->dlq) {
-        rd_kafka_conf_destroy(pconf);
-        log_error("consumer", "event=dlq_producer_failed err=\"%s\"", err);
-        goto fail;
-    }
-    rd_kafka_set_log_queue(c->dlq, NULL); /* logs to the main queue, served on the loop */
-    c->dlq_q = rd_kafka_queue_get_main(c->dlq);
-    if (kafka_bridge_start(&c->dlq_bridge, loop, c->dlq_q, on_dlq_ready, c) != 0) goto fail;
+    /* The dead-letter writer: its own producer, delivery reports served on the loop. */
+    if (dlq_writer_create(&c->dlq, loop, cfg, brokers, c->db, on_dead_letter) != 0) goto fail;
 
     /* The consumer. auto.offset.reset=earliest, and every reset caused by an error is
-     * reported (on_rdkafka_log): see consumer.h. */
+     * reported (on_consumer_log): see consumer.h. */
     const char *ckv[] = {"group.id", cfg->consumer_group, "enable.auto.commit", "false",
                          "enable.auto.offset.store", "false", "auto.offset.reset", "earliest",
                          "client.id", "ticketd-consumer", "log.queue", "true",
@@ -1733,11 +1609,9 @@ int consumer_start(struct consumer **out, uv_loop_t *loop, const struct cfg *cfg
 fail:
     /* Start-up failure: nothing was handed out yet, so a blocking teardown is fine. */
     if (c->cbridge) kafka_bridge_close(c->cbridge);
-    if (c->dlq_bridge) kafka_bridge_close(c->dlq_bridge);
     if (c->cq) rd_kafka_queue_destroy(c->cq);
-    if (c->dlq_q) rd_kafka_queue_destroy(c->dlq_q);
     if (c->rk) rd_kafka_destroy_flags(c->rk, RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE);
-    if (c->dlq) rd_kafka_destroy(c->dlq);
+    dlq_writer_free(c->dlq);
     if (c->fx) effects_free(c->fx);
     if (c->hc) hc_close(c->hc, NULL, NULL);
     if (c->db) dbp_close(c->db, NULL, NULL);
@@ -1757,7 +1631,7 @@ bool consumer_ready(const struct consumer *c)
 static unsigned in_flight(const struct consumer *c)
 {
     unsigned n = c->fx ? effects_inflight(c->fx) : 0;
-    return n + c->dlq_inflight + (unsigned)c->nmarks_slots;
+    return n + dlq_writer_inflight(c->dlq) + (unsigned)c->nmarks_slots;
 }
 
 static void on_db_closed(void *ud);
@@ -1793,7 +1667,7 @@ static void destroy_work(uv_work_t *w)
     /* rd_kafka_destroy joins rdkafka's threads: it may block, so it runs here, off the loop. */
     if (rd_kafka_consumer_closed(c->rk)) rd_kafka_destroy(c->rk);
     else rd_kafka_destroy_flags(c->rk, RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE);
-    rd_kafka_destroy(c->dlq);
+    dlq_writer_free(c->dlq);
 }
 
 static void after_destroy(uv_work_t *w, int status)
@@ -1823,8 +1697,6 @@ static void start_destroy(struct consumer *c)
     c->close_q = NULL;
     if (c->cq) rd_kafka_queue_destroy(c->cq);
     c->cq = NULL;
-    if (c->dlq_q) rd_kafka_queue_destroy(c->dlq_q);
-    c->dlq_q = NULL;
     /* Messages hold references into rd_kafka_t: every one is gone before the destroy. */
     for (int32_t i = 0; i < c->nparts; i++) {
         struct cpart *p = c->parts[i];
@@ -1883,9 +1755,7 @@ static void on_db_closed(void *ud)
     commit_now(c);
     uv_timer_stop(&c->commit_timer);
     c->commit_scheduled = false;
-    kafka_bridge_close(c->dlq_bridge);
-    c->dlq_bridge = NULL;
-    rd_kafka_purge(c->dlq, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
+    dlq_writer_stop(c->dlq);
     for (int32_t i = 0; i < c->nparts; i++)
         if (c->parts[i]) part_drop_slots(c->parts[i]);
     while (c->zombies) {

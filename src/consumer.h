@@ -1,8 +1,9 @@
 /* consumer (consumer_): the group consumer of the TicketApplied topic, on the loop.
  *
  * Guarantee: a partition's committed offset moves past an event only when its effects
- * committed (effects.h) or it was produced to the DLQ, acknowledged by the broker and
- * mirrored in dead_letters. No error path commits anything else.
+ * committed (effects.h) or the DLQ writer reported it written (dlq_writer.h: produced to
+ * the DLQ, acknowledged by the broker and mirrored in dead_letters). No error path commits
+ * anything else. Owns: partitions and their windows, order, retries and backoff, offsets.
  *
  * - rdkafka consumer in group CONSUMER_GROUP, enable.auto.commit=false,
  *   enable.auto.offset.store=false; its queue is bridged into the loop (kafka_bridge) and
@@ -27,9 +28,9 @@
  *   partition holds a full window while one of its events waits, it is paused (resumed when
  *   the wait is over). A done mark that fails is retried without repeating
  *   the call. After the last attempt the original key, value and headers
- *   plus dlq_* headers (ARCHITECTURE.md) go to the DLQ topic through an idempotent acks=all
- *   producer; on its delivery report the dead_letters row is inserted (retried until it
- *   is), and only then the offset may move. An event that cannot be parsed goes to the DLQ
+ *   plus dlq_* headers (dlq.h) go to the DLQ topic through the DLQ writer's idempotent
+ *   acks=all producer; on its delivery report the dead_letters row is inserted (retried
+ *   until it is), and only then the offset may move. An event that cannot be parsed goes to the DLQ
  *   at once (error class "unparseable"); its dead_letters.event_id is its ce_id if that is a
  *   UUID, else md5(topic/partition/offset) as a UUID.
  * - Our own database being unhealthy (dbp_error_is_ours, or no connection) is never the

@@ -27,6 +27,12 @@ static const char *lq(const char *s, char *buf, size_t n)
     return buf;
 }
 
+const char *const dlq_header_names[DLQ_HEADER_COUNT] = {
+    DLQ_H_ORIGINAL_TOPIC, DLQ_H_ORIGINAL_PARTITION, DLQ_H_ORIGINAL_OFFSET,
+    DLQ_H_ORIGINAL_TIMESTAMP, DLQ_H_CONSUMER_GROUP, DLQ_H_ATTEMPTS,
+    DLQ_H_ERROR_CLASS, DLQ_H_ERROR_MESSAGE,
+};
+
 #define VALUE_SHOWN_MAX 4096
 #define FLUSH_TIMEOUT_MS 30000
 
@@ -164,14 +170,14 @@ static void list_visit(void *ud, const rd_kafka_message_t *m)
         const char *header, *field;
         bool numeric;
     } fields[] = {
-        {"dlq_original_topic", "original_topic", false},
-        {"dlq_original_partition", "original_partition", true},
-        {"dlq_original_offset", "original_offset", true},
-        {"dlq_original_timestamp", "original_timestamp", true},
-        {"dlq_consumer_group", "consumer_group", false},
-        {"dlq_attempts", "attempts", true},
-        {"dlq_error_class", "error_class", false},
-        {"dlq_error_message", "error_message", false},
+        {DLQ_H_ORIGINAL_TOPIC, "original_topic", false},
+        {DLQ_H_ORIGINAL_PARTITION, "original_partition", true},
+        {DLQ_H_ORIGINAL_OFFSET, "original_offset", true},
+        {DLQ_H_ORIGINAL_TIMESTAMP, "original_timestamp", true},
+        {DLQ_H_CONSUMER_GROUP, "consumer_group", false},
+        {DLQ_H_ATTEMPTS, "attempts", true},
+        {DLQ_H_ERROR_CLASS, "error_class", false},
+        {DLQ_H_ERROR_MESSAGE, "error_message", false},
     };
     for (size_t i = 0; i < sizeof fields / sizeof *fields; i++) {
         json_object *v = NULL;
@@ -304,17 +310,17 @@ static void replay_visit(void *ud, const rd_kafka_message_t *m)
     r->has_row = row != NULL;
     if (has_id && effects_is_uuid(ce_id, strlen(ce_id)))
         memcpy(r->event_id, ce_id, UUID_STR_LEN + 1);
-    if (!admin_header(m, "dlq_original_topic", r->src_topic, sizeof r->src_topic) ||
+    if (!admin_header(m, DLQ_H_ORIGINAL_TOPIC, r->src_topic, sizeof r->src_topic) ||
         !r->src_topic[0])
         snprintf(r->src_topic, sizeof r->src_topic, "%s", ctx->cfg->topic);
-    if (!admin_header(m, "dlq_original_partition", r->src_partition, sizeof r->src_partition))
+    if (!admin_header(m, DLQ_H_ORIGINAL_PARTITION, r->src_partition, sizeof r->src_partition))
         snprintf(r->src_partition, sizeof r->src_partition, "-1");
-    if (!admin_header(m, "dlq_original_offset", r->src_offset, sizeof r->src_offset))
+    if (!admin_header(m, DLQ_H_ORIGINAL_OFFSET, r->src_offset, sizeof r->src_offset))
         snprintf(r->src_offset, sizeof r->src_offset, "-1");
-    if (!admin_header(m, "dlq_attempts", r->attempts, sizeof r->attempts))
+    if (!admin_header(m, DLQ_H_ATTEMPTS, r->attempts, sizeof r->attempts))
         snprintf(r->attempts, sizeof r->attempts, "0");
-    admin_header(m, "dlq_error_class", r->error_class, sizeof r->error_class);
-    admin_header(m, "dlq_error_message", r->error_message, sizeof r->error_message);
+    admin_header(m, DLQ_H_ERROR_CLASS, r->error_class, sizeof r->error_class);
+    admin_header(m, DLQ_H_ERROR_MESSAGE, r->error_message, sizeof r->error_message);
 
     if (strcmp(r->error_class, "unparseable") == 0 || !r->event_id[0]) {
         /* handling it again cannot succeed */
@@ -335,13 +341,8 @@ static void replay_visit(void *ud, const rd_kafka_message_t *m)
     h = rd_kafka_message_headers(m, &orig) == RD_KAFKA_RESP_ERR_NO_ERROR && orig
             ? rd_kafka_headers_copy(orig)
             : rd_kafka_headers_new(4);
-    static const char *const dlq_names[] = {
-        "dlq_original_topic", "dlq_original_partition", "dlq_original_offset",
-        "dlq_original_timestamp", "dlq_consumer_group", "dlq_attempts",
-        "dlq_error_class", "dlq_error_message",
-    };
-    for (size_t i = 0; i < sizeof dlq_names / sizeof *dlq_names; i++)
-        rd_kafka_header_remove(h, dlq_names[i]);
+    for (size_t i = 0; i < DLQ_HEADER_COUNT; i++)
+        rd_kafka_header_remove(h, dlq_header_names[i]);
     char *end;
     long part = strtol(r->src_partition, &end, 10);
     int32_t partition = (*end || part < 0) ? RD_KAFKA_PARTITION_UA : (int32_t)part;

@@ -1,4 +1,5 @@
-/* dlq (dlq_): the dead letters, listed and replayed (admin HTTP and CLI).
+/* dlq (dlq_): the dead letters' header names (below, the one definition), and the dead
+ * letters listed and replayed (admin HTTP and CLI). They are written by dlq_writer.h.
  *
  * Both read the DLQ topic itself (cfg->dlq_topic), every partition from its low to its high
  * watermark, with a short-lived consumer that assign()s the partitions (it carries a group
@@ -24,6 +25,19 @@
 #include <stddef.h>
 
 #include "config.h"
+
+/* The headers a dead letter carries besides its original ones: written by dlq_writer.c,
+ * read by the list, the replay (which removes them) and the trace. */
+#define DLQ_H_ORIGINAL_TOPIC "dlq_original_topic"
+#define DLQ_H_ORIGINAL_PARTITION "dlq_original_partition"
+#define DLQ_H_ORIGINAL_OFFSET "dlq_original_offset"
+#define DLQ_H_ORIGINAL_TIMESTAMP "dlq_original_timestamp" /* ms since the epoch */
+#define DLQ_H_CONSUMER_GROUP "dlq_consumer_group"
+#define DLQ_H_ATTEMPTS "dlq_attempts"
+#define DLQ_H_ERROR_CLASS "dlq_error_class"
+#define DLQ_H_ERROR_MESSAGE "dlq_error_message"     /* printable ASCII, at most 999 bytes */
+#define DLQ_HEADER_COUNT 8
+extern const char *const dlq_header_names[DLQ_HEADER_COUNT]; /* the eight above */
 
 #define DLQ_LIST_DEFAULT 1000   /* dead letters listed by default */
 #define DLQ_LIST_MAX 10000      /* ... and at most (?limit=) */

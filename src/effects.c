@@ -15,13 +15,8 @@
 #include "kafka_common.h"
 #include "log.h"
 #include "metrics.h"
-
-/* A logfmt-quoted copy of s in buf (free-form texts: remote replies, libpq errors). */
-static const char *lq(const char *s, char *buf, size_t n)
-{
-    log_quote(s ? s : "", buf, n);
-    return buf;
-}
+#include "pg_array.h"
+#include "strbuf.h"
 
 #define POINTS_BATCH_MAX 4096   /* events per points statement (the consumer cuts smaller) */
 
@@ -232,68 +227,20 @@ out:
 
 /* ---- array literals ---- */
 
-/* A growable buffer for PostgreSQL array literals (parameters of the batch statements). */
-struct abuf {
-    char *p;
-    size_t len, cap;
-    bool oom;
-};
+/* The parameters of a batch statement: one PostgreSQL array literal per column. */
+#define BATCH_COLUMNS_MAX 7
 
-static void ab_reserve(struct abuf *b, size_t more)
+static void columns_free(struct strbuf *cols, int n)
 {
-    if (b->oom || b->len + more <= b->cap) return;
-    size_t cap = b->cap ? b->cap : 1024;
-    while (cap < b->len + more) cap *= 2;
-    char *np = realloc(b->p, cap);
-    if (!np) {
-        b->oom = true;
-        return;
-    }
-    b->p = np;
-    b->cap = cap;
+    for (int i = 0; i < n; i++) strbuf_free(&cols[i]);
 }
 
-static void ab_put(struct abuf *b, const char *s, size_t n)
+/* 0, or -1 when a column could not be built (out of memory). */
+static int columns_ok(struct strbuf *cols, int n)
 {
-    ab_reserve(b, n);
-    if (b->oom) return;
-    memcpy(b->p + b->len, s, n);
-    b->len += n;
-}
-
-static void ab_char(struct abuf *b, char ch)
-{
-    ab_put(b, &ch, 1);
-}
-
-/* One element; NULL s is SQL NULL. Always double-quoted so no content reads as syntax. */
-static void ab_elem(struct abuf *b, bool first, const char *s)
-{
-    if (!first) ab_char(b, ',');
-    if (!s) {
-        ab_put(b, "NULL", 4);
-        return;
-    }
-    ab_char(b, '"');
-    for (; *s; s++) {
-        if (*s == '"' || *s == '\\') ab_char(b, '\\');
-        ab_char(b, *s);
-    }
-    ab_char(b, '"');
-}
-
-/* Ends the current array literal (NUL-terminated). */
-static void ab_close(struct abuf *b)
-{
-    ab_put(b, "}", 2); /* '}' and the NUL */
-}
-
-/* Starts an array literal; returns its offset in the buffer (the buffer may move). */
-static size_t ab_open(struct abuf *b)
-{
-    size_t at = b->len;
-    ab_char(b, '{');
-    return at;
+    for (int i = 0; i < n; i++)
+        if (cols[i].failed) return -1;
+    return 0;
 }
 
 /* ---- statements ---- */
@@ -416,7 +363,7 @@ static void on_points(void *ud, const PGresult *res, const char *error)
         bool ours = dbp_error_is_ours(res); /* then the consumer logs the outage once */
         log_at(ours ? LOG_DEBUG : LOG_WARN, "effects",
                "event=effect_failed effect=points events=%zu class=db err=%s", b->n,
-               lq(msg, qb, sizeof qb));
+               log_quoted(msg, qb, sizeof qb));
         b->cb(b->ud, NULL, msg, ours);
         goto out;
     }
@@ -471,7 +418,7 @@ int effects_points_batch(struct effects *fx, const struct effects_event *const *
 {
     if (n == 0 || n > POINTS_BATCH_MAX) return -EINVAL;
     struct points_batch *b = calloc(1, sizeof *b);
-    struct abuf ab = {0};
+    struct strbuf cols[BATCH_COLUMNS_MAX] = {STRBUF_INIT};
     int rc = -ENOMEM;
     if (!b) return -ENOMEM;
     b->fx = fx;
@@ -483,10 +430,9 @@ int effects_points_batch(struct effects *fx, const struct effects_event *const *
     if (!b->ids || !b->res) goto fail;
 
     bool want_dp = effects_wants_data_platform(fx);
-    size_t at[7];
     char num[32];
     for (int col = 0; col < 7; col++) {
-        at[col] = ab_open(&ab);
+        pg_array_open(&cols[col]);
         for (size_t i = 0; i < n; i++) {
             const struct effects_event *ev = evs[i];
             const char *v = num;
@@ -499,11 +445,11 @@ int effects_points_batch(struct effects *fx, const struct effects_event *const *
             case 5: v = want_dp ? "t" : "f"; break;
             default: v = effects_wants_email(fx, ev) ? "t" : "f"; break;
             }
-            ab_elem(&ab, i == 0, v);
+            pg_array_text(&cols[col], v);
         }
-        ab_close(&ab);
+        pg_array_close(&cols[col]);
     }
-    if (ab.oom) goto fail;
+    if (columns_ok(cols, 7) != 0) goto fail;
     for (size_t i = 0; i < n; i++) {
         /* PostgreSQL returns uuids in lower case: match on that */
         for (size_t k = 0; k <= UUID_STR_LEN; k++) {
@@ -514,19 +460,19 @@ int effects_points_batch(struct effects *fx, const struct effects_event *const *
     char points[16];
     snprintf(points, sizeof points, "%d", fx->cfg->points_per_application);
     const char *params[10];
-    for (int col = 0; col < 7; col++) params[col] = ab.p + at[col];
+    for (int col = 0; col < 7; col++) params[col] = strbuf_str(&cols[col]);
     params[7] = fx->group;
     params[8] = evs[0]->topic;
     params[9] = points;
     rc = query(fx, fx->points_stmt, points_sql, 10, params, on_points, b);
-    free(ab.p);
+    columns_free(cols, 7);
     if (rc != 0) goto fail_nobuf;
     fx->inflight++;
     metrics_observe_buckets("ticketd_consumer_points_batch_size", NULL, (double)n, batch_bounds,
                             sizeof batch_bounds / sizeof *batch_bounds);
     return 0;
 fail:
-    free(ab.p);
+    columns_free(cols, 7);
 fail_nobuf:
     free(b->ids);
     free(b->res);
@@ -568,11 +514,10 @@ int effects_mark_batch(struct effects *fx, const struct effects_mark *marks, siz
     b->fx = fx;
     b->cb = cb;
     b->ud = ud;
-    struct abuf ab = {0};
-    size_t at[5];
+    struct strbuf cols[BATCH_COLUMNS_MAX] = {STRBUF_INIT};
     char num[16];
     for (int col = 0; col < 5; col++) {
-        at[col] = ab_open(&ab);
+        pg_array_open(&cols[col]);
         for (size_t i = 0; i < n; i++) {
             const struct effects_mark *m = &marks[i];
             const char *v = num;
@@ -583,17 +528,17 @@ int effects_mark_batch(struct effects *fx, const struct effects_mark *marks, siz
             case 3: snprintf(num, sizeof num, "%d", m->tries); break;
             default: v = m->done ? NULL : m->error; break;
             }
-            ab_elem(&ab, i == 0, v);
+            pg_array_text(&cols[col], v);
         }
-        ab_close(&ab);
+        pg_array_close(&cols[col]);
     }
     int rc = -ENOMEM;
-    if (!ab.oom) {
+    if (columns_ok(cols, 5) == 0) {
         const char *params[5];
-        for (int col = 0; col < 5; col++) params[col] = ab.p + at[col];
+        for (int col = 0; col < 5; col++) params[col] = strbuf_str(&cols[col]);
         rc = query(fx, fx->marks_stmt, marks_sql, 5, params, on_marks, b);
     }
-    free(ab.p);
+    columns_free(cols, 5);
     if (rc != 0) {
         free(b);
         return rc;
@@ -674,7 +619,7 @@ static void call_finish(struct call *k, const char *error_class, const char *mes
         if (strcmp(error_class, "closing") != 0) /* shutdown aborts are not sink failures */
             metrics_counter_add("ticketd_sink_failures_total", labels, 1);
         log_warn("effects", "event=effect_failed event_id=%s effect=%s class=%s err=%s",
-                 k->event_id, effect, error_class, lq(message, qb, sizeof qb));
+                 k->event_id, effect, error_class, log_quoted(message, qb, sizeof qb));
     }
     k->fx->inflight--;
     k->cb(k->ud, &r);

@@ -175,11 +175,17 @@ class StaticContractTest(unittest.TestCase):
         for name in EVENTS["$defs"]["headers"]["required"]:
             self.assertTrue(f'"{name}"' in kafka_names, f"{name}: a CloudEvents header kafka_common.h does not name")
         # the one list of dlq_ header names, wherever the dead-letter writer keeps it
+        defn = re.compile(r"dlq_header_names\[\w*\] = \{(.*?)\};", re.S)
         owners = [n for n in sorted(os.listdir(SRC)) if n.endswith((".c", ".h"))
-                  and "dlq_header_names[] = {" in read_src(n)]
+                  and defn.search(read_src(n))]
         self.assertEqual(len(owners), 1, f"one definition of dlq_header_names: {owners}")
-        writer = read_src(owners[0])
-        names = re.findall(r'"(dlq_\w+)"', writer.split("dlq_header_names[] = {")[1].split("};")[0])
+        macros = {}  # #define DLQ_H_X "dlq_x", wherever the names are spelled
+        for n in os.listdir(SRC):
+            if n.endswith((".c", ".h")):
+                macros.update(re.findall(r'#define\s+(\w+)\s+"(dlq_\w+)"', read_src(n)))
+        body = defn.search(read_src(owners[0])).group(1)
+        names = [t.strip('"') if t.startswith('"') else macros.get(t, t)
+                 for t in re.findall(r'"dlq_\w+"|\b[A-Z_][A-Z0-9_]*\b', body)]
         self.assertEqual(sorted(names), sorted(EVENTS["$defs"]["dlq_headers"]["required"]))
 
 
