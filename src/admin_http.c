@@ -86,7 +86,7 @@ struct admin_job {
 static void *job_alloc(struct http_request *req, size_t size)
 {
     void *job = calloc(1, size);
-    if (!job) api_respond_error(req, 503, "unavailable", "out of memory", NULL);
+    if (!job) api_respond_error(req, 503, "unavailable", "out of memory", RETRY_AFTER_1);
     return job;
 }
 
@@ -113,8 +113,9 @@ static void job_after(uv_work_t *w, int status)
         log_error("admin", "event=job_failed req=%" PRIu64 " status=%d", req->id, job->status);
         api_respond_error(req, 500, "internal", NULL, NULL);
     } else {
+        /* A 503 of a report is the database or Kafka being unreachable: say when to retry. */
         api_respond(req, job->status, job->content_type ? job->content_type : JSON_TYPE,
-                    job->body, strlen(job->body), NULL);
+                    job->body, strlen(job->body), job->status == 503 ? RETRY_AFTER_1 : NULL);
     }
     job_free(job);
 }
@@ -126,7 +127,7 @@ static void job_start(struct app *app, struct http_request *req, struct admin_jo
                       int (*run)(struct admin_job *job))
 {
     if (!app->kafka_brokers || !*app->kafka_brokers) {
-        api_respond_error(req, 503, "unavailable", "no Kafka brokers known yet", NULL);
+        api_respond_error(req, 503, "unavailable", "no Kafka brokers known yet", RETRY_AFTER_1);
         free(job);
         return;
     }
@@ -136,7 +137,7 @@ static void job_start(struct app *app, struct http_request *req, struct admin_jo
     job->run = run;
     job->brokers = strdup(app->kafka_brokers);
     if (!job->brokers) {
-        api_respond_error(req, 503, "unavailable", "out of memory", NULL);
+        api_respond_error(req, 503, "unavailable", "out of memory", RETRY_AFTER_1);
         job_free(job);
         return;
     }
