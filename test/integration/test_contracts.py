@@ -476,6 +476,10 @@ class LiveContractTest(h.TicketdTestCase):
             r = self.admin("/admin/applications/1")
             self.assertEqual(r.status, 503, r)
             self.check("GET", "/admin/applications/{id}", r)
+            # A report that fails in its worker thread (job_reply) says when to retry too.
+            r = self.admin("/admin/audit?event_id=contracts-2026")
+            self.assertEqual((r.status, r.json()["error"]), (503, "audit_failed"), r)
+            self.check("GET", "/admin/audit", r)
         finally:
             self.pg.start()
         self.td.wait_ready(60)
