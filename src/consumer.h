@@ -4,20 +4,21 @@
  * committed (effects.h) or the DLQ writer reported it written (dlq_writer.h: produced to
  * the DLQ, acknowledged by the broker and mirrored in dead_letters). No error path commits
  * anything else. Owns: partitions and their windows, order, retries and backoff, offsets.
+ * An event's effects run behind one call of effects (effects_run: one outcome per round).
  *
  * - rdkafka consumer in group CONSUMER_GROUP, enable.auto.commit=false,
  *   enable.auto.offset.store=false; its queue is bridged into the loop (kafka_bridge) and
  *   drained with rd_kafka_consumer_poll(rk, 0); rebalance and commit callbacks run there too.
- * - Batched, in order per partition (see effects.h for the steps of one event):
- *   each partition hands out a window of up to PART_WINDOW consecutive events; after each
- *   poll phase (uv_check) the points step of every ready event of every partition goes out as
- *   one statement (up to 1,024 events, at most 2 statements in flight: group commit); the
- *   external calls (data platform, then e-mail) run one at a time per partition, in offset
- *   order, so the sink receives a partition's events in order, retries included, while the
- *   partitions run in parallel (libcurl multi, keep-alive connections); their done marks go
- *   out batched too (one UPDATE for many). Without sink and SMTP an event is done after the
- *   points statement. Each partition's offset is committed for its contiguous finished prefix
- *   only: never past an unfinished event.
+ * - In order per partition: each partition hands out a window of up to PART_WINDOW
+ *   consecutive events to effects_run, in offset order. effects batches them (effects.h,
+ *   effects_batch.h): after each poll phase the points step of every ready event of every
+ *   partition goes out as one statement (up to 1,024 events, at most 2 statements in flight:
+ *   group commit); the external calls (data platform, then e-mail) run one at a time per
+ *   partition, in offset order, so the sink receives a partition's events in order, retries
+ *   included, while the partitions run in parallel (libcurl multi, keep-alive connections);
+ *   their done marks go out batched too (one UPDATE for many). Without sink and SMTP an event
+ *   is done after the points statement. Each partition's offset is committed for its
+ *   contiguous finished prefix only: never past an unfinished event.
  * - Flow control: when more than 32,768 fetched events are unfinished, the partitions holding
  *   more than their window are paused until fewer than 16,384 are (pausing is rare on purpose:
  *   librdkafka refetches a paused partition only ~1 s after the resume).
@@ -35,16 +36,18 @@
  *   UUID, else md5(topic/partition/offset) as a UUID.
  * - Our own database being unhealthy (dbp_error_is_ours, or no connection) is never the
  *   event's failure: the step waits (200 ms doubling to 10 s) without using an attempt, and
- *   the outage is logged once. Each e-mail attempt claims the event first
- *   (effects_claim_email, one token per slot): a claim held by another copy makes the slot
- *   wait; done marks of a revoked partition's finished calls are still written.
+ *   the outage is logged once. Each e-mail attempt claims the event first (effects, one
+ *   token per copy of the event): a claim held by another copy makes the event wait
+ *   (EFFECTS_RETRY, no attempt); done marks of a revoked partition's finished calls are still
+ *   written (effects_detach).
  * - Membership: CONSUMER_SESSION_TIMEOUT (session.timeout.ms) and CONSUMER_INSTANCE_ID
  *   (group.instance.id, static membership) unless KAFKA_CONFIG sets them.
  * - Offsets are committed asynchronously (rd_kafka_commit with an explicit list), at most
  *   every 200 ms, for partitions whose next committable offset (last finished + 1) moved.
  * - Rebalance (eager or cooperative): on revoke, the partition stops handing out work, its
- *   finished offset is committed, its queued messages are dropped (the next owner reads
- *   them again), then the partitions are unassigned. Work still in flight finishes but
+ *   finished offset is committed, its events are detached from effects (effects_detach), its
+ *   queued messages are dropped (the next owner reads them again), then the partitions are
+ *   unassigned. Work still in flight finishes but
  *   commits nothing; the next owner redoes it idempotently.
  * - "Offset out of range" is never silent. auto.offset.reset=earliest, and rdkafka's log
  *   (log.queue: served by our polls on the loop) is watched: a reset caused by an error (the

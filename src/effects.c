@@ -1,85 +1,34 @@
-/* effects: points (PostgreSQL), data platform (HTTP), e-mail (SMTP) per event. The order
- * and why a crash anywhere is safe are in effects.h. */
+/* effects: an event's effects end to end behind one call (effects.h): the runs, their
+ * per-partition lanes (external calls in offset order), the e-mail claims, the external
+ * calls (data platform over HTTP, e-mail over SMTP) and the outcomes. The group commit of
+ * the statements is in effects_batch.c. */
 #include "effects.h"
 
 #include <errno.h>
 #include <inttypes.h>
 #include <json-c/json.h>
+#include <libpq-fe.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <time.h>
 
 #include "db_pool.h"
+#include "effects_batch.h"
 #include "http_client.h"
 #include "kafka_common.h"
 #include "log.h"
 #include "metrics.h"
-#include "pg_array.h"
-#include "strbuf.h"
 
-#define POINTS_BATCH_MAX 4096   /* events per points statement (the consumer cuts smaller) */
-
-struct effects {
-    uv_loop_t *loop;
-    const struct cfg *cfg;
-    char *group;
-    struct dbp *db;
-    struct hc *hc;
-    int points_stmt, marks_stmt, claim_stmt; /* prepared statements, or -1 */
-    unsigned inflight;
-    bool stopped;
+/* The runs of one partition, in the order effects_run was called (offset order). */
+struct fx_lane {
+    struct effects *fx;
+    int32_t partition;
+    struct effects_run *head, *tail;
+    struct effects_run *chain;     /* the first run whose external calls are not all done */
+    bool pump_due;                 /* a resumed run may start a call: pumped by the check */
 };
-
-/* Step 1 for a batch. $1..$7 are arrays with one element per event (duplicate ids allowed:
- * the first of each id, by position, writes). Rows back: kind 'g' + event id for each
- * points_ledger row inserted now; kind 'd' + event id + effect for each external effect
- * that was done before this statement. Data-modifying CTEs run to completion even though
- * the outer SELECT does not read all of them; the outer SELECT sees the tables as they were
- * before the statement. Inserts go in event-id order so that concurrent batches with
- * overlapping ids cannot deadlock. The grants and done flags are matched back in C, so no
- * CTE is joined with the input (generic plans can make such joins nested loops). */
-static const char points_sql[] =
-    "WITH input AS ("
-    " SELECT DISTINCT ON (event_id) * FROM unnest($1::uuid[], $2::int[], $3::bigint[],"
-    "  $4::bigint[], $5::text[], $6::bool[], $7::bool[])"
-    "  WITH ORDINALITY AS t(event_id, partition, off, application_id, phone, want_dp,"
-    "  want_email, ord) ORDER BY event_id, ord"
-    "), pe AS ("
-    " INSERT INTO processed_events (event_id, consumer_group, topic, partition, \"offset\")"
-    " SELECT event_id, $8, $9, partition, off FROM input ORDER BY event_id"
-    " ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
-    "), pl AS ("
-    " INSERT INTO points_ledger (event_id, application_id, phone, points)"
-    " SELECT i.event_id, i.application_id, i.phone, $10::int FROM input i"
-    " WHERE i.event_id = ANY (ARRAY(SELECT event_id FROM pe)) ORDER BY i.event_id"
-    " ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
-    "), ef AS ("
-    " INSERT INTO event_effects AS e (event_id, effect, application_id, done, attempts)"
-    " SELECT i.event_id, w.effect, i.application_id, w.effect = 'points',"
-    "  (w.effect = 'points')::int"
-    " FROM input i CROSS JOIN LATERAL (VALUES ('points', true), ('data_platform', i.want_dp),"
-    "  ('email', i.want_email)) AS w(effect, wanted)"
-    " WHERE w.wanted ORDER BY i.event_id, w.effect"
-    " ON CONFLICT (event_id, effect) DO UPDATE"
-    " SET done = true, attempts = e.attempts + 1, last_error = NULL, updated_at = now()"
-    " WHERE e.effect = 'points' AND NOT e.done RETURNING 1"
-    ")"
-    " SELECT 'g' AS kind, event_id::text, NULL::text AS effect FROM pl"
-    " UNION ALL"
-    " SELECT 'd', x.event_id::text, x.effect FROM event_effects x"
-    " WHERE x.event_id = ANY ($1::uuid[]) AND x.effect <> 'points' AND x.done";
-
-/* Marks: $1 event id[], $2 effect[], $3 done[], $4 tries[], $5 error[]. Folded per
- * (event, effect) first, so a row is updated once; done never goes back to false (a late
- * failure mark cannot undo a success). */
-static const char marks_sql[] =
-    "UPDATE event_effects AS e SET attempts = e.attempts + u.tries, done = e.done OR u.done,"
-    " last_error = CASE WHEN e.done OR u.done THEN NULL ELSE u.err END, updated_at = now()"
-    " FROM (SELECT event_id, effect, bool_or(done) AS done, sum(tries)::int AS tries,"
-    "  max(err) AS err FROM unnest($1::uuid[], $2::text[], $3::bool[], $4::int[], $5::text[])"
-    "  AS t(event_id, effect, done, tries, err) GROUP BY event_id, effect) AS u"
-    " WHERE e.event_id = u.event_id AND e.effect = u.effect";
 
 /* $1 event id, $2 token, $3 ttl in ms. The outer SELECT reads the row as it was before the
  * UPDATE: claimed = 1 -> ours; else done -> nothing to send; else held by another token. */
@@ -225,25 +174,9 @@ out:
     return rc;
 }
 
-/* ---- array literals ---- */
+/* ---- life ---- */
 
-/* The parameters of a batch statement: one PostgreSQL array literal per column. */
-#define BATCH_COLUMNS_MAX 7
-
-static void columns_free(struct strbuf *cols, int n)
-{
-    for (int i = 0; i < n; i++) strbuf_free(&cols[i]);
-}
-
-/* 0, or -1 when a column could not be built (out of memory). */
-static int columns_ok(struct strbuf *cols, int n)
-{
-    for (int i = 0; i < n; i++)
-        if (cols[i].failed) return -1;
-    return 0;
-}
-
-/* ---- statements ---- */
+static void on_check(uv_check_t *h);
 
 int effects_create(struct effects **out, uv_loop_t *loop, const struct cfg *cfg,
                    const char *consumer_group, struct dbp *db, struct hc *hc)
@@ -259,10 +192,7 @@ int effects_create(struct effects **out, uv_loop_t *loop, const struct cfg *cfg,
     fx->cfg = cfg;
     fx->db = db;
     fx->hc = hc;
-    fx->points_stmt = dbp_prepare(db, points_sql);
-    fx->marks_stmt = dbp_prepare(db, marks_sql);
-    if (fx->points_stmt < 0) fx->points_stmt = -1; /* falls back to unprepared statements */
-    if (fx->marks_stmt < 0) fx->marks_stmt = -1;
+    fxb_prepare(fx);
     fx->claim_stmt = dbp_prepare(db, claim_sql);
     if (fx->claim_stmt < 0) fx->claim_stmt = -1;
     metrics_describe("ticketd_sink_failures_total", "counter",
@@ -273,362 +203,320 @@ int effects_create(struct effects **out, uv_loop_t *loop, const struct cfg *cfg,
                      "events per points statement (group commit of the consumer)");
     metrics_describe("ticketd_consumer_marks_batch_size", "histogram",
                      "done marks per statement");
+    uv_check_init(loop, &fx->check);
+    uv_idle_init(loop, &fx->idle);
+    fx->check.data = fx->idle.data = fx;
+    fx->open_handles = 2;
+    uv_check_start(&fx->check, on_check);
+    uv_unref((uv_handle_t *)&fx->check); /* work in flight keeps the loop alive, not this */
     *out = fx;
     return 0;
 }
 
+void effects_drain(struct effects *fx)
+{
+    fx->draining = true;
+}
+
 void effects_stop(struct effects *fx)
 {
-    fx->stopped = true;
+    fx->draining = fx->stopped = true;
 }
 
 unsigned effects_inflight(const struct effects *fx)
 {
-    return fx->inflight;
+    return fx->inflight + (unsigned)fx->queue[Q_MARKS].n;
 }
 
-void effects_free(struct effects *fx)
-{
-    if (!fx) return;
-    free(fx->group);
-    free(fx);
-}
-
-bool effects_wants_data_platform(const struct effects *fx)
+static bool wants_data_platform(const struct effects *fx)
 {
     return fx->cfg->data_platform_url && fx->cfg->data_platform_url[0];
 }
 
-bool effects_wants_email(const struct effects *fx, const struct effects_event *ev)
+static bool wants_email(const struct effects *fx, const struct effects_event *ev)
 {
     return ev->email[0] && fx->cfg->smtp_url && fx->cfg->smtp_url[0];
 }
 
-static const double batch_bounds[] = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096};
-
-static int query(struct effects *fx, int stmt, const char *sql, int nparams,
-                 const char *const *params, dbp_result_fn cb, void *ud)
+/* The database state as the effects' statements see it, logged on changes only. */
+void fx_db_health(struct effects *fx, bool healthy, const char *error)
 {
-    return stmt >= 0 ? dbp_query_prepared(fx->db, stmt, nparams, params, cb, ud)
-                     : dbp_query(fx->db, sql, nparams, params, cb, ud);
-}
-
-/* Keeps printable ASCII only: error texts quote remote replies, and PostgreSQL text (and a
- * Kafka header read by humans) must not carry invalid UTF-8 or control bytes. */
-static void ascii_only(char *s)
-{
-    for (; *s; s++)
-        if ((unsigned char)*s < 0x20 || (unsigned char)*s > 0x7e) *s = '?';
-}
-
-/* libpq's error text, one line, printable. */
-static void db_error(char *out, size_t n, const char *prefix, const PGresult *res,
-                     const char *error)
-{
-    snprintf(out, n, "%s%s", prefix,
-             error ? error : res ? PQresultErrorMessage(res) : "no result");
-    size_t len = strlen(out);
-    while (len && (out[len - 1] == '\n' || out[len - 1] == ' ')) out[--len] = '\0';
-    ascii_only(out);
-}
-
-struct points_batch {
-    struct effects *fx;
-    size_t n;
-    effects_points_fn cb;
-    void *ud;
-    char (*ids)[UUID_STR_LEN + 1];  /* lower-case event ids, by position */
-    struct effects_points_result *res;
-};
-
-/* FNV-1a of an event id: the open-addressing table that matches result rows back to the
- * batch positions. */
-static unsigned id_hash(const char *id)
-{
-    unsigned h = 2166136261u;
-    for (; *id; id++) h = (h ^ (unsigned char)*id) * 16777619u;
-    return h;
-}
-
-static void on_points(void *ud, const PGresult *res, const char *error)
-{
-    char msg[600], qb[700];
-    struct points_batch *b = ud;
-    struct effects *fx = b->fx;
-    fx->inflight--;
-
-    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK) {
-        db_error(msg, sizeof msg, "points: ", res, error);
-        metrics_counter_add("ticketd_sink_failures_total", "effect=\"points\"", (double)b->n);
-        bool ours = dbp_error_is_ours(res); /* then the consumer logs the outage once */
-        log_at(ours ? LOG_DEBUG : LOG_WARN, "effects",
-               "event=effect_failed effect=points events=%zu class=db err=%s", b->n,
-               log_quoted(msg, qb, sizeof qb));
-        b->cb(b->ud, NULL, msg, ours);
-        goto out;
+    char qb[600];
+    if (healthy == !fx->db_unhealthy) return;
+    fx->db_unhealthy = !healthy;
+    if (healthy) {
+        log_info("consumer", "event=database_recovered");
+        return;
     }
-    /* position lists per id: head[slot] -> first position, next[pos] -> the following one */
-    size_t cap = 16;
-    while (cap < b->n * 2) cap *= 2;
-    long *table = malloc(cap * sizeof *table);
-    long *next = malloc(b->n * sizeof *next);
-    if (!table || !next) {
-        free(table);
-        free(next);
-        b->cb(b->ud, NULL, "points: out of memory", true);
-        goto out;
+    log_warn("consumer", "event=database_unhealthy action=wait_without_using_attempts err=%s",
+             log_quoted(error, qb, sizeof qb));
+}
+
+static void on_idle(uv_idle_t *h)
+{
+    (void)h; /* only keeps the loop from blocking in poll; the check handle does the work */
+}
+
+/* Wakes the loop's check handle soon (a batch may be cut, a lane pumped). */
+void fx_kick(struct effects *fx)
+{
+    if (!fx->stopped && !uv_is_active((uv_handle_t *)&fx->idle)) uv_idle_start(&fx->idle, on_idle);
+}
+
+/* ---- runs and lanes ---- */
+
+static void run_free(struct effects_run *r)
+{
+    free(r->last_error);
+    free(r);
+}
+
+static void list_unlink(struct effects_run **head, struct effects_run **tail,
+                        struct effects_run *r)
+{
+    if (r->prev) r->prev->next = r->next;
+    else *head = r->next;
+    if (r->next) r->next->prev = r->prev;
+    else if (tail) *tail = r->prev;
+    r->prev = r->next = NULL;
+}
+
+/* r stops being the caller's: no callback any more; what is in flight finishes; done marks
+ * of calls that happened are still written (a dropped one would make the next owner mail
+ * again once the claim expired), failure marks only when keep_failures. */
+static void orphan(struct effects_run *r, bool keep_failures)
+{
+    struct effects *fx = r->fx;
+    struct fx_lane *l = r->lane;
+    if (r->orphan) return;
+    if (l) {
+        if (l->chain == r) l->chain = r->next;
+        list_unlink(&l->head, &l->tail, r);
+        l->pump_due = true; /* the next run's call may start now */
+        fx_kick(fx);
     }
-    for (size_t i = 0; i < cap; i++) table[i] = -1;
-    for (size_t i = b->n; i-- > 0;) {
-        size_t h = id_hash(b->ids[i]) & (cap - 1);
-        while (table[h] >= 0 && strcmp(b->ids[table[h]], b->ids[i]) != 0) h = (h + 1) & (cap - 1);
-        next[i] = table[h]; /* the same id seen at a later position, or -1 */
-        table[h] = (long)i;
-    }
-    int rows = PQntuples(res);
-    size_t granted = 0;
-    for (int r = 0; r < rows; r++) {
-        const char *kind = PQgetvalue(res, r, 0), *id = PQgetvalue(res, r, 1);
-        size_t h = id_hash(id) & (cap - 1);
-        while (table[h] >= 0 && strcmp(b->ids[table[h]], id) != 0) h = (h + 1) & (cap - 1);
-        if (table[h] < 0) continue; /* not ours (cannot happen) */
-        if (kind[0] == 'g') {
-            b->res[table[h]].points_granted = true; /* the first position only */
-            granted++;
-            continue;
-        }
-        bool dp = strcmp(PQgetvalue(res, r, 2), "data_platform") == 0;
-        for (long i = table[h]; i >= 0; i = next[i]) {
-            if (dp) b->res[i].data_platform_done = true;
-            else b->res[i].email_done = true;
+    r->lane = NULL;
+    r->orphan = true;
+    r->waiting = false;
+    fxb_ready_remove(r);
+    if (r->ext[0].pending_done || r->ext[1].pending_done) fxb_marks_push(r);
+    else if (!keep_failures) fxb_marks_remove(r);
+    r->prev = NULL;
+    r->next = fx->orphans;
+    if (fx->orphans) fx->orphans->prev = r;
+    fx->orphans = r;
+}
+
+/* Orphans whose callbacks all arrived and whose marks were written are freed here (from
+ * the check handle, so that no batch is walking them). */
+static void reap_orphans(struct effects *fx)
+{
+    for (struct effects_run *r = fx->orphans, *nx; r; r = nx) {
+        nx = r->next;
+        if (r->ops == 0 && !r->link[Q_MARKS].in) {
+            list_unlink(&fx->orphans, NULL, r);
+            run_free(r);
         }
     }
-    free(table);
-    free(next);
-    if (granted) metrics_counter_add("ticketd_points_granted_total", NULL, (double)granted);
-    b->cb(b->ud, b->res, NULL, false);
-out:
-    free(b->ids);
-    free(b->res);
-    free(b);
 }
 
-int effects_points_batch(struct effects *fx, const struct effects_event *const *evs, size_t n,
-                         effects_points_fn cb, void *ud)
+static struct fx_lane *lane_get(struct effects *fx, int32_t partition)
 {
-    if (n == 0 || n > POINTS_BATCH_MAX) return -EINVAL;
-    struct points_batch *b = calloc(1, sizeof *b);
-    struct strbuf cols[BATCH_COLUMNS_MAX] = {STRBUF_INIT};
-    int rc = -ENOMEM;
-    if (!b) return -ENOMEM;
-    b->fx = fx;
-    b->n = n;
-    b->cb = cb;
-    b->ud = ud;
-    b->ids = malloc(n * sizeof *b->ids);
-    b->res = calloc(n, sizeof *b->res);
-    if (!b->ids || !b->res) goto fail;
-
-    bool want_dp = effects_wants_data_platform(fx);
-    char num[32];
-    for (int col = 0; col < 7; col++) {
-        pg_array_open(&cols[col]);
-        for (size_t i = 0; i < n; i++) {
-            const struct effects_event *ev = evs[i];
-            const char *v = num;
-            switch (col) {
-            case 0: v = ev->event_id; break;
-            case 1: snprintf(num, sizeof num, "%" PRId32, ev->partition); break;
-            case 2: snprintf(num, sizeof num, "%" PRId64, ev->offset); break;
-            case 3: snprintf(num, sizeof num, "%" PRId64, ev->application_id); break;
-            case 4: v = ev->phone; break;
-            case 5: v = want_dp ? "t" : "f"; break;
-            default: v = effects_wants_email(fx, ev) ? "t" : "f"; break;
-            }
-            pg_array_text(&cols[col], v);
-        }
-        pg_array_close(&cols[col]);
+    if (partition < 0) return NULL;
+    if (partition >= fx->nlanes) {
+        int32_t n = partition + 1;
+        struct fx_lane **nl = realloc(fx->lanes, sizeof *nl * (size_t)n);
+        if (!nl) return NULL;
+        for (int32_t i = fx->nlanes; i < n; i++) nl[i] = NULL;
+        fx->lanes = nl;
+        fx->nlanes = n;
     }
-    if (columns_ok(cols, 7) != 0) goto fail;
-    for (size_t i = 0; i < n; i++) {
-        /* PostgreSQL returns uuids in lower case: match on that */
-        for (size_t k = 0; k <= UUID_STR_LEN; k++) {
-            char ch = evs[i]->event_id[k];
-            b->ids[i][k] = (ch >= 'A' && ch <= 'Z') ? (char)(ch - 'A' + 'a') : ch;
-        }
+    if (!fx->lanes[partition]) {
+        struct fx_lane *l = calloc(1, sizeof *l);
+        if (!l) return NULL;
+        l->fx = fx;
+        l->partition = partition;
+        fx->lanes[partition] = l;
     }
-    char points[16];
-    snprintf(points, sizeof points, "%d", fx->cfg->points_per_application);
-    const char *params[10];
-    for (int col = 0; col < 7; col++) params[col] = strbuf_str(&cols[col]);
-    params[7] = fx->group;
-    params[8] = evs[0]->topic;
-    params[9] = points;
-    rc = query(fx, fx->points_stmt, points_sql, 10, params, on_points, b);
-    columns_free(cols, 7);
-    if (rc != 0) goto fail_nobuf;
-    fx->inflight++;
-    metrics_observe_buckets("ticketd_consumer_points_batch_size", NULL, (double)n, batch_bounds,
-                            sizeof batch_bounds / sizeof *batch_bounds);
-    return 0;
-fail:
-    columns_free(cols, 7);
-fail_nobuf:
-    free(b->ids);
-    free(b->res);
-    free(b);
-    return rc;
+    return fx->lanes[partition];
 }
 
-static const char *kind_name(enum effects_kind k)
+void effects_detach(struct effects *fx, int32_t partition)
 {
-    return k == EFFECTS_DATA_PLATFORM ? "data_platform" : "email";
+    if (!fx) return; /* closed: every run is gone */
+    if (partition < 0 || partition >= fx->nlanes || !fx->lanes[partition]) return;
+    struct fx_lane *l = fx->lanes[partition];
+    fx->lanes[partition] = NULL;
+    unsigned n = 0;
+    while (l->head) {
+        orphan(l->head, false);
+        n++;
+    }
+    if (n) log_debug("effects", "event=detached partition=%" PRId32 " runs=%u", partition, n);
+    free(l);
 }
 
-struct marks_batch {
-    struct effects *fx;
-    effects_marks_fn cb;
-    void *ud;
-};
-
-static void on_marks(void *ud, const PGresult *res, const char *error)
+void effects_release(struct effects *fx, struct effects_run *r)
 {
-    char msg[600];
-    struct marks_batch *b = ud;
-    b->fx->inflight--;
-    if (res && PQresultStatus(res) == PGRES_COMMAND_OK) {
-        b->cb(b->ud, true, NULL, false);
-    } else {
-        db_error(msg, sizeof msg, "", res, error);
-        b->cb(b->ud, false, msg, dbp_error_is_ours(res));
-    }
-    free(b);
+    if (fx && r) orphan(r, true); /* (closed: every run is gone) */
 }
 
-int effects_mark_batch(struct effects *fx, const struct effects_mark *marks, size_t n,
-                       effects_marks_fn cb, void *ud)
+/* ---- outcomes ---- */
+
+static void report(struct effects_run *r, enum effects_status status, const char *error_class,
+                   const char *msg, bool db_fault)
 {
-    if (n == 0) return -EINVAL;
-    struct marks_batch *b = calloc(1, sizeof *b);
-    if (!b) return -ENOMEM;
-    b->fx = fx;
-    b->cb = cb;
-    b->ud = ud;
-    struct strbuf cols[BATCH_COLUMNS_MAX] = {STRBUF_INIT};
-    char num[16];
-    for (int col = 0; col < 5; col++) {
-        pg_array_open(&cols[col]);
-        for (size_t i = 0; i < n; i++) {
-            const struct effects_mark *m = &marks[i];
-            const char *v = num;
-            switch (col) {
-            case 0: v = m->event_id; break;
-            case 1: v = kind_name(m->effect); break;
-            case 2: v = m->done ? "t" : "f"; break;
-            case 3: snprintf(num, sizeof num, "%d", m->tries); break;
-            default: v = m->done ? NULL : m->error; break;
-            }
-            pg_array_text(&cols[col], v);
-        }
-        pg_array_close(&cols[col]);
-    }
-    int rc = -ENOMEM;
-    if (columns_ok(cols, 5) == 0) {
-        const char *params[5];
-        for (int col = 0; col < 5; col++) params[col] = strbuf_str(&cols[col]);
-        rc = query(fx, fx->marks_stmt, marks_sql, 5, params, on_marks, b);
-    }
-    columns_free(cols, 5);
-    if (rc != 0) {
-        free(b);
-        return rc;
-    }
-    fx->inflight++;
-    metrics_observe_buckets("ticketd_consumer_marks_batch_size", NULL, (double)n, batch_bounds,
-                            sizeof batch_bounds / sizeof *batch_bounds);
-    return 0;
+    if (r->orphan || !r->waiting) return;
+    r->waiting = false;
+    struct effects_outcome o = {.status = status, .error_class = error_class,
+                                .error_message = msg ? msg : "", .db_fault = db_fault};
+    if (status == EFFECTS_DONE) orphan(r, false); /* the caller's handle ends here */
+    r->cb(r->ud, &o);
 }
 
-struct claim {
-    struct effects *fx;
-    effects_claim_fn cb;
-    void *ud;
-};
+void fx_run_fail(struct effects_run *r, unsigned hold, const char *error_class, const char *msg,
+                 bool db_fault)
+{
+    struct effects *fx = r->fx;
+    if (r->orphan) return;
+    if (strcmp(error_class, "db") == 0 && dbp_connected(fx->db) == 0) db_fault = true;
+    if (strcmp(error_class, "db_unavailable") == 0) db_fault = true;
+    if (db_fault) fx_db_health(fx, false, msg);
+    r->hold |= hold;
+    if (!r->last_error) r->last_error = malloc(DLQ_MESSAGE_MAX);
+    if (r->last_error) {
+        snprintf(r->last_error, DLQ_MESSAGE_MAX, "%s", msg ? msg : "");
+        fxb_ascii_only(r->last_error);
+    }
+    /* a second failure of the same round (steps run side by side) only holds its step */
+    report(r, EFFECTS_FAILED, error_class, r->last_error, db_fault);
+}
+
+void fx_run_check(struct effects_run *r)
+{
+    if (r->orphan || !r->waiting || !r->points_ok || r->hold) return;
+    for (int k = 0; k < 2; k++)
+        if (r->ext[k].want && !r->ext[k].committed) return;
+    report(r, EFFECTS_DONE, NULL, NULL, false);
+}
+
+/* ---- the e-mail claim ---- */
+
+static void lane_pump(struct fx_lane *l);
+
+static uint64_t claim_ttl_ms(const struct effects *fx)
+{
+    return (uint64_t)fx->cfg->http_timeout_ms * 2 + 10000;
+}
+
+/* A random UUID (version 4) naming this copy of the event in its e-mail claims. */
+static void make_token(struct effects_run *r)
+{
+    uint8_t b[16];
+    if (getrandom(b, sizeof b, 0) != (ssize_t)sizeof b) {
+        uint64_t x = uv_hrtime(), y = uv_hrtime() ^ (uint64_t)(uintptr_t)r;
+        memcpy(b, &x, 8);
+        memcpy(b + 8, &y, 8);
+    }
+    b[6] = (uint8_t)((b[6] & 0x0f) | 0x40);
+    b[8] = (uint8_t)((b[8] & 0x3f) | 0x80);
+    snprintf(r->token, sizeof r->token,
+             "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", b[0], b[1],
+             b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14],
+             b[15]);
+}
 
 static void on_claim(void *ud, const PGresult *res, const char *error)
 {
     char msg[600];
-    struct claim *k = ud;
-    k->fx->inflight--;
+    struct effects_run *r = ud;
+    struct effects *fx = r->fx;
+    fx->inflight--;
+    r->ops--;
+    r->claiming = false;
+    if (r->orphan) return;
     if (!res || PQresultStatus(res) != PGRES_TUPLES_OK) {
-        db_error(msg, sizeof msg, "email claim: ", res, error);
-        k->cb(k->ud, EFFECTS_CLAIM_HELD, msg, dbp_error_is_ours(res));
-    } else if (PQntuples(res) == 0) {
-        k->cb(k->ud, EFFECTS_CLAIMED, NULL, false); /* no row to claim (cannot happen) */
-    } else if (strcmp(PQgetvalue(res, 0, 0), "1") == 0) {
-        k->cb(k->ud, EFFECTS_CLAIMED, NULL, false);
-    } else {
-        bool done = PQgetvalue(res, 0, 1)[0] == 't';
-        k->cb(k->ud, done ? EFFECTS_CLAIM_DONE : EFFECTS_CLAIM_HELD, NULL, false);
+        fxb_db_error(msg, sizeof msg, "email claim: ", res, error);
+        bool ours = dbp_error_is_ours(res);
+        fx_run_fail(r, HOLD_CALL, ours ? "db_unavailable" : "db", msg, ours);
+        return;
     }
-    free(k);
+    fx_db_health(fx, true, NULL);
+    if (PQntuples(res) > 0 && strcmp(PQgetvalue(res, 0, 0), "1") != 0) {
+        if (PQgetvalue(res, 0, 1)[0] == 't') {
+            /* another copy sent it and its done mark committed */
+            log_debug("effects", "event=email_already_sent partition=%" PRId32
+                      " offset=%" PRId64 " event_id=%s", r->ev.partition, r->ev.offset,
+                      r->ev.event_id);
+            r->ext[EFFECTS_EMAIL].called = r->ext[EFFECTS_EMAIL].committed = true;
+            fx_run_check(r);
+            if (r->lane) lane_pump(r->lane);
+            return;
+        }
+        /* another copy is sending it: wait for its done mark (not an attempt) */
+        log_debug("effects", "event=email_claimed_elsewhere partition=%" PRId32
+                  " offset=%" PRId64 " event_id=%s action=wait", r->ev.partition, r->ev.offset,
+                  r->ev.event_id);
+        r->hold |= HOLD_CALL;
+        report(r, EFFECTS_RETRY, NULL, NULL, false);
+        return;
+    }
+    /* ours (no row to claim cannot happen). A claim that took long to come back (the process
+     * was paused) is not trusted to last through the call: claim again */
+    r->email_claimed = uv_now(fx->loop) - r->claim_sent_at < claim_ttl_ms(fx) / 2;
+    if (r->lane) lane_pump(r->lane);
 }
 
-int effects_claim_email(struct effects *fx, const char *event_id, const char *token,
-                        int64_t ttl_ms, effects_claim_fn cb, void *ud)
+static void claim_email(struct effects_run *r)
 {
-    struct claim *k = calloc(1, sizeof *k);
-    if (!k) return -ENOMEM;
-    k->fx = fx;
-    k->cb = cb;
-    k->ud = ud;
+    struct effects *fx = r->fx;
+    if (!r->token[0]) make_token(r);
     char ttl[24];
-    snprintf(ttl, sizeof ttl, "%" PRId64, ttl_ms);
-    const char *params[3] = {event_id, token, ttl};
-    int rc = query(fx, fx->claim_stmt, claim_sql, 3, params, on_claim, k);
+    snprintf(ttl, sizeof ttl, "%" PRIu64, claim_ttl_ms(fx));
+    const char *params[3] = {r->ev.event_id, r->token, ttl};
+    int rc = fx->claim_stmt >= 0
+                 ? dbp_query_prepared(fx->db, fx->claim_stmt, 3, params, on_claim, r)
+                 : dbp_query(fx->db, claim_sql, 3, params, on_claim, r);
     if (rc != 0) {
-        free(k);
-        return rc;
+        fx_run_fail(r, HOLD_CALL, "db_unavailable", "email claim: database unavailable", true);
+        return;
     }
     fx->inflight++;
-    return 0;
+    r->ops++;
+    r->claiming = true;
+    r->claim_sent_at = uv_now(fx->loop);
 }
 
 /* ---- external calls ---- */
 
-struct call {
-    struct effects *fx;
-    enum effects_kind kind;
-    char event_id[UUID_STR_LEN + 1];
-    effects_call_fn cb;
-    void *ud;
-};
+static void on_call_done(struct effects_run *r, bool ok, const char *error_class,
+                         const char *error_message);
 
-static void call_finish(struct call *k, const char *error_class, const char *message)
+/* Outcome of one external call. error_class: NULL on success, else "sink_status",
+ * "sink_transport", "smtp" or "closing" (the short class for the DLQ header); the message is
+ * printable ASCII. Failures are counted (ticketd_sink_failures_total) and logged here. */
+static void call_finish(struct effects_run *k, const char *error_class, const char *message)
 {
     char qb[600];
-    struct effects_call_result r = {.ok = error_class == NULL, .error_class = error_class};
-    char msg[512];
+    char msg[512] = "";
     if (error_class) {
-        const char *effect = kind_name(k->kind);
+        const char *effect = fxb_kind_name(k->calling_kind);
         snprintf(msg, sizeof msg, "%s: %s", effect, message);
-        ascii_only(msg);
-        r.error_message = msg;
+        fxb_ascii_only(msg);
         char labels[64];
         snprintf(labels, sizeof labels, "effect=\"%s\"", effect);
         if (strcmp(error_class, "closing") != 0) /* shutdown aborts are not sink failures */
             metrics_counter_add("ticketd_sink_failures_total", labels, 1);
         log_warn("effects", "event=effect_failed event_id=%s effect=%s class=%s err=%s",
-                 k->event_id, effect, error_class, log_quoted(message, qb, sizeof qb));
+                 k->ev.event_id, effect, error_class, log_quoted(message, qb, sizeof qb));
     }
     k->fx->inflight--;
-    k->cb(k->ud, &r);
-    free(k);
+    on_call_done(k, error_class == NULL, error_class, msg);
 }
 
 static void on_http_done(void *ud, const struct hc_result *res)
 {
-    struct call *k = ud;
+    struct effects_run *k = ud;
     char msg[384];
 
     if (res->curl_code != 0) {
@@ -648,7 +536,7 @@ static void on_http_done(void *ud, const struct hc_result *res)
 
 static void on_smtp_done(void *ud, const struct hc_result *res)
 {
-    struct call *k = ud;
+    struct effects_run *k = ud;
     char msg[384];
 
     if (res->curl_code != 0) {
@@ -713,18 +601,15 @@ static char *email_message(const struct effects_event *ev, const struct cfg *cfg
     return msg;
 }
 
-int effects_call(struct effects *fx, enum effects_kind kind, const struct effects_event *ev,
-                 effects_call_fn cb, void *ud)
+/* The data-platform POST or the e-mail of r; on_call_done runs exactly once on a later loop
+ * turn. Returns 0, or -errno (-ECANCELED after effects_stop; no callback). */
+static int start_call(struct effects_run *k, enum effects_kind kind)
 {
+    struct effects *fx = k->fx;
     const struct cfg *cfg = fx->cfg;
+    const struct effects_event *ev = &k->ev;
     if (fx->stopped) return -ECANCELED;
-    struct call *k = calloc(1, sizeof *k);
-    if (!k) return -ENOMEM;
-    k->fx = fx;
-    k->kind = kind;
-    k->cb = cb;
-    k->ud = ud;
-    snprintf(k->event_id, sizeof k->event_id, "%s", ev->event_id);
+    k->calling_kind = kind;
     size_t len = 0;
     int rc;
     if (kind == EFFECTS_DATA_PLATFORM) {
@@ -745,10 +630,198 @@ int effects_call(struct effects *fx, enum effects_kind kind, const struct effect
                  : -ENOMEM;
         free(msg);
     }
-    if (rc != 0) {
-        free(k);
-        return rc;
-    }
+    if (rc != 0) return rc;
     fx->inflight++;
     return 0;
+}
+
+/* ---- lanes: the external calls of a partition, in offset order, one at a time ---- */
+
+static bool calls_done(const struct effects_run *r)
+{
+    return (!r->ext[0].want || r->ext[0].called) && (!r->ext[1].want || r->ext[1].called);
+}
+
+/* A mark for effect k of r: one more call, done or failed. */
+static void add_mark(struct effects_run *r, enum effects_kind k, bool done)
+{
+    r->ext[k].pending_tries++;
+    if (done) r->ext[k].pending_done = true;
+    if (!r->ext[k].sent) fxb_marks_push(r);
+}
+
+/* Starts the next external call of the lane: the calls of one run in the fixed order data
+ * platform, e-mail; the next run only after both succeeded (so the sink receives a
+ * partition's events in offset order, retries included). */
+static void lane_pump(struct fx_lane *l)
+{
+    struct effects *fx = l->fx;
+    while (l->chain) {
+        struct effects_run *r = l->chain;
+        if (r->points_ok && calls_done(r)) {
+            l->chain = r->next;
+            continue;
+        }
+        if (!r->points_ok || r->calling || r->claiming || (r->hold & HOLD_CALL) || fx->draining)
+            return;
+        enum effects_kind k = r->ext[EFFECTS_DATA_PLATFORM].want &&
+                                      !r->ext[EFFECTS_DATA_PLATFORM].called
+                                  ? EFFECTS_DATA_PLATFORM
+                                  : EFFECTS_EMAIL;
+        if (k == EFFECTS_EMAIL && !r->email_claimed) {
+            claim_email(r);
+            return;
+        }
+        r->email_claimed = false; /* one claim, one attempt */
+        int rc = start_call(r, k);
+        if (rc != 0) {
+            char msg[128];
+            snprintf(msg, sizeof msg, "%s: could not start the request: %s", fxb_kind_name(k),
+                     strerror(-rc));
+            r->ext[k].pending_tries++; /* recorded like any failed call */
+            if (!r->ext[k].sent) fxb_marks_push(r);
+            fx_run_fail(r, HOLD_CALL,
+                        rc == -ECANCELED ? "closing"
+                        : k == EFFECTS_DATA_PLATFORM ? "sink_transport" : "smtp", msg, false);
+            return;
+        }
+        r->calling = true;
+        r->ops++;
+        return;
+    }
+}
+
+void fx_lane_pump_of(struct effects_run *r)
+{
+    if (r->lane) lane_pump(r->lane);
+}
+
+static void on_call_done(struct effects_run *r, bool ok, const char *error_class,
+                         const char *error_message)
+{
+    enum effects_kind k = r->calling_kind;
+    r->calling = false;
+    r->ops--;
+    if (r->orphan) {
+        /* released or detached meanwhile: a call that happened still gets its done mark */
+        if (ok) add_mark(r, k, true);
+        return;
+    }
+    if (ok) {
+        r->ext[k].called = true;
+        add_mark(r, k, true);
+        if (r->lane) lane_pump(r->lane);
+        return;
+    }
+    add_mark(r, k, false);
+    fx_run_fail(r, HOLD_CALL, error_class, error_message, false);
+}
+
+/* After each poll phase: reap orphans, pump the lanes of resumed runs, cut the batches. */
+static void on_check(uv_check_t *h)
+{
+    struct effects *fx = h->data;
+    if (fx->orphans) reap_orphans(fx);
+    if (fx->stopped) {
+        uv_idle_stop(&fx->idle);
+        return;
+    }
+    for (int32_t i = 0; i < fx->nlanes; i++) {
+        struct fx_lane *l = fx->lanes[i];
+        if (l && l->pump_due) {
+            l->pump_due = false;
+            lane_pump(l);
+        }
+    }
+    /* stay awake only while something can be sent now; results wake the loop otherwise */
+    if (fxb_cut(fx)) uv_idle_start(&fx->idle, on_idle);
+    else uv_idle_stop(&fx->idle);
+}
+
+/* ---- the one call ---- */
+
+/* Queues the steps of r that are not done: nothing runs from inside the caller's call. */
+static void run_queue(struct effects_run *r)
+{
+    r->waiting = true;
+    unsigned hold = r->hold;
+    r->hold = 0;
+    if (!r->points_ok && !r->in_points) fxb_ready_push(r);
+    if (hold & HOLD_MARKS)
+        for (int k = 0; k < 2; k++)
+            if (r->ext[k].pending_tries > 0 && !r->ext[k].sent) fxb_marks_push(r);
+    r->lane->pump_due = true;
+    fx_kick(r->fx);
+}
+
+int effects_run(struct effects *fx, const struct effects_event *ev, effects_outcome_fn cb,
+                void *ud, struct effects_run **out)
+{
+    if (fx->draining) return -ECANCELED;
+    struct fx_lane *l = lane_get(fx, ev->partition);
+    struct effects_run *r = l ? calloc(1, sizeof *r) : NULL;
+    if (!r) return -ENOMEM;
+    r->fx = fx;
+    r->lane = l;
+    r->ev = *ev;
+    r->cb = cb;
+    r->ud = ud;
+    r->ext[EFFECTS_DATA_PLATFORM].want = wants_data_platform(fx);
+    r->ext[EFFECTS_EMAIL].want = wants_email(fx, ev);
+    r->prev = l->tail;
+    if (l->tail) l->tail->next = r;
+    else l->head = r;
+    l->tail = r;
+    if (!l->chain) l->chain = r;
+    run_queue(r);
+    *out = r;
+    return 0;
+}
+
+int effects_resume(struct effects *fx, struct effects_run *r)
+{
+    if (fx->draining) return -ECANCELED;
+    if (r->orphan || r->waiting) return -EINVAL;
+    run_queue(r);
+    return 0;
+}
+
+/* ---- close ---- */
+
+static void free_runs(struct effects_run *r)
+{
+    while (r) {
+        struct effects_run *nx = r->next;
+        run_free(r);
+        r = nx;
+    }
+}
+
+static void on_handle_closed(uv_handle_t *h)
+{
+    struct effects *fx = h->data;
+    if (--fx->open_handles > 0) return;
+    for (int32_t i = 0; i < fx->nlanes; i++) {
+        if (!fx->lanes[i]) continue;
+        free_runs(fx->lanes[i]->head);
+        free(fx->lanes[i]);
+    }
+    free(fx->lanes);
+    free_runs(fx->orphans);
+    void (*done)(void *) = fx->close_done;
+    void *ud = fx->close_ud;
+    free(fx->group);
+    free(fx);
+    if (done) done(ud);
+}
+
+void effects_close(struct effects *fx, void (*done)(void *ud), void *ud)
+{
+    effects_stop(fx);
+    fx->close_done = done;
+    fx->close_ud = ud;
+    uv_check_stop(&fx->check);
+    uv_idle_stop(&fx->idle);
+    uv_close((uv_handle_t *)&fx->check, on_handle_closed);
+    uv_close((uv_handle_t *)&fx->idle, on_handle_closed);
 }

@@ -1,44 +1,52 @@
-/* effects (effects_): the three follow-ups of a TicketApplied event, each idempotent by
- * the event id (the CloudEvents ce_id = outbox.event_id), each recorded in event_effects
- * (done, attempts, last_error) so a retry or a replay redoes only what is not done yet.
- * The steps are offered in batches (group commit, like ingest): the consumer sends the
- * points step of every event that is ready in one statement, and the done marks of many
- * external effects in one statement.
+/* effects (effects_): the three follow-ups of a TicketApplied event, end to end behind one
+ * call. effects_run(event) runs them and reports exactly one outcome: done, failed (error
+ * class and message: the caller retries or dead-letters) or retry (wait, not an attempt).
+ * Each effect is idempotent by the event id (the CloudEvents ce_id = outbox.event_id) and
+ * recorded in event_effects (done, attempts, last_error), so a retry or a replay redoes
+ * only what is not done yet. Inside, the statements are batched across events (group
+ * commit, like ingest; effects_batch.c): the points step of every ready event is one
+ * statement, and the done marks of many external effects another.
  *
  * Order for one event (and why it is safe to crash anywhere):
- *   1. effects_points_batch: one PostgreSQL statement (CTEs, one implicit transaction) for
- *      many events: insert processed_events ON CONFLICT DO NOTHING; only for the rows that
- *      are new, insert the points_ledger row (points_ledger.event_id is UNIQUE too); upsert
- *      the event_effects rows of every enabled effect (points is written done; the others
+ *   1. points: one PostgreSQL statement (CTEs, one implicit transaction) for many events:
+ *      insert processed_events ON CONFLICT DO NOTHING; only for the rows that are new,
+ *      insert the points_ledger row (points_ledger.event_id is UNIQUE too); upsert the
+ *      event_effects rows of every enabled effect (points is written done; the others
  *      start not done); return, per event, whether the points were granted now and which
  *      external effects were already done. Points are therefore granted exactly once: a
  *      crash before the commit grants nothing, after it the conflict skips the grant.
- *   2. data_platform (effects_call): POST the CloudEvent (structured mode JSON) to
- *      DATA_PLATFORM_URL with "Idempotency-Key: <event id>"; 2xx = success; then its done
- *      mark (effects_mark_batch) must commit.
- *   3. email: effects_claim_email (one sender per event at a time, see below), then
- *      effects_call with Message-ID <event-id@ticketd>; then its done mark.
- *   The consumer treats an event as handled only after every enabled effect's done mark
- *   committed, and commits the Kafka offset only after that. A crash at any point therefore
- *   leaves the offset uncommitted and the event is re-delivered; done effects are skipped;
- *   a data-platform POST that happened but whose done mark did not commit is sent again
- *   with the same Idempotency-Key (deduplicated by the receiver).
- *   E-mail (SMTP does not deduplicate by Message-ID): a copy of the event that finds the
- *   row claimed by another copy waits for that claim's done mark or expiry, so re-sent
- *   copies and the old and new owners of a rebalanced partition send one mail. THE ONLY
- *   AT-LEAST-ONCE CASE: the process dies (or loses the SMTP reply, or cannot write the done
- *   mark before its claim expires) after the SMTP server accepted the message and before
- *   the done mark committed; the next owner re-sends after the claim expires.
+ *   2. data_platform: POST the CloudEvent (structured mode JSON) to DATA_PLATFORM_URL with
+ *      "Idempotency-Key: <event id>"; 2xx = success; then its done mark must commit.
+ *   3. email: claim the event's email row (one sender per event at a time, see below), then
+ *      send with Message-ID <event-id@ticketd>; then its done mark.
+ *   The external calls of one partition (lane) run one event at a time, in the order of
+ *   effects_run (offset order), retries included; a run whose step failed holds back the
+ *   later calls of its partition (not their points) until it is resumed or released.
+ *   DONE is reported only after every enabled effect's done mark committed; the caller
+ *   commits the Kafka offset only after that. A crash at any point therefore leaves the
+ *   offset uncommitted and the event is re-delivered; done effects are skipped; a
+ *   data-platform POST that happened but whose done mark did not commit is sent again with
+ *   the same Idempotency-Key (deduplicated by the receiver).
+ *   E-mail (SMTP does not deduplicate by Message-ID): before each attempt the run claims the
+ *   row for a token of this copy of the event until now + 2 x SINK_TIMEOUT + 10 s
+ *   (PostgreSQL's clock), unless it is done or claimed by another token whose claim has not
+ *   expired (then: outcome RETRY, and the copy waits for that claim's done mark or expiry).
+ *   So re-sent copies and the old and new owners of a rebalanced partition send one mail.
+ *   THE ONLY AT-LEAST-ONCE CASE: the process dies (or loses the SMTP reply, or cannot write
+ *   the done mark before its claim expires) after the SMTP server accepted the message and
+ *   before the done mark committed; the next owner re-sends after the claim expires.
  *   Points first: they are local, transactional and the cheapest to make exactly-once;
  *   the external calls follow, in a fixed order so a failing SMTP server never re-posts
- *   to the data platform (its row is already done).
+ *   to the data platform (its row is already done). Done marks of calls that happened are
+ *   written even for runs released or detached meanwhile (a dropped one would make the
+ *   next owner mail again once the claim expired).
  *
  * Disabled effects (DATA_PLATFORM_URL or SMTP_URL empty, or no e-mail address) get no
  * event_effects row. So an event is fully handled when its processed_events row exists and
  * none of its event_effects rows has done = false.
  *
  * Failures: a failed external call is recorded as a mark with done = false (attempts + 1,
- * last_error); the consumer decides whether to retry or to dead-letter. Marks never turn a
+ * last_error); the caller decides whether to resume or to dead-letter. Marks never turn a
  * done row back to not done. The `points` row's attempts counts the statements that found
  * it undone (1). */
 #ifndef TICKETD_EFFECTS_H
@@ -82,90 +90,65 @@ int effects_parse(const char *ce_id, size_t ce_id_len, const char *ce_time, size
 /* A UUID in its canonical 8-4-4-4-12 hex form. */
 bool effects_is_uuid(const char *s, size_t len);
 
-/* Whether an event gets the external effects (their settings are non-empty; e-mail needs
- * an address too). */
-bool effects_wants_data_platform(const struct effects *fx);
-bool effects_wants_email(const struct effects *fx, const struct effects_event *ev);
-
-/* Step 1 for n events (n >= 1; the same event id may appear twice). On success res holds n
- * entries in the order of evs; on failure res is NULL and error says why (no effect of the
- * statement committed). */
-struct effects_points_result {
-    bool points_granted;        /* this statement inserted the points_ledger row */
-    bool data_platform_done;    /* done before this statement */
-    bool email_done;
+/* The outcome of one round of a run (effects_run or effects_resume). */
+enum effects_status {
+    EFFECTS_DONE,   /* every enabled effect done and recorded; the run is gone */
+    EFFECTS_FAILED, /* a step failed: resume it (from that step) or release it */
+    EFFECTS_RETRY,  /* another copy holds the e-mail claim: resume after a wait (not an
+                     * attempt of the event) */
 };
-/* db_fault (on failure): the database is unhealthy (dbp_error_is_ours), not the events. */
-typedef void (*effects_points_fn)(void *ud, const struct effects_points_result *res,
-                                  const char *error, bool db_fault);
-
-/* evs are read during the call only. cb runs exactly once on a later loop turn. Returns 0,
- * or -errno (-ENOTCONN: database unavailable; cb not called). */
-int effects_points_batch(struct effects *fx, const struct effects_event *const *evs, size_t n,
-                         effects_points_fn cb, void *ud);
-
-enum effects_kind { EFFECTS_DATA_PLATFORM, EFFECTS_EMAIL };
-
-/* Outcome of one external call. error_class: NULL on success, else "sink_status",
- * "sink_transport", "smtp" or "closing" (the short class for the DLQ header); the message is
- * printable ASCII. Failures are counted (ticketd_sink_failures_total) and logged here. */
-struct effects_call_result {
-    bool ok;
+struct effects_outcome {
+    enum effects_status status;
+    /* FAILED: "db" (a query error), "db_unavailable", "sink_status", "sink_transport",
+     * "smtp" or "closing" (the short class for the DLQ header); printable ASCII message */
     const char *error_class;
     const char *error_message;
+    bool db_fault;  /* FAILED: our own database is unhealthy (dbp_error_is_ours, or not
+                     * connected), not the event: wait without using an attempt */
 };
-typedef void (*effects_call_fn)(void *ud, const struct effects_call_result *res);
+typedef void (*effects_outcome_fn)(void *ud, const struct effects_outcome *o);
 
-/* Steps 2 and 3 (the e-mail after effects_claim_email): the data-platform POST or the e-mail of ev (read during the call only).
- * cb runs exactly once on a later loop turn. Returns 0, or -errno (-ECANCELED after
- * effects_stop; cb not called). */
-int effects_call(struct effects *fx, enum effects_kind kind, const struct effects_event *ev,
-                 effects_call_fn cb, void *ud);
+struct effects_run;
 
-/* One mark: `tries` attempts of (event, effect) to add, done or failed with error. */
-struct effects_mark {
-    const char *event_id;
-    enum effects_kind effect;
-    bool done;
-    int tries;
-    const char *error;          /* NULL when done */
-};
-/* ok: the statement committed (every mark is written); else db_fault as above. */
-typedef void (*effects_marks_fn)(void *ud, bool ok, const char *error, bool db_fault);
+/* Runs ev's effects (its strings are copied; ev->value must stay valid until the outcome
+ * DONE, effects_release or effects_detach). *out is the run's handle until then. cb runs
+ * exactly once per round, never from inside this call (nor effects_resume). Returns 0, or
+ * -errno (-ECANCELED while draining; cb not called). */
+int effects_run(struct effects *fx, const struct effects_event *ev, effects_outcome_fn cb,
+                void *ud, struct effects_run **out);
 
-/* Writes n marks (n >= 1) in one statement; marks are read during the call only. Several
- * marks of one (event, effect) fold into one (done wins, tries add up). cb runs exactly once
- * on a later loop turn. Returns 0, or -errno (cb not called). */
-int effects_mark_batch(struct effects *fx, const struct effects_mark *marks, size_t n,
-                       effects_marks_fn cb, void *ud);
+/* After FAILED or RETRY: a new round from the steps that did not succeed (one more
+ * outcome). Returns 0 or -errno (cb not called). */
+int effects_resume(struct effects *fx, struct effects_run *r);
 
-/* Before each e-mail attempt: claims the event's email row for `token` (a UUID the caller
- * keeps for its attempts of this copy of the event) until now + ttl_ms (PostgreSQL's clock),
- * unless the row is done or claimed by another token whose claim has not expired. So two
- * copies of one event (a relay re-send, the old and the new owner after a rebalance) never
- * send at the same time, and the second finds the first's done mark. */
-enum effects_claim { EFFECTS_CLAIMED, EFFECTS_CLAIM_DONE, EFFECTS_CLAIM_HELD };
-typedef void (*effects_claim_fn)(void *ud, enum effects_claim result, const char *error,
-                                 bool db_fault);
-/* cb runs exactly once on a later turn (error non-NULL: the statement failed). Returns 0 or
- * -errno (cb not called). */
-int effects_claim_email(struct effects *fx, const char *event_id, const char *token,
-                        int64_t ttl_ms, effects_claim_fn cb, void *ud);
+/* The caller is done with r (it dead-lettered the event): no callback any more; calls in
+ * flight finish and their marks are written; r's partition lane moves on. */
+void effects_release(struct effects *fx, struct effects_run *r);
+
+/* The partition was revoked: no callback arrives for its runs any more and their handles
+ * are invalid. What is in flight finishes; done marks of calls that happened are still
+ * written (a few statements at most); nothing else is. */
+void effects_detach(struct effects *fx, int32_t partition);
 
 /* db and hc are borrowed (owned by the caller, outlive the effects). consumer_group names
  * the group in processed_events. */
 int effects_create(struct effects **out, uv_loop_t *loop, const struct cfg *cfg,
                    const char *consumer_group, struct dbp *db, struct hc *hc);
 
-/* Shutdown, step 1: no new external call starts (effects_call returns -ECANCELED). Call
- * before closing the hc. */
+/* Shutdown, step 1: no new points statement, claim or call starts (effects_run and
+ * effects_resume return -ECANCELED); done marks still go out. */
+void effects_drain(struct effects *fx);
+
+/* Shutdown, step 2: nothing new starts (the calls' start returns -ECANCELED, failed with
+ * "closing"). Call before closing the hc. */
 void effects_stop(struct effects *fx);
 
-/* Statements and calls in progress. */
+/* Statements and calls in progress, plus runs whose marks wait to be sent. */
 unsigned effects_inflight(const struct effects *fx);
 
-/* Frees fx. Everything in progress must have finished (close hc and db first: their
+/* Stops, then frees fx and every run on a later loop turn (its libuv handles close), then
+ * calls done(ud). Everything in progress must have finished (close hc and db first: their
  * callbacks run with the closing errors). */
-void effects_free(struct effects *fx);
+void effects_close(struct effects *fx, void (*done)(void *ud), void *ud);
 
 #endif

@@ -1,6 +1,6 @@
 /* limits: every fixed cap in one place (curl's DYN_* habit): sizes, counts and the longest
  * waits. Caps that operators tune are settings in config.c; these are the fixed ones. (The
- * consumer's, the DLQ's and the admin tools' caps join here as those modules are split.) */
+ * DLQ's and the admin tools' caps join here as those modules are split.) */
 #ifndef TICKETD_LIMITS_H
 #define TICKETD_LIMITS_H
 
@@ -47,6 +47,33 @@
 /* Kafka (kafka_common.c, kafka_mock.c) */
 #define KAFKA_PROP_NAME_MAX 128       /* a property name echoed back in an error (never values) */
 #define MOCK_CMD_LINE_MAX 256         /* one control command of `ticketd kafka-mock` */
+
+/* consumer (consumer.c) */
+#define PART_WINDOW 256               /* events per partition in hand (parsed, handed out) */
+/* Flow control. Fetched, unfinished events in all partitions: above INHAND_HIGH the
+ * partitions holding more than their window are paused, below INHAND_LOW resumed. Pausing is
+ * kept rare on purpose: librdkafka drops a paused partition's prefetched messages and takes
+ * ~0.5-1 s to fetch again after the resume (measured: a per-partition limit of 512 capped
+ * the consumer at ~6,000 events/s with 12 partitions). */
+#define INHAND_HIGH 32768
+#define INHAND_LOW 16384
+#define COMMIT_INTERVAL_MS 200        /* finished offsets are committed at most this often */
+#define POLL_INTERVAL_MS 1000         /* serve the consumer even when idle (max.poll.interval.ms) */
+#define CLOSE_DRAIN_MAX_MS 10000      /* wait for work in flight at shutdown, at most */
+#define CLOSE_KAFKA_MAX_MS 10000      /* wait for the asynchronous consumer close, at most */
+#define CONSUMER_DRAIN_POLL_MS 20              /* how often a draining consumer looks at what is in flight */
+#define BACKOFF_MAX_MS 60000          /* cap of the exponential backoff */
+#define DB_WAIT_MIN_MS 200            /* waits for our own database: first ... */
+#define DB_WAIT_MAX_MS 10000          /* ... and longest (doubling, with jitter) */
+#define FETCH_WAIT_MAX_MS "50"        /* see consumer_start */
+#define CONSUMER_DB_POOL 4            /* PostgreSQL connections of the consumer */
+#define DLQ_MESSAGE_MAX 1000          /* bytes of error message kept (DLQ header and row, marks) */
+
+/* effects (effects.c, effects_batch.c) */
+#define POINTS_BATCH_CUT 1024         /* events per points statement */
+#define MARKS_BATCH_CUT 2048          /* done marks per statement */
+#define STATEMENTS_INFLIGHT 2         /* points (and, separately, marks) statements in flight */
+#define ORPHAN_MARK_TRIES 3           /* a released or detached run's done marks: statements tried */
 
 /* logging and validation */
 #define LOG_LINE_MAX 4096             /* one log line, longer ones are cut */
