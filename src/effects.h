@@ -65,7 +65,7 @@ struct hc;
 struct effects;
 
 /* A parsed TicketApplied event. The strings are copies; value points into the message,
- * which the caller keeps alive until the run's callback. */
+ * which the caller keeps alive while the run is its own (see effects_run). */
 struct effects_event {
     char event_id[UUID_STR_LEN + 1];           /* ce_id header, a UUID */
     char ce_time[64];                          /* ce_time header ("" if absent) */
