@@ -115,7 +115,7 @@ static const struct migration migrations[] = {
      "  || '\\x00'::bytea || convert_to(seats::text, 'UTF8')) WHERE idempotency_key IS NOT NULL;"
      "CREATE UNIQUE INDEX applications_idempotency_key_idx ON applications (idempotency_key)"
      "  WHERE idempotency_key IS NOT NULL;"},
-    /* The e-mail step claims its row before calling SMTP (effects_claim_email): one sender
+    /* The e-mail step claims its row before calling SMTP (effects.c claim_email): one sender
      * per event at a time, across consumers, rebalances and re-sent copies. */
     {4, "e-mail send claims",
      "ALTER TABLE event_effects ADD COLUMN claim_token uuid,"

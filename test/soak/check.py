@@ -27,7 +27,7 @@ SAMPLE = 12
 # Kinds of fault that can keep a replica from writing an e-mail's done mark (see excused()).
 MARK_BLOCKERS = ("kill", "pause_leader", "pause_consumer", "pg_restart", "pg_read_only",
                  "pg_pause", "partition_pg")
-# An e-mail claim lasts 2 x SINK_TIMEOUT + 10 s (consumer.c claim_ttl_ms; run.py sets
+# An e-mail claim lasts 2 x SINK_TIMEOUT + 10 s (effects.c claim_ttl_ms; run.py sets
 # SINK_TIMEOUT=2s): a sender that cannot mark its send within it lets another copy send again.
 CLAIM_S = 2 * 2.0 + 10.0
 DATA_STAGES = ("row", "outbox", "published", "topic", "processed", "points", "effects", "dlq")
