@@ -409,12 +409,12 @@ static int cmd_serve(struct cfg *c, int argc, char **argv)
 
 static int cmd_migrate(struct cfg *c, int argc, char **argv)
 {
-    int upto = 0; /* --to N: only versions <= N (an older schema, for upgrade tests) */
-    if (argc == 2 && strcmp(argv[0], "--to") == 0) {
+    int upto = 0; /* "to N": only versions <= N (an older schema, for upgrade tests) */
+    if (argc == 2 && strcmp(argv[0], "to") == 0) {
         char *end;
         long v = strtol(argv[1], &end, 10);
         if (*end || v < 1 || v > migrate_latest_version()) {
-            fprintf(stderr, "ticketd migrate: --to wants a version 1..%d\n", migrate_latest_version());
+            fprintf(stderr, "ticketd migrate: to wants a version 1..%d\n", migrate_latest_version());
             return 2;
         }
         upto = (int)v;
@@ -447,7 +447,7 @@ struct command {
 
 static const struct command commands[] = {
     {"serve", cmd_serve, true, "run the service (the default command)"},
-    {"migrate", cmd_migrate, true, "apply database migrations, then exit"},
+    {"migrate", cmd_migrate, true, "apply database migrations, then exit (migrate to N: up to version N)"},
     {"config-table", cmd_config_table, true, "print the settings as a Markdown table"},
     {"help", cmd_help, true, "this text"},
     {"audit", audit_main, false, "reconcile DB, outbox, topic, consumer and DLQ (--event-id, --since, --json)"},
