@@ -44,13 +44,19 @@
 #define RELAY_CONTAINER_OF(ptr, type, member) ((type *)((char *)(ptr)-offsetof(type, member)))
 
 /* The horizon: a transaction below the snapshot's xmin has ended, so the rows read here
- * are all that will ever exist up to the last one returned (the index outbox_xid_idx). */
+ * are all that will ever exist up to the last one returned (the index outbox_xid_idx).
+ * Rows with a record are left out: after a rewind (a retry) or a takeover the cursor may
+ * lie below rows already recorded, which must not be sent again and again (one GiST probe
+ * per row; a new row's id lies in no record's range, so the probe ends at once). */
 static const char *const claim_sql =
-    "SELECT id, event_id, aggregate_id, payload::text, "
-    DBP_RFC3339_UTC("created_at") ", "
-    "extract(epoch FROM created_at)::float8, attempts, xid::text "
-    "FROM outbox WHERE (xid, id) > ($1::xid8, $2::bigint)"
-    " AND xid < pg_snapshot_xmin(pg_current_snapshot()) ORDER BY xid, id LIMIT $3";
+    "SELECT o.id, o.event_id, o.aggregate_id, o.payload::text, "
+    DBP_RFC3339_UTC("o.created_at") ", "
+    "extract(epoch FROM o.created_at)::float8, o.attempts, o.xid::text "
+    "FROM outbox o WHERE (o.xid, o.id) > ($1::xid8, $2::bigint)"
+    " AND o.xid < pg_snapshot_xmin(pg_current_snapshot())"
+    " AND NOT EXISTS (SELECT 1 FROM outbox_publications p"
+    "  WHERE int8range(p.first_id, p.last_id, '[]') @> o.id AND o.id = ANY (p.ids))"
+    " ORDER BY o.xid, o.id LIMIT $3";
 
 #define LEASE_FENCE                                                                        \
     "lease AS (SELECT 1 FROM relay_lease WHERE name = 'relay' AND holder = $4"             \

@@ -14,7 +14,9 @@
  * (attempts, last_error) and retries it later with doubling backoff. Published rows older
  * than OUTBOX_RETENTION are deleted in small batches, once their event was processed (every
  * effect done) or dead-lettered. Crashes and handovers may re-send a row (same ce_id); they
- * never skip one. */
+ * never skip one. A transaction holding an xid open anywhere in the cluster (a long write, a
+ * prepared transaction) holds back every later row until it ends (the horizon; the backlog
+ * gauges show it); ingest is not affected. */
 #ifndef TICKETD_OUTBOX_RELAY_H
 #define TICKETD_OUTBOX_RELAY_H
 
