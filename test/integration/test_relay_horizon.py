@@ -149,6 +149,26 @@ class RelayHorizonTest(TicketdTestCase):
         self.assertEqual(sorted(ce_ids), sorted(ces + more),
                          "the new leader re-sent rows below the durable cursor, or lost one")
 
+    def test_a_row_that_keeps_failing_does_not_resend_the_rows_after_it(self):
+        """Each retry of a failing row rewinds the cursor below it; the rows published since
+        already have records and are not produced again."""
+        self.start_env = dict(ENV, RELAY_RETRY_BACKOFF="100ms",
+                              KAFKA_CONFIG="message.max.bytes=2000")
+        self.track(Ticketd(self.pg, brokers=self.kafka.brokers, env=self.start_env,
+                           name="relay"))
+        s = self.session()
+        s.run("INSERT INTO outbox (aggregate_id, event_type, payload) VALUES (0, 'TicketApplied',"
+              " jsonb_build_object('tag', repeat('x', 5000)));")
+        ces = [self.insert(s, f"after{i}")[1] for i in range(10)]
+        wait_until(lambda: self.published(ces), timeout=60, what="the rows after it published")
+        wait_until(lambda: int(self.pg.scalar("SELECT max(attempts) FROM outbox")) >= 4,
+                   timeout=60, what="the oversized row retried a few times")
+        self.assertEqual(sorted(self.topic_ce_ids(expect=10)), sorted(ces))
+        wait_until(lambda: int(self.pg.scalar("SELECT max(attempts) FROM outbox")) >= 6,
+                   timeout=60, what="more retries")
+        self.assertEqual(sorted(self.topic_ce_ids(expect=10)), sorted(ces),
+                         "a retry re-sent rows that were published already")
+
 
 if __name__ == "__main__":
     unittest.main()
