@@ -202,10 +202,12 @@ for N in "${SIZES[@]}"; do
     psql_ -d ticketd \
         -c "CREATE UNLOGGED TABLE IF NOT EXISTS bench_acks (event_id uuid, p int, o bigint); TRUNCATE bench_acks" \
         -c "\\copy bench_acks FROM '$WORK/acks.tsv'" \
-        -c "UPDATE outbox SET published_at = now(), attempts = 1, kafka_partition = a.p, kafka_offset = a.o
-              FROM bench_acks a WHERE outbox.event_id = a.event_id" \
+        -c "UPDATE outbox SET attempts = 1 FROM bench_acks a WHERE outbox.event_id = a.event_id" \
+        -c "INSERT INTO outbox_publications (kafka_partition, ids, offsets, first_id, last_id, epoch)
+            SELECT a.p, array_agg(o.id ORDER BY o.id), array_agg(a.o ORDER BY o.id), min(o.id),
+                   max(o.id), 0 FROM bench_acks a JOIN outbox o USING (event_id) GROUP BY a.p, o.id / 1000" \
         -c "INSERT INTO processed_events (event_id, consumer_group, topic, partition, \"offset\")
-            SELECT event_id, '$GROUP', 'ticket-applied', kafka_partition, kafka_offset FROM outbox" \
+            SELECT event_id, '$GROUP', 'ticket-applied', p, o FROM bench_acks" \
         -c "INSERT INTO event_effects (event_id, effect, application_id, done, attempts)
             SELECT event_id, e, aggregate_id, true, 1 FROM outbox, unnest(ARRAY['points','data_platform']) e" \
         -c "DROP TABLE bench_acks" -c "VACUUM ANALYZE"

@@ -266,7 +266,7 @@ class Sampler(threading.Thread):
         s = {"t": round(now - self.t0, 3)}
         try:
             s["backlog"] = int(self.stack.pg.scalar(
-                "SELECT count(*) FROM outbox WHERE published_at IS NULL"))
+                "SELECT count(*) FROM outbox_status WHERE published_at IS NULL"))
         except Exception:
             s["backlog"] = None
         try:
@@ -350,7 +350,7 @@ def wait_drained(stack, sampler, timeout, stall=30.0):
     deadline = time.monotonic() + timeout
     last, last_change = None, time.monotonic()
     while time.monotonic() < deadline:
-        backlog = int(stack.pg.scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL"))
+        backlog = int(stack.pg.scalar("SELECT count(*) FROM outbox_status WHERE published_at IS NULL"))
         lag = metric_sum(stack.metrics(), "ticketd_consumer_lag") or 0
         now = time.time()
         if backlog == 0 and lag == 0:
@@ -520,11 +520,11 @@ def run_once(bins, cfg, rundir, label):
 
 def db_figures(pg, base_id, t0, peak_end, t_load_end):
     """Latencies and per-second series computed from the rows' own timestamps."""
-    frm_o = f"outbox o WHERE o.id > {base_id} AND o.published_at IS NOT NULL"
+    frm_o = f"outbox_status o WHERE o.id > {base_id} AND o.published_at IS NOT NULL"
     d = {}
     d["commit_to_ack"] = _pct_row(pg.rows(_pct_sql(
         "extract(epoch FROM o.published_at - o.created_at) * 1000", frm_o))[0])
-    frm_p = (f"outbox o JOIN processed_events p ON p.event_id = o.event_id WHERE o.id > {base_id}")
+    frm_p = (f"outbox_status o JOIN processed_events p ON p.event_id = o.event_id WHERE o.id > {base_id}")
     d["publish_to_processed"] = _pct_row(pg.rows(_pct_sql(
         "extract(epoch FROM p.processed_at - o.published_at) * 1000", frm_p))[0])
     d["commit_to_processed"] = _pct_row(pg.rows(_pct_sql(
@@ -539,21 +539,21 @@ def db_figures(pg, base_id, t0, peak_end, t_load_end):
     row = pg.rows(
         f"SELECT extract(epoch FROM max(o.published_at)) - {t0 + peak_end:.6f}, "
         f"extract(epoch FROM max(p.processed_at)) - {t0 + peak_end:.6f}, count(*) "
-        f"FROM outbox o LEFT JOIN processed_events p ON p.event_id = o.event_id "
+        f"FROM outbox_status o LEFT JOIN processed_events p ON p.event_id = o.event_id "
         f"WHERE o.id > {base_id} AND o.created_at <= to_timestamp({t0 + peak_end:.6f})")[0]
     f = lambda v: round(max(0.0, float(v)), 3) if v not in (None, "") else None  # noqa: E731
     d["drain_after_peak"] = {"publish_s": f(row[0]), "process_s": f(row[1]),
                              "rows_committed_by_peak_end": int(row[2])}
     row = pg.rows(f"SELECT extract(epoch FROM max(o.published_at)) - {t0 + t_load_end:.6f}, "
                   f"extract(epoch FROM max(p.processed_at)) - {t0 + t_load_end:.6f} "
-                  f"FROM outbox o LEFT JOIN processed_events p ON p.event_id = o.event_id "
+                  f"FROM outbox_status o LEFT JOIN processed_events p ON p.event_id = o.event_id "
                   f"WHERE o.id > {base_id}")[0]
     d["drain_after_load_end"] = {"publish_s": f(row[0]), "process_s": f(row[1])}
     pub = d["per_second"]["published"]
     proc = d["per_second"]["processed"]
     d["relay_peak_per_s"] = max(pub.values()) if pub else 0
     d["consumer_peak_per_s"] = max(proc.values()) if proc else 0
-    counts = pg.rows("SELECT (SELECT count(*) FROM outbox WHERE published_at IS NULL), "
+    counts = pg.rows("SELECT (SELECT count(*) FROM outbox_status WHERE published_at IS NULL), "
                      "(SELECT count(*) FROM dead_letters), "
                      "(SELECT count(*) FROM event_effects WHERE NOT done)")[0]
     d["unpublished_at_end"], d["dead_letters"], d["effects_not_done"] = (int(x) for x in counts)

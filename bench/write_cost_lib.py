@@ -160,7 +160,8 @@ def _partial_counts(pred, ins, upd):
     """Index entries a partial index gets: one the new row version of a non-HOT update
     cannot satisfy (published_at IS NULL, the column the update sets) counts inserts only;
     one an inserted row cannot satisfy (IS NOT NULL) counts updates only. A heuristic for
-    this schema's two partial outbox indexes, named as such in the output."""
+    the two partial outbox indexes of schema versions 1-5 (migration 6 dropped them), named
+    as such in the output."""
     if pred is None:
         return ins + upd
     if "IS NOT NULL" in pred.upper():

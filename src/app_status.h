@@ -5,11 +5,12 @@
  *   dead_lettered  a dead letter of its event not replayed since (wins over processed: the
  *                  consumer gave up on something, an operator has to look)
  *   processed      a processed_events row and no effect left undone
- *   published      the outbox row is published
+ *   published      the outbox row has a publication record (outbox_publications)
  *   applied        otherwise
  *
- * APP_STATUS_SQL expects the aliases o (the outbox row) and p (its processed_events row,
- * joined with APP_STATUS_JOIN_SQL or the like). */
+ * APP_STATUS_SQL expects the aliases o (the outbox row as the view outbox_status shows it:
+ * with published_at, kafka_partition, kafka_offset of its first publication record) and p
+ * (its processed_events row, joined with APP_STATUS_JOIN_SQL or the like). */
 #ifndef TICKETD_APP_STATUS_H
 #define TICKETD_APP_STATUS_H
 
@@ -28,7 +29,7 @@
 /* An application a with its newest outbox row o and that row's p. */
 #define APP_STATUS_FROM_SQL                                                                    \
     " FROM applications a "                                                                    \
-    "LEFT JOIN LATERAL (SELECT * FROM outbox ob WHERE ob.aggregate_id = a.id "                 \
+    "LEFT JOIN LATERAL (SELECT * FROM outbox_status ob WHERE ob.aggregate_id = a.id "          \
     "                   ORDER BY ob.id DESC LIMIT 1) o ON true" APP_STATUS_JOIN_SQL
 
 #endif

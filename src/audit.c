@@ -277,7 +277,7 @@ static int stage1(struct audit_ctx *a, const char *const *params)
 
     r = admin_pg_exec(a->db,
                       "SELECT count(*), count(*) FILTER (WHERE o.published_at IS NOT NULL) "
-                      "FROM outbox o WHERE " OUTBOX_FILTER,
+                      "FROM outbox_status o WHERE " OUTBOX_FILTER,
                       2, params, a->err, a->errlen);
     if (!r) return -1;
     a->outbox_rows = admin_pg_i64(PQgetvalue(r, 0, 0), 0);
@@ -353,7 +353,7 @@ static int stage2_unpublished(struct audit_ctx *a, const char *const *params)
     if (cur_open(&k, a->db, "audit_unpublished",
                  "SELECT o.aggregate_id, o.event_id::text, o.created_at, o.attempts, o.last_error,"
                  " o.created_at < now() - $3::bigint * interval '1 millisecond'"
-                 " FROM outbox o WHERE " OUTBOX_FILTER " AND o.published_at IS NULL ORDER BY o.id",
+                 " FROM outbox_status o WHERE " OUTBOX_FILTER " AND o.published_at IS NULL ORDER BY o.id",
                  3, p3, a->err, a->errlen))
         return -1;
     int rc;
@@ -433,7 +433,7 @@ static int flush_cands(struct audit_ctx *a)
     arr[len] = '\0';
     const char *params[1] = {arr};
     PGresult *r = admin_pg_exec(a->lookup,
-                                "SELECT event_id::text, kafka_partition, kafka_offset FROM outbox"
+                                "SELECT event_id::text, kafka_partition, kafka_offset FROM outbox_status"
                                 " WHERE event_id = ANY($1::uuid[])",
                                 1, params, a->err, a->errlen);
     free(arr);
@@ -652,7 +652,7 @@ static const char *const published_sql =
     "   WHERE d.event_id = o.event_id AND d.replayed_at IS NULL ORDER BY d.id DESC LIMIT 1)"
     " END,"
     " o.created_at < now() - $3::bigint * interval '1 millisecond'"
-    " FROM outbox o LEFT JOIN processed_events pe ON pe.event_id = o.event_id"
+    " FROM outbox_status o LEFT JOIN processed_events pe ON pe.event_id = o.event_id"
     " WHERE o.published_at IS NOT NULL AND " OUTBOX_FILTER
     " ORDER BY o.kafka_partition, o.kafka_offset";
 

@@ -260,10 +260,10 @@ static void log_effective_config(const struct cfg *c)
     free(text);
 }
 
-static int run_migrations(const struct cfg *c)
+static int run_migrations(const struct cfg *c, int upto)
 {
     char err[512] = "";
-    if (migrate_run(c->database_url, MIGRATE_TIMEOUT_MS, err, sizeof err) != 0) {
+    if (migrate_run_to(c->database_url, MIGRATE_TIMEOUT_MS, upto, err, sizeof err) != 0) {
         char *url = cfg_redact_url(c->database_url);
         char quoted[600];
         log_quote(err, quoted, sizeof quoted);
@@ -309,7 +309,7 @@ static int cmd_serve(struct cfg *c, int argc, char **argv)
 #endif
 
     /* 1. schema (blocking, start-up only); our sessions must be our own (no transaction pooler) */
-    if (run_migrations(&s->cfg)) return 1;
+    if (run_migrations(&s->cfg, 0)) return 1;
     char perr[768];
     if (pooler_check(s->cfg.database_url, perr, sizeof perr) != 0) {
         log_error("main", "event=pooler_refused");
@@ -409,11 +409,20 @@ static int cmd_serve(struct cfg *c, int argc, char **argv)
 
 static int cmd_migrate(struct cfg *c, int argc, char **argv)
 {
-    if (argc > 0) {
+    int upto = 0; /* "to N": only versions <= N (an older schema, for upgrade tests) */
+    if (argc == 2 && strcmp(argv[0], "to") == 0) {
+        char *end;
+        long v = strtol(argv[1], &end, 10);
+        if (*end || v < 1 || v > migrate_latest_version()) {
+            fprintf(stderr, "ticketd migrate: to wants a version 1..%d\n", migrate_latest_version());
+            return 2;
+        }
+        upto = (int)v;
+    } else if (argc > 0) {
         fprintf(stderr, "ticketd migrate: unexpected argument \"%s\"\n", argv[0]);
         return 2;
     }
-    if (run_migrations(c)) return 1;
+    if (run_migrations(c, upto)) return 1;
     log_info("main", "event=migrated");
     return 0;
 }
@@ -438,7 +447,7 @@ struct command {
 
 static const struct command commands[] = {
     {"serve", cmd_serve, true, "run the service (the default command)"},
-    {"migrate", cmd_migrate, true, "apply database migrations, then exit"},
+    {"migrate", cmd_migrate, true, "apply database migrations, then exit (migrate to N: up to version N)"},
     {"config-table", cmd_config_table, true, "print the settings as a Markdown table"},
     {"help", cmd_help, true, "this text"},
     {"audit", audit_main, false, "reconcile DB, outbox, topic, consumer and DLQ (--event-id, --since, --json)"},

@@ -128,6 +128,46 @@ static const struct migration migrations[] = {
      "  epoch      bigint NOT NULL DEFAULT 0,"
      "  expires_at timestamptz NOT NULL DEFAULT '-infinity');"
      "INSERT INTO relay_lease (name) VALUES ('relay');"},
+    /* Issue 14: publication is an insert-only record (outbox_publications, one row per
+     * partition per mark: the ids and their offsets) instead of an UPDATE of the outbox row
+     * that was never HOT. The relay reads outbox in (xid, id) order below the transaction
+     * horizon from a durable cursor in the lease row (docs/ARCHITECTURE.md "The relay's
+     * cursor"). Rows already there get xid 0; the cursor starts below the first unpublished
+     * one; their publications become records, one per (partition, published_at), i.e. per
+     * mark statement. outbox_status is outbox with its first publication, for readers. */
+    {6, "insert-only publication records",
+     "ALTER TABLE outbox ADD COLUMN xid xid8 NOT NULL DEFAULT '0';"
+     "ALTER TABLE outbox ALTER COLUMN xid SET DEFAULT pg_current_xact_id();"
+     "CREATE TABLE outbox_publications ("
+     "  id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,"
+     "  kafka_partition int,"
+     "  ids             bigint[] NOT NULL,"
+     "  offsets         bigint[] NOT NULL,"
+     "  first_id        bigint NOT NULL,"
+     "  last_id         bigint NOT NULL,"
+     "  epoch           bigint NOT NULL,"
+     "  published_at    timestamptz NOT NULL DEFAULT now());"
+     "CREATE INDEX outbox_publications_range_idx ON outbox_publications"
+     "  USING gist (int8range(first_id, last_id, '[]'));"
+     "INSERT INTO outbox_publications (kafka_partition, ids, offsets, first_id, last_id, epoch,"
+     "  published_at) SELECT kafka_partition, array_agg(id ORDER BY id),"
+     "  array_agg(kafka_offset ORDER BY id), min(id), max(id), 0, published_at FROM outbox"
+     "  WHERE published_at IS NOT NULL GROUP BY kafka_partition, published_at;"
+     "ALTER TABLE relay_lease ADD COLUMN cursor_xid xid8 NOT NULL DEFAULT '0',"
+     "  ADD COLUMN cursor_id bigint NOT NULL DEFAULT 0;"
+     "UPDATE relay_lease SET cursor_id = coalesce("
+     "  (SELECT min(id) - 1 FROM outbox WHERE published_at IS NULL),"
+     "  (SELECT max(id) FROM outbox), 0);"
+     "DROP INDEX outbox_unpublished_idx;"
+     "DROP INDEX outbox_published_idx;"
+     "ALTER TABLE outbox DROP COLUMN published_at, DROP COLUMN kafka_partition,"
+     "  DROP COLUMN kafka_offset;"
+     "CREATE INDEX outbox_xid_idx ON outbox (xid, id);"
+     "CREATE VIEW outbox_status AS SELECT o.*, p.published_at, p.kafka_partition, p.kafka_offset"
+     "  FROM outbox o LEFT JOIN LATERAL (SELECT r.published_at, r.kafka_partition,"
+     "  r.offsets[array_position(r.ids, o.id)] AS kafka_offset FROM outbox_publications r"
+     "  WHERE int8range(r.first_id, r.last_id, '[]') @> o.id AND o.id = ANY (r.ids)"
+     "  ORDER BY r.id LIMIT 1) p ON true;"},
 };
 
 #define NMIGRATIONS ((int)(sizeof migrations / sizeof migrations[0]))
@@ -279,6 +319,11 @@ fail:
 
 int migrate_run(const char *conninfo, int timeout_ms, char *err, size_t errlen)
 {
+    return migrate_run_to(conninfo, timeout_ms, 0, err, errlen);
+}
+
+int migrate_run_to(const char *conninfo, int timeout_ms, int upto, char *err, size_t errlen)
+{
     if (err && errlen) err[0] = '\0';
     if (!conninfo) {
         set_err(err, errlen, "no DATABASE_URL given");
@@ -289,6 +334,7 @@ int migrate_run(const char *conninfo, int timeout_ms, char *err, size_t errlen)
 
     int rc = 0, applied = 0;
     for (int i = 0; i < NMIGRATIONS; i++) {
+        if (upto > 0 && migrations[i].version > upto) continue;
         int r = apply_one(pg, &migrations[i], err, errlen);
         if (r < 0) {
             rc = -EIO;

@@ -22,6 +22,10 @@
  * a one-line message in err (password redacted). err may be NULL. */
 int migrate_run(const char *conninfo, int timeout_ms, char *err, size_t errlen);
 
+/* migrate_run, applying only the versions <= upto (upto <= 0: all). `ticketd migrate to N`
+ * uses it to build an older schema, for upgrade tests. */
+int migrate_run_to(const char *conninfo, int timeout_ms, int upto, char *err, size_t errlen);
+
 /* The highest version this binary knows. */
 int migrate_latest_version(void);
 

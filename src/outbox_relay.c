@@ -1,16 +1,20 @@
-/* outbox_relay: LISTEN/NOTIFY + timer, claim, produce, mark on ack (the lease: relay_lease.c,
- * the row map: relay_rows.c, retention and backlog gauges: relay_upkeep.c).
+/* outbox_relay: LISTEN/NOTIFY + timer, claim, produce, record on ack (the lease:
+ * relay_lease.c, the row map: relay_rows.c, retention and backlog gauges: relay_upkeep.c).
  *
- * Leadership is relay_lease.c's: only the holder of the lease claims, and its marks are
- * fenced by the lease's epoch in the same statement (mark_sql).
+ * Leadership is relay_lease.c's: only the holder of the lease claims, and its publication
+ * records are fenced by the lease's epoch in the same statement (mark_sql).
  *
  * Every outbox row in hand sits in one map (relay_rows.h: its states, and why MARKED rows
  * wait for the claim in flight).
  *
- * Claims walk a cursor (id > cursor, in id order). Transactions may commit out of id order
- * (group commits on several connections), so a row can appear below the cursor: the
- * cursor is rewound to 0 every RELAY_INTERVAL (the partial index on unpublished ids keeps
- * that cheap) and to just below any id a NOTIFY payload names. */
+ * Claims walk a cursor in (xid, id) order, reading only rows whose transaction is below the
+ * horizon pg_snapshot_xmin(pg_current_snapshot()): every transaction below it has ended, so
+ * no row can still appear below the cursor, however out of id order transactions commit.
+ * The cursor is durable in the lease row (relay_lease.cursor_xid/cursor_id): every tick the
+ * leader stores the key below the first row it holds unrecorded (fenced by the epoch), and a
+ * new leader starts there. Publication is an insert-only record (outbox_publications: one
+ * row per partition per mark); nothing in outbox is updated but attempts/last_error on a
+ * failed try. See docs/ARCHITECTURE.md "The relay's cursor". */
 #include "outbox_relay.h"
 
 #include <errno.h>
@@ -39,24 +43,63 @@
 
 #define RELAY_CONTAINER_OF(ptr, type, member) ((type *)((char *)(ptr)-offsetof(type, member)))
 
+/* The horizon: a transaction below the snapshot's xmin has ended, so the rows read here
+ * are all that will ever exist up to the last one returned (the index outbox_xid_idx).
+ * Rows with a record are left out: after a rewind (a retry) or a takeover the cursor may
+ * lie below rows already recorded, which must not be sent again and again (one GiST probe
+ * per row; a new row's id lies in no record's range, so the probe ends at once). */
 static const char *const claim_sql =
-    "SELECT id, event_id, aggregate_id, payload::text, "
-    DBP_RFC3339_UTC("created_at") ", "
-    "extract(epoch FROM created_at)::float8, attempts "
-    "FROM outbox WHERE published_at IS NULL AND id > $1 ORDER BY id LIMIT $2";
+    "SELECT o.id, o.event_id, o.aggregate_id, o.payload::text, "
+    DBP_RFC3339_UTC("o.created_at") ", "
+    "extract(epoch FROM o.created_at)::float8, o.attempts, o.xid::text "
+    "FROM outbox o WHERE (o.xid, o.id) > ($1::xid8, $2::bigint)"
+    " AND o.xid < pg_snapshot_xmin(pg_current_snapshot())"
+    " AND NOT EXISTS (SELECT 1 FROM outbox_publications p"
+    "  WHERE int8range(p.first_id, p.last_id, '[]') @> o.id AND o.id = ANY (p.ids))"
+    " ORDER BY o.xid, o.id LIMIT $3";
 
-/* $4 holder, $5 epoch: fenced by the lease (relay_lease.h). */
+#define LEASE_FENCE                                                                        \
+    "lease AS (SELECT 1 FROM relay_lease WHERE name = 'relay' AND holder = $4"             \
+    " AND epoch = $5::bigint AND expires_at > now())"
+
+/* One record per partition; $4 holder, $5 epoch: fenced by the lease (relay_lease.h).
+ * Answers the rows recorded per record (none when the lease was lost). */
 static const char *const mark_sql =
-    "WITH lease AS (SELECT 1 FROM relay_lease WHERE name = 'relay' AND holder = $4"
-    " AND epoch = $5::bigint AND expires_at > now()) "
-    "UPDATE outbox o SET published_at = now(), kafka_partition = u.p, kafka_offset = u.off "
-    "FROM unnest($1::bigint[], $2::int[], $3::bigint[]) AS u(id, p, off) "
-    "WHERE o.id = u.id AND o.published_at IS NULL AND EXISTS (SELECT 1 FROM lease)";
+    "WITH " LEASE_FENCE " "
+    "INSERT INTO outbox_publications (kafka_partition, ids, offsets, first_id, last_id, epoch) "
+    "SELECT u.p, array_agg(u.id ORDER BY u.id), array_agg(u.off ORDER BY u.id), min(u.id),"
+    " max(u.id), $5::bigint FROM unnest($1::bigint[], $2::int[], $3::bigint[]) AS u(id, p, off)"
+    " WHERE EXISTS (SELECT 1 FROM lease) GROUP BY u.p RETURNING cardinality(ids)";
+
+/* The durable cursor ($1 xid, $2 id): only forward, only by the lease's holder. */
+static const char *const cursor_sql =
+    "UPDATE relay_lease SET cursor_xid = $1::xid8, cursor_id = $2::bigint"
+    " WHERE name = 'relay' AND holder = $3 AND epoch = $4::bigint AND expires_at > now()"
+    " AND (cursor_xid, cursor_id) < ($1::xid8, $2::bigint)";
 
 static const char *const fail_sql =
     "UPDATE outbox o SET attempts = o.attempts + 1, last_error = u.e "
-    "FROM unnest($1::bigint[], $2::text[]) AS u(id, e) "
-    "WHERE o.id = u.id AND o.published_at IS NULL";
+    "FROM unnest($1::bigint[], $2::text[]) AS u(id, e) WHERE o.id = u.id";
+
+/* A place in the claim order. */
+struct relay_key {
+    uint64_t xid;
+    int64_t id;
+};
+
+static const struct relay_key KEY_MAX = {UINT64_MAX, INT64_MAX};
+
+static int key_cmp(struct relay_key a, struct relay_key b)
+{
+    if (a.xid != b.xid) return a.xid < b.xid ? -1 : 1;
+    return a.id < b.id ? -1 : a.id > b.id;
+}
+
+/* The key just below a row's: a cursor there reads the row again. */
+static struct relay_key key_below(uint64_t xid, int64_t id)
+{
+    return (struct relay_key){xid, id - 1};
+}
 
 struct ack {
     int64_t id;
@@ -106,8 +149,10 @@ struct relay {
     struct relay_upkeep upkeep; /* retention, backlog gauges */
     uint64_t claim_gen;
 
-    int64_t cursor;           /* claims read id > cursor */
-    int64_t rewind_to;        /* pending rewind, applied when the next claim is sent */
+    struct relay_key cursor;  /* claims read (xid, id) > cursor */
+    struct relay_key rewind_to; /* pending rewind, applied when the next claim is sent */
+    struct relay_key stored;  /* the durable cursor last stored (or read at acquisition) */
+    bool cursor_inflight;
     uint64_t claim_seq_sent;  /* sequence number of the last claim sent */
     uint64_t claim_seq_inflight;
 
@@ -177,6 +222,8 @@ static void close_check(struct relay *r);
 static bool lease_held(struct relay *r);
 static void on_retry_timer(uv_timer_t *t);
 static void on_retention_timer(uv_timer_t *t);
+static void rewind_cursor(struct relay *r, struct relay_key to);
+static void store_cursor(struct relay *r);
 
 /* --- marking ------------------------------------------------------------------------- */
 
@@ -186,7 +233,7 @@ static void on_mark_done(void *ud, const PGresult *res, const char *error)
     size_t n = r->acks_sending;
     r->acks_sending = 0;
 
-    if (!res || PQresultStatus(res) != PGRES_COMMAND_OK) {
+    if (!res || PQresultStatus(res) != PGRES_TUPLES_OK) {
         /* Keep them: marked again on the next tick. Rows stay owned meanwhile. */
         log_warn("relay", "event=mark_failed rows=%zu err=%s", n,
                  db_error(error, res));
@@ -207,11 +254,12 @@ static void on_mark_done(void *ud, const PGresult *res, const char *error)
     }
     if (n) memmove(r->acks, r->acks + n, (r->nacks - n) * sizeof *r->acks);
     r->nacks -= n;
-    long marked = atol(PQcmdTuples((PGresult *)res));
+    long marked = 0;
+    for (int i = 0; i < PQntuples(res); i++) marked += atol(PQgetvalue(res, i, 0));
     metrics_counter_add("ticketd_relay_marked_total", NULL, (double)marked);
     if ((size_t)marked < n)
         log_info("relay", "event=mark_skipped rows=%zu marked=%ld "
-                 "note=\"published already, or the lease was lost\"", n, marked);
+                 "note=\"the lease was lost\"", n, marked);
     log_debug("relay", "event=marked rows=%zu", n);
     flush_marks(r);
     if (r->closing) close_check(r);
@@ -334,7 +382,8 @@ static void process_drs(struct relay *r)
         bool positioned = d->partition >= 0 && d->offset >= 0;
         if (d->err == RD_KAFKA_RESP_ERR_NO_ERROR && positioned) {
             if (relay_grow((void **)&r->acks, &r->acks_cap, r->nacks + 1, sizeof *r->acks) != 0) {
-                relay_rows_remove(&r->rows, d->id); /* unmarked: resent later, same ce_id */
+                rewind_cursor(r, key_below(row->xid, d->id)); /* resent later, same ce_id */
+                relay_rows_remove(&r->rows, d->id);
                 continue;
             }
             r->acks[r->nacks++] = (struct ack){d->id, d->partition, d->offset};
@@ -583,8 +632,9 @@ static void on_claim(void *ud, const PGresult *res, const char *error)
     bool stopped = false;
     for (int i = 0; i < n; i++) {
         int64_t id = strtoll(PQgetvalue(res, i, 0), NULL, 10);
+        struct relay_key key = {strtoull(PQgetvalue(res, i, 7), NULL, 10), id};
         if (relay_rows_find(&r->rows, id)) { /* in flight, acked or cooling down */
-            r->cursor = id;
+            r->cursor = key;
             continue;
         }
         if (busy_rows(r) >= r->cfg->relay_inflight_max) {
@@ -597,6 +647,7 @@ static void on_claim(void *ud, const PGresult *res, const char *error)
             break;
         }
         row->state = ROW_INFLIGHT;
+        row->xid = key.xid;
         row->attempts = atoi(PQgetvalue(res, i, 6));
         row->created_at = strtod(PQgetvalue(res, i, 5), NULL);
         int rc = produce_row(r, res, i, row);
@@ -611,12 +662,14 @@ static void on_claim(void *ud, const PGresult *res, const char *error)
         } else if (!failed++) {
             first_failed = id;
         }
-        r->cursor = id;
+        r->cursor = key;
     }
     if (failed)
         log_warn("relay", "event=produce_failed rows=%d first_id=%" PRId64 " err=\"%s\"", failed,
                  first_failed, rd_kafka_err2str(r->last_produce_err));
-    if (produced) log_debug("relay", "event=produced rows=%d cursor=%" PRId64, produced, r->cursor);
+    if (produced)
+        log_debug("relay", "event=produced rows=%d cursor=%" PRIu64 "/%" PRId64, produced,
+                  r->cursor.xid, r->cursor.id);
     drop_marked_upto(r, r->claim_seq_inflight); /* after the skip test above used them */
     /* A full batch means more rows may wait; claim again unless capacity ran out (the
      * next drain of delivery reports claims then). */
@@ -634,13 +687,14 @@ static void maybe_claim(struct relay *r)
         return;
     }
     if (busy_rows(r) >= r->cfg->relay_inflight_max) return;
-    if (r->rewind_to < r->cursor) r->cursor = r->rewind_to;
-    r->rewind_to = INT64_MAX;
-    char after[24], limit[16];
-    snprintf(after, sizeof after, "%" PRId64, r->cursor);
+    if (key_cmp(r->rewind_to, r->cursor) < 0) r->cursor = r->rewind_to;
+    r->rewind_to = KEY_MAX;
+    char xid[24], after[24], limit[16];
+    snprintf(xid, sizeof xid, "%" PRIu64, r->cursor.xid);
+    snprintf(after, sizeof after, "%" PRId64, r->cursor.id);
     snprintf(limit, sizeof limit, "%d", r->cfg->relay_batch);
-    const char *params[2] = {after, limit};
-    if (dbp_query(r->session, claim_sql, 2, params, on_claim, r) != 0) return;
+    const char *params[3] = {xid, after, limit};
+    if (dbp_query(r->session, claim_sql, 3, params, on_claim, r) != 0) return;
     r->claim_inflight = true;
     r->claim_again = false;
     r->claim_gen = r->session_gen;
@@ -648,9 +702,9 @@ static void maybe_claim(struct relay *r)
     r->claim_seq_inflight = ++r->claim_seq_sent;
 }
 
-static void rewind_cursor(struct relay *r, int64_t below)
+static void rewind_cursor(struct relay *r, struct relay_key to)
 {
-    if (below - 1 < r->rewind_to) r->rewind_to = below - 1 < 0 ? 0 : below - 1;
+    if (key_cmp(to, r->rewind_to) < 0) r->rewind_to = to;
 }
 
 /* Rows whose backoff is over leave the map, and the cursor goes back below them. */
@@ -658,19 +712,19 @@ static void on_retry_timer(uv_timer_t *t)
 {
     struct relay *r = t->data;
     uint64_t now = uv_now(r->loop), next = UINT64_MAX;
-    int64_t *due = NULL;
+    struct relay_key *due = NULL;
     size_t ndue = 0, cap = 0;
     for (size_t i = 0; i < r->rows.cap; i++) {
         struct row *row = &r->rows.slots[i];
         if (!row->id || row->state != ROW_COOLDOWN) continue;
         if (row->retry_at <= now && relay_grow((void **)&due, &cap, ndue + 1, sizeof *due) == 0)
-            due[ndue++] = row->id;
+            due[ndue++] = (struct relay_key){row->xid, row->id};
         else if (row->retry_at < next)
             next = row->retry_at > now ? row->retry_at : now + 1;
     }
     for (size_t i = 0; i < ndue; i++) {
-        rewind_cursor(r, due[i]);
-        relay_rows_remove(&r->rows, due[i]);
+        rewind_cursor(r, key_below(due[i].xid, due[i].id));
+        relay_rows_remove(&r->rows, due[i].id);
     }
     free(due);
     if (next != UINT64_MAX && !r->teardown)
@@ -691,16 +745,17 @@ static void drop_rows(struct relay *r)
     r->nmarked = 0;
     r->nacks = r->acks_sending; /* a mark in progress is fenced by the DB */
     r->nfails = r->fails_sending;
-    r->cursor = 0;
-    r->rewind_to = INT64_MAX;
+    r->cursor = (struct relay_key){0, 0};
+    r->rewind_to = KEY_MAX;
     uv_timer_stop(&r->retry_timer);
 }
 
 static void on_lease_acquired(void *ud)
 {
     struct relay *r = ud;
-    r->cursor = 0;
-    r->rewind_to = INT64_MAX;
+    /* Continue from the durable cursor the lease row carried (relay_lease.h). */
+    r->cursor = r->stored = (struct relay_key){r->lease.cursor_xid, r->lease.cursor_id};
+    r->rewind_to = KEY_MAX;
     note_active(r, true, "lease_acquired");
     maybe_claim(r);
     on_retention_timer(&r->retention_timer); /* then every minute */
@@ -764,14 +819,51 @@ static void on_notify(void *ud, const char *channel, const char *payload)
 {
     struct relay *r = ud;
     if (strcmp(channel, "outbox") != 0) return;
-    /* A payload naming the lowest new outbox id lets a late commit below the cursor be
-     * claimed at once instead of at the next sweep. */
-    if (payload && *payload) {
-        char *end;
-        long long id = strtoll(payload, &end, 10);
-        if (*end == '\0' && id > 0) rewind_cursor(r, id);
-    }
+    (void)payload; /* the lowest new id: the horizon makes a rewind needless */
     maybe_claim(r);
+}
+
+/* --- the durable cursor ------------------------------------------------------------- */
+
+/* Below the first row not yet recorded: every row in hand not MARKED (its record may not
+ * be committed), a pending rewind (rows due for a retry), and the claim cursor (rows
+ * beyond it were never read). Every row below this key has a committed record. */
+static struct relay_key safe_cursor(const struct relay *r)
+{
+    struct relay_key k = key_cmp(r->rewind_to, r->cursor) < 0 ? r->rewind_to : r->cursor;
+    for (size_t i = 0; i < r->rows.cap; i++) {
+        const struct row *row = &r->rows.slots[i];
+        if (!row->id || row->state == ROW_MARKED) continue;
+        struct relay_key b = key_below(row->xid, row->id);
+        if (key_cmp(b, k) < 0) k = b;
+    }
+    return k;
+}
+
+static void on_cursor_stored(void *ud, const PGresult *res, const char *error)
+{
+    struct relay *r = ud;
+    r->cursor_inflight = false;
+    if (!res || PQresultStatus(res) != PGRES_COMMAND_OK)
+        log_warn("relay", "event=cursor_store_failed err=%s note=\"a new leader re-sends more\"",
+                 db_error(error, res));
+    if (r->closing) close_check(r);
+}
+
+/* Once a tick: a new leader re-sends only what lies above it (same ce_id). */
+static void store_cursor(struct relay *r)
+{
+    if (r->cursor_inflight || r->teardown || !lease_held(r)) return;
+    struct relay_key k = safe_cursor(r);
+    if (key_cmp(k, r->stored) <= 0) return;
+    char xid[24], id[24], epoch[24];
+    snprintf(xid, sizeof xid, "%" PRIu64, k.xid);
+    snprintf(id, sizeof id, "%" PRId64, k.id);
+    snprintf(epoch, sizeof epoch, "%" PRId64, r->lease.epoch);
+    const char *params[4] = {xid, id, r->lease.holder, epoch};
+    if (dbp_query(r->marker, cursor_sql, 4, params, on_cursor_stored, r) != 0) return;
+    r->cursor_inflight = true;
+    r->stored = k;
 }
 
 /* --- periodic work ------------------------------------------------------------------- */
@@ -787,8 +879,8 @@ static void on_tick(uv_timer_t *t)
     flush_marks(r);
     flush_fails(r);
     if (!lease_held(r)) return;
-    rewind_cursor(r, 1); /* sweep from the start: catches rows committed out of id order */
     maybe_claim(r);
+    store_cursor(r);
     relay_upkeep_backlog(&r->upkeep, r->session);
 }
 
@@ -825,7 +917,7 @@ int relay_start(struct relay **out, uv_loop_t *loop, const struct cfg *cfg,
     if (!r) return -ENOMEM;
     r->loop = loop;
     r->cfg = cfg;
-    r->rewind_to = INT64_MAX;
+    r->rewind_to = KEY_MAX;
     relay_lease_init(&r->lease, cfg->relay_lease_ttl_ms, &lease_hooks, r);
     r->brokers = strdup(brokers ? brokers : "");
     if (!r->brokers) {
@@ -943,10 +1035,12 @@ static void close_check(struct relay *r)
     if (r->teardown) return;
     if (r->closing_parts > 0) return; /* a producer is being destroyed: its work holds r */
     bool idle = r->inflight == 0 && r->nacks == 0 && r->nfails == 0 && !r->acks_sending &&
-                !r->fails_sending && !r->claim_inflight;
+                !r->fails_sending && !r->claim_inflight && !r->cursor_inflight;
     bool late = uv_now(r->loop) >= r->close_deadline;
     if (!idle && !late) return;
     if (!late && r->lease.held && !r->lease.released) {
+        store_cursor(r); /* the successor starts exactly where this one stopped */
+        if (r->cursor_inflight) return;
         /* Hand the lease back so that a standby need not wait for the TTL. */
         if (!r->lease.release_inflight) relay_lease_release(&r->lease, r->session);
         if (r->lease.release_inflight) return;

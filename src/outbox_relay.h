@@ -1,4 +1,4 @@
-/* outbox_relay (relay_): publishes committed outbox rows to Kafka, marking each row
+/* outbox_relay (relay_): publishes committed outbox rows to Kafka, recording each row
  * published only from the broker's delivery report.
  *
  * One relay is active across replicas: the holder of the lease in table relay_lease
@@ -6,14 +6,17 @@
  * channel "outbox"). A standby tries to claim it every min(TTL/3, 1 s), so it takes over
  * within about RELAY_LEASE_TTL + 1 s of the leader's last renewal, whether the leader died,
  * froze (SIGSTOP) or lost its network. Marks are fenced by the lease, and a leader stops
- * on its own clock before its lease can expire. The active relay claims unpublished rows in id order (bounded batches, at most
+ * on its own clock before its lease can expire. The active relay claims rows in (xid, id)
+ * order below the transaction horizon from its durable cursor (bounded batches, at most
  * RELAY_INFLIGHT_MAX produced and not yet acknowledged), produces them with key =
- * application id and CloudEvents headers, and on each delivery report either marks the row
- * published (published_at, kafka_partition, kafka_offset) or records the failure
+ * application id and CloudEvents headers, and on each delivery report either records the
+ * row published (an outbox_publications row per partition: ids, offsets) or records the failure
  * (attempts, last_error) and retries it later with doubling backoff. Published rows older
  * than OUTBOX_RETENTION are deleted in small batches, once their event was processed (every
  * effect done) or dead-lettered. Crashes and handovers may re-send a row (same ce_id); they
- * never skip one. */
+ * never skip one. A transaction holding an xid open anywhere in the cluster (a long write, a
+ * prepared transaction) holds back every later row until it ends (the horizon; the backlog
+ * gauges show it); ingest is not affected. */
 #ifndef TICKETD_OUTBOX_RELAY_H
 #define TICKETD_OUTBOX_RELAY_H
 

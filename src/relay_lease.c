@@ -22,7 +22,7 @@ static const char *const claim_sql =
     "UPDATE relay_lease SET holder = $1, epoch = epoch + 1,"
     " expires_at = now() + $3::bigint * interval '1 millisecond'"
     " WHERE name = 'relay' AND (expires_at <= now() OR holder = $1) AND $2::bigint >= 0"
-    " RETURNING epoch, $4::bigint";
+    " RETURNING epoch, $4::bigint, cursor_xid::text, cursor_id";
 static const char *const renew_sql =
     "UPDATE relay_lease SET expires_at = now() + $3::bigint * interval '1 millisecond'"
     " WHERE name = 'relay' AND holder = $1 AND epoch = $2::bigint AND expires_at > now()"
@@ -99,6 +99,8 @@ static void on_answer(void *ud, const PGresult *res, const char *error)
         } else {
             if (l->held || l->closing) return;
             l->epoch = epoch;
+            l->cursor_xid = strtoull(PQgetvalue(res, 0, 2), NULL, 10);
+            l->cursor_id = strtoll(PQgetvalue(res, 0, 3), NULL, 10);
         }
         l->renewed_at = l->sent_at;
         l->until = l->sent_at + l->ttl_ms - l->ttl_ms / 10;

@@ -9,7 +9,9 @@
  * acknowledged it); a FOR SHARE lock would cost a WAL record per mark. The leader also
  * stops on its own clock: once the last successful renewal was sent more than 9/10 of the
  * TTL ago (monotonic), relay_lease_held() lets go, before the DB can let anybody else in.
- * The lease costs one row update per renewal, never one per outbox row.
+ * The lease costs one row update per renewal, never one per outbox row. The row also
+ * carries the relay's durable cursor (cursor_xid, cursor_id), answered by the claim and
+ * stored by the leader once a tick under the same fence (outbox_relay.c, cursor_sql).
  *
  * The owner embeds a struct relay_lease, calls relay_lease_tick() every
  * relay_lease_poll_ms() and relay_lease_session_changed() on each (dis)connect of the
@@ -32,6 +34,8 @@ struct relay_lease_hooks {
 struct relay_lease {
     char holder[128];     /* this process in relay_lease.holder: host/pid/start time */
     int64_t epoch;        /* fencing token of the lease held (valid while held) */
+    uint64_t cursor_xid;  /* the durable relay cursor the lease row held when acquired */
+    int64_t cursor_id;
     bool held;
     bool closing;         /* set by the owner: no more claims, no acquisition */
     bool stopped;         /* set by the owner at teardown: answers are ignored */

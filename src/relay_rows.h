@@ -4,9 +4,9 @@
  * Every outbox row this process is handling sits in one map, keyed by row id, in one
  * state:
  *   INFLIGHT  produced, delivery report not yet seen
- *   ACKED     acknowledged by the broker, the UPDATE marking it not yet committed
- *   MARKED    marked published while a claim was in flight: that claim may have read the
- *             row before the mark committed; dropped when that claim returns
+ *   ACKED     acknowledged by the broker, its publication record not yet committed
+ *   MARKED    recorded published while a claim was in flight: that claim may have read
+ *             the row before the record committed; dropped when that claim returns
  *   COOLDOWN  its delivery failed; skipped by claims until its retry time
  * Claims skip every id in the map, so a row is never produced twice concurrently. The rows
  * not yet marked are bounded by RELAY_INFLIGHT_MAX. MARKED rows are not counted: they only
@@ -22,6 +22,7 @@ enum row_state { ROW_INFLIGHT = 1, ROW_ACKED, ROW_MARKED, ROW_COOLDOWN };
 
 struct row {
     int64_t id; /* 0 = empty slot */
+    uint64_t xid;        /* outbox.xid: with id, the row's place in the claim order */
     uint8_t state;
     int attempts;        /* as read by the claim (before this try) */
     double created_at;   /* epoch seconds, for commit -> ack latency */

@@ -3,7 +3,9 @@
  * Retention: published rows older than OUTBOX_RETENTION are deleted in batches of
  * RELAY_RETENTION_BATCH (another batch follows a full one at once), but only rows whose event
  * is accounted for (processed with every effect done, or dead-lettered): any other row is
- * the evidence the audit needs, kept whatever its age. Backlog: the gauges
+ * the evidence the audit needs, kept whatever its age. A row's age is that of its first
+ * publication record (outbox_publications); after the rows, the records older than
+ * OUTBOX_RETENTION none of whose rows is left go too, in batches the same way. Backlog: the gauges
  * ticketd_outbox_backlog and ticketd_outbox_oldest_unpublished_age_seconds. */
 #ifndef TICKETD_RELAY_UPKEEP_H
 #define TICKETD_RELAY_UPKEEP_H
@@ -19,6 +21,7 @@ struct relay_upkeep {
     bool (*may_run)(void *ud); /* asked before each retention batch: active and not closing */
     void *ud;
     bool retention_inflight, backlog_inflight;
+    bool records;            /* this round has reached the publication records */
 };
 
 /* Deletes one batch now unless one is in flight or may_run says no. */

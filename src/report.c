@@ -212,7 +212,7 @@ static int sec_counts(struct rep *r, const char *const *p1)
     count_row(f, "outbox_pruned", "Outbox rows pruned after OUTBOX_RETENTION",
               jint(r->audit, "stages.applications_outbox.outbox_pruned"),
               "audit stage 1: applications older than OUTBOX_RETENTION without their row");
-    snprintf(src, sizeof src, "audit stage 2: outbox rows of '%s' with published_at set", e);
+    snprintf(src, sizeof src, "audit stage 2: outbox rows of '%s' with a publication record", e);
     count_row(f, "published", "Outbox rows published", jint(r->audit, "stages.outbox_kafka.published"), src);
     snprintf(src, sizeof src, "audit stage 2: read %s from each partition's low to high watermark; "
              "the message at the row's (kafka_partition, kafka_offset) carries its ce_id",
@@ -252,7 +252,7 @@ static int sec_partitions(struct rep *r, const char *const *p1)
     FILE *f = r->f;
     PGresult *res = q(r,
                       "SELECT o.kafka_partition, count(*), min(o.kafka_offset), max(o.kafka_offset)"
-                      " FROM outbox o WHERE o.payload->>'event_id' = $1 AND o.published_at IS NOT NULL"
+                      " FROM outbox_status o WHERE o.payload->>'event_id' = $1 AND o.published_at IS NOT NULL"
                       " AND o.kafka_partition IS NOT NULL GROUP BY 1 ORDER BY 1",
                       1, p1);
     if (!res) return -1;
@@ -286,7 +286,7 @@ static int sec_partitions(struct rep *r, const char *const *p1)
     }
     PQclear(res);
     fputs("</table>\n<p class=\"src\">Messages and offsets: SELECT kafka_partition, count(*), "
-          "min(kafka_offset), max(kafka_offset) FROM outbox WHERE payload-&gt;&gt;'event_id' = '", f);
+          "min(kafka_offset), max(kafka_offset) FROM outbox_status WHERE payload-&gt;&gt;'event_id' = '", f);
     esc(f, r->event_id);
     fputs("' AND published_at IS NOT NULL GROUP BY 1. Verified, copies re-sent and messages with "
           "no row: the audit, stage 2 (recorded_elsewhere and topic_without_row, listed up to its "
@@ -460,7 +460,7 @@ static int sec_timeline(struct rep *r, const char *const *p1)
     FILE *f = r->f;
     /* The window: the first application to the last of accepted, published, processed. */
     PGresult *res = q(r,
-                      "WITH o AS (SELECT event_id, published_at FROM outbox"
+                      "WITH o AS (SELECT event_id, published_at FROM outbox_status"
                       "  WHERE payload->>'event_id' = $1),"
                       " t AS (SELECT min(created_at) t0, max(created_at) t1 FROM applications"
                       "  WHERE event_id = $1)"
@@ -490,7 +490,7 @@ static int sec_timeline(struct rep *r, const char *const *p1)
     const char *p2[2] = {p1[0], wtxt};
     res = q(r,
             "WITH t AS (SELECT min(created_at) t0 FROM applications WHERE event_id = $1),"
-            " o AS (SELECT event_id, published_at FROM outbox WHERE payload->>'event_id' = $1)"
+            " o AS (SELECT event_id, published_at FROM outbox_status WHERE payload->>'event_id' = $1)"
             " SELECT 'a', floor(extract(epoch FROM a.created_at - t.t0) / $2::int)::bigint k, count(*)"
             "  FROM applications a, t WHERE a.event_id = $1 GROUP BY 2"
             " UNION ALL SELECT 'o', floor(extract(epoch FROM o.published_at - t.t0) / $2::int)::bigint,"
@@ -530,7 +530,7 @@ static int sec_timeline(struct rep *r, const char *const *p1)
                                      {"lag (published, not processed)", "#9467bd", lag}};
     svg_chart(f, "chart-backlog", "backlog and lag at the end of each point", queues, 2, nb, width);
     free(v);
-    fputs("<p class=\"src\">applications.created_at, outbox.published_at and "
+    fputs("<p class=\"src\">applications.created_at, outbox_publications.published_at and "
           "processed_events.processed_at of this show, counted per point; backlog and lag are "
           "their running differences.</p>\n</section>\n", f);
     return 0;

@@ -231,7 +231,7 @@ static int annotate_matches(struct trace_ctx *t, json_object *matches)
                 t->db,
                 "SELECT o.aggregate_id, o.kafka_partition, o.kafka_offset,"
                 " EXISTS (SELECT 1 FROM applications a WHERE a.id = o.aggregate_id)"
-                " FROM outbox o WHERE o.event_id = $1::uuid",
+                " FROM outbox_status o WHERE o.event_id = $1::uuid",
                 1, params, t->err, t->errlen);
             if (!r) return -1;
             if (PQntuples(r) == 1) {
@@ -530,7 +530,7 @@ static int trace_collect(struct trace_ctx *t, json_object *root)
         " o.created_at < now() - $3::bigint * interval '1 millisecond',"
         " EXISTS (SELECT 1 FROM applications a WHERE a.id = o.aggregate_id),"
         " " APP_STATUS_SQL
-        " FROM outbox o" APP_STATUS_JOIN_SQL "WHERE o.aggregate_id = ANY($4::bigint[])"
+        " FROM outbox_status o" APP_STATUS_JOIN_SQL "WHERE o.aggregate_id = ANY($4::bigint[])"
         " OR (o.payload->>'phone' = $1 AND ($2::text IS NULL OR o.payload->>'event_id' = $2))"
         " ORDER BY o.id LIMIT 200",
         4, p4, t->err, t->errlen);

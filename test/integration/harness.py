@@ -630,6 +630,17 @@ class Ticketd(_Proc):
         return parse_metrics(self.request("GET", "/metrics").body.decode())
 
 
+def publication_record_sql(where, partition, offset="o.id", published_at="now()"):
+    """SQL recording the outbox rows o matching `where` published as the relay records them:
+    one outbox_publications row (partition, the ids and their offsets; offset is an SQL
+    expression of o). Nothing is inserted when no row matches."""
+    return ("INSERT INTO outbox_publications (kafka_partition, ids, offsets, first_id, last_id,"
+            " epoch, published_at)"
+            f" SELECT {partition}, array_agg(o.id ORDER BY o.id),"
+            f" array_agg(({offset})::bigint ORDER BY o.id), min(o.id), max(o.id), 0, {published_at}"
+            f" FROM outbox o WHERE {where} HAVING count(*) > 0")
+
+
 # --------------------------------------------------------------------------- kcat
 
 def _kcat_base(brokers):

@@ -15,7 +15,8 @@ import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (ADMIN_TOKEN, KafkaMock, Ticketd, TicketdTestCase, kcat_consume,  # noqa: E402
-                     kcat_produce, phone_for, run_ticketd, unique_group)
+                     kcat_produce, phone_for, publication_record_sql as record_sql,
+                     run_ticketd, unique_group)
 
 TOPIC = "ticket-applied"
 DLQ = "ticket-applied.DLQ"
@@ -82,15 +83,16 @@ class AuditTest(TicketdTestCase):
         for m in msgs:
             ce = m["headers"].get("ce_id")
             if ce in produced:
-                self.pg.execute(f"UPDATE outbox SET published_at = now(), attempts = 1,"
-                                f" kafka_partition = {m['partition']}, kafka_offset = {m['offset']}"
-                                f" WHERE event_id = '{ce}' AND published_at IS NULL")
+                self.pg.execute(f"UPDATE outbox SET attempts = 1 WHERE event_id = '{ce}'")
+                self.pg.execute(record_sql(f"event_id = '{ce}' AND o.id NOT IN (SELECT id FROM"
+                                           f" outbox_status WHERE published_at IS NOT NULL)",
+                                           m['partition'], m['offset']))
                 self.apps[produced[ce]]["offset"] = m["offset"]
 
     def process(self, app_id):
         """What the consumer records for a handled event: processed row, effects, points."""
         a = self.apps[app_id]
-        row = self.pg.query(f"SELECT kafka_partition, kafka_offset FROM outbox"
+        row = self.pg.query(f"SELECT kafka_partition, kafka_offset FROM outbox_status"
                             f" WHERE event_id = '{a['ce_id']}'")[0]
         self.pg.execute(f"""
             INSERT INTO processed_events (event_id, consumer_group, topic, partition, "offset")
@@ -258,8 +260,7 @@ class AuditTest(TicketdTestCase):
     def test_marked_published_but_not_in_topic(self):
         self.healthy(5)
         ghost = self.new_application()
-        self.pg.execute(f"UPDATE outbox SET published_at = now(), kafka_partition = 1,"
-                        f" kafka_offset = 500 WHERE aggregate_id = {ghost}")
+        self.pg.execute(record_sql(f"aggregate_id = {ghost}", 1, 500))
         self.commit_group()
         rc, report = self.audit()
         self.assertEqual(rc, 1)
@@ -275,8 +276,8 @@ class AuditTest(TicketdTestCase):
         # ids[0] and ids[4] both went to partition 0 (round-robin over 4 partitions).
         wrong, other = ids[0], ids[4]
         self.assertEqual(self.apps[wrong]["partition"], self.apps[other]["partition"])
-        self.pg.execute(f"UPDATE outbox SET kafka_offset = {self.apps[other]['offset']}"
-                        f" WHERE aggregate_id = {wrong}")
+        self.pg.execute(f"UPDATE outbox_publications SET offsets[1] = {self.apps[other]['offset']}"
+                        f" WHERE ids = ARRAY(SELECT id FROM outbox WHERE aggregate_id = {wrong})")
         rc, report = self.audit()
         self.assertEqual(rc, 1)
         self.assert_only(report, "outbox_kafka", "wrong_offset", [wrong])
@@ -462,8 +463,7 @@ class AuditTest(TicketdTestCase):
         low = min(m["offset"] for m in kcat_consume(self.km.brokers, TOPIC, partition=0))
         self.assertGreater(low, 0, "the mock did not delete the oldest message")
         for offset, app_id in enumerate(ids):
-            self.pg.execute(f"UPDATE outbox SET published_at = now(), kafka_partition = 0,"
-                            f" kafka_offset = {offset} WHERE aggregate_id = {app_id}")
+            self.pg.execute(record_sql(f"aggregate_id = {app_id}", 0, offset))
         return ids, low
 
     def test_expired_from_the_topic_is_not_missing(self):

@@ -60,7 +60,7 @@ class ConsumerTest(h.TicketdTestCase):
         """The outbox row of an application once published: event_id, partition, offset, payload."""
         def published():
             rows = self.pg.query(
-                "SELECT event_id, kafka_partition, kafka_offset, payload::text FROM outbox"
+                "SELECT event_id, kafka_partition, kafka_offset, payload::text FROM outbox_status"
                 f" WHERE aggregate_id = {int(app_id)} AND published_at IS NOT NULL")
             return rows[0] if rows else None
         ev, part, off, payload = h.wait_until(published, timeout=30, what=f"app {app_id} published")

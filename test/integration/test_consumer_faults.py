@@ -54,7 +54,7 @@ class ConsumerFaultsTest(h.TicketdTestCase):
         return self.pg.application_id(r.json())
 
     def wait_published(self, n):
-        h.wait_until(lambda: self.pg.count("outbox WHERE published_at IS NOT NULL") == n,
+        h.wait_until(lambda: self.pg.count("outbox_status WHERE published_at IS NOT NULL") == n,
                      timeout=60, what=f"{n} outbox rows published")
 
     def all_processed(self, n):

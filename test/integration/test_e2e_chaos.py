@@ -110,13 +110,13 @@ class ChaosTest(h.TicketdTestCase):
                                    "client retried with its key and got the 201)")
 
         # Committed => published: every row is marked, and kcat sees each event there.
-        h.wait_until(lambda: self.pg.count("outbox WHERE published_at IS NULL") == 0,
+        h.wait_until(lambda: self.pg.count("outbox_status WHERE published_at IS NULL") == 0,
                      timeout=90, what="every outbox row published")
         msgs = h.kcat_consume(kafka.brokers, TOPIC, expect=n, timeout=60)
         by_ce = {}
         for m in msgs:
             by_ce.setdefault(m["headers"].get("ce_id"), []).append(m)
-        rows = self.pg.query("SELECT event_id, aggregate_id, kafka_partition, kafka_offset FROM outbox")
+        rows = self.pg.query("SELECT event_id, aggregate_id, kafka_partition, kafka_offset FROM outbox_status")
         for event_id, agg, part, off in rows:
             self.assertIn(event_id, by_ce, f"event {event_id} of application {agg} not in topic")
             at = [(m["partition"], m["offset"]) for m in by_ce[event_id]]
@@ -135,7 +135,7 @@ class ChaosTest(h.TicketdTestCase):
                                                "KAFKA_BROKERS": kafka.brokers,
                                                "CONSUMER_GROUP": group, "AUDIT_GRACE": "0s"})
             left = self.pg.query(
-                "SELECT o.aggregate_id, o.kafka_partition, o.kafka_offset FROM outbox o "
+                "SELECT o.aggregate_id, o.kafka_partition, o.kafka_offset FROM outbox_status o "
                 "LEFT JOIN processed_events p USING (event_id) WHERE p.event_id IS NULL "
                 "ORDER BY 2, 3 LIMIT 20")
             raise AssertionError(f"not processed (first 20): {left}\n"

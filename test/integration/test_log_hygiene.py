@@ -136,7 +136,7 @@ class LogHygiene(harness.TicketdTestCase):
         t.admin("GET", "/admin/audit?event_id=hygiene-2026", token=ADMIN_SECRET)
         # The relay and the consumer log their work on these applications (when built).
         if os.path.exists(os.path.join(harness.SOURCE_DIR, "src", "outbox_relay.c")):
-            harness.wait_until(lambda: self.pg.count("outbox WHERE published_at IS NULL") == 0,
+            harness.wait_until(lambda: self.pg.count("outbox_status WHERE published_at IS NULL") == 0,
                                timeout=60, what="the relay to publish")
         if os.path.exists(os.path.join(harness.SOURCE_DIR, "src", "consumer.c")):
             # SMTP is down: each event ends processed, or dead-lettered after its retries.

@@ -359,7 +359,7 @@ class MetricsEndpoint(harness.TicketdTestCase):
         """Waits until every outbox row is published (and, with consumer=True, handled:
         processed or dead-lettered)."""
         if self.relay_built:
-            harness.wait_until(lambda: self.pg.count("outbox WHERE published_at IS NULL") == 0,
+            harness.wait_until(lambda: self.pg.count("outbox_status WHERE published_at IS NULL") == 0,
                                timeout=60, what="every outbox row published")
         if consumer and self.consumer_built:
             # processed_events gets its row with the points, before the other effects: an
@@ -459,7 +459,7 @@ class MetricsEndpoint(harness.TicketdTestCase):
                          value(before, "ticketd_relay_published_total"), k)
         self.assertEqual(value(after, "ticketd_relay_failures_total") -
                          value(before, "ticketd_relay_failures_total"), 0)
-        self.assertEqual(self.pg.count("outbox WHERE published_at IS NULL"), 0)
+        self.assertEqual(self.pg.count("outbox_status WHERE published_at IS NULL"), 0)
         age = [n for n in after if re.fullmatch(r"ticketd_outbox_oldest_unpublished(_age)?_seconds", n)]
         self.assertTrue(age, "no oldest-unpublished-age gauge (outbox_relay.c)")
         self.assertEqual(value(after, age[0]), 0)
@@ -495,7 +495,7 @@ class MetricsEndpoint(harness.TicketdTestCase):
                                 len(bad) * RETRY_MAX_ATTEMPTS)
         self.assertEqual(delta("ticketd_sink_failures_total", effect="points"), 0)
         partitions = {ls.get("partition") for _, ls, _ in after["ticketd_consumer_lag"]["samples"]}
-        used = {p for (p,) in self.pg.query("SELECT DISTINCT kafka_partition FROM outbox")}
+        used = {p for (p,) in self.pg.query("SELECT DISTINCT kafka_partition FROM outbox_status")}
         self.assertLessEqual(used, partitions, "lag of every partition that got events")
         self.assertLessEqual(partitions, {str(p) for p in range(4)})
 
@@ -550,7 +550,7 @@ class FirstScrape(harness.TicketdTestCase):
                 w.join()
         self.assertTrue(statuses)
         self.assertEqual(set(statuses), {201})
-        harness.wait_until(lambda: self.pg.count("outbox WHERE published_at IS NULL") == 0,
+        harness.wait_until(lambda: self.pg.count("outbox_status WHERE published_at IS NULL") == 0,
                            timeout=60, what="every outbox row published")
         harness.wait_until(lambda: self.pg.count("processed_events") >= len(statuses),
                            timeout=60, what="every event processed")

@@ -103,7 +103,7 @@ class BehindPgBouncer(harness.TicketdTestCase):
         self.assertEqual(len(ids), n)
         id_list = ",".join(map(str, ids))
         self.assertEqual(self.pg.count(f"applications WHERE id IN ({id_list})"), n)
-        harness.wait_until(lambda: self.pg.count("outbox WHERE published_at IS NULL") == 0,
+        harness.wait_until(lambda: self.pg.count("outbox_status WHERE published_at IS NULL") == 0,
                            timeout=60, what="every outbox row published through pgbouncer")
         msgs = harness.kcat_consume(kafka.brokers, TOPIC, expect=n, timeout=60)
         self.assertEqual({int(m["key"]) for m in msgs}, ids)

@@ -13,7 +13,7 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (Ticketd, KafkaMock, TicketdTestCase, kcat_consume, parallel,  # noqa: E402
-                     phone_for, run_ticketd, wait_until)
+                     phone_for, publication_record_sql, run_ticketd, wait_until)
 
 TOPIC = "ticket-applied"
 RELAY_ENV = {"ROLE": "api,relay", "RELAY_RETRY_BACKOFF": "200ms"}
@@ -44,7 +44,7 @@ class RelayTest(TicketdTestCase):
         return [self.pg.application_id(r.json()) for r in rs]
 
     def unpublished(self):
-        return self.pg.count("outbox WHERE published_at IS NULL")
+        return self.pg.count("outbox_status WHERE published_at IS NULL")
 
     def wait_all_published(self, timeout=RECONNECT_WAIT):
         wait_until(lambda: self.pg.count("outbox") > 0 and self.unpublished() == 0,
@@ -56,7 +56,7 @@ class RelayTest(TicketdTestCase):
         rows = self.pg.query(
             "SELECT event_id::text, aggregate_id, payload::text, kafka_partition, kafka_offset,"
             " to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),"
-            " published_at IS NOT NULL, attempts, last_error FROM outbox")
+            " published_at IS NOT NULL, attempts, last_error FROM outbox_status")
         out = {}
         for ce_id, agg, payload, part, off, created, published, attempts, err in rows:
             out[ce_id] = {"aggregate_id": agg, "payload": json.loads(payload),
@@ -129,13 +129,13 @@ class RelayTest(TicketdTestCase):
         n = 30
         self.apply_many(t, "relay-down", n)  # 201s go on: the outbox decouples ingest
         time.sleep(3)  # the relay has claimed and produced by now; nothing can be acked
-        self.assertEqual(self.pg.count("outbox WHERE published_at IS NOT NULL"), 0,
+        self.assertEqual(self.pg.count("outbox_status WHERE published_at IS NOT NULL"), 0,
                          "a row was marked published while every broker was down")
         self.assertEqual(self.pg.count("outbox"), n)
         up_at = self.pg.scalar("SELECT now()")
         self.kafka.up()
         self.wait_all_published()
-        self.assertEqual(self.pg.count(f"outbox WHERE published_at < '{up_at}'"), 0,
+        self.assertEqual(self.pg.count(f"outbox_status WHERE published_at < '{up_at}'"), 0,
                          "a row was marked published before the brokers came back")
         self.assert_topic_matches_outbox(n, allow_duplicates=True)
 
@@ -255,7 +255,7 @@ class RelayTest(TicketdTestCase):
         self.assert_topic_matches_outbox(n, allow_duplicates=True)
 
     def positions(self):
-        return self.pg.query("SELECT id, kafka_partition, kafka_offset, published_at FROM outbox"
+        return self.pg.query("SELECT id, kafka_partition, kafka_offset, published_at FROM outbox_status"
                              " ORDER BY id")
 
     def test_a_frozen_leader_loses_its_lease_and_a_standby_takes_over(self):
@@ -311,18 +311,20 @@ class RelayTest(TicketdTestCase):
         # 2,500 published rows older than the retention, processed (more than two delete
         # batches), plus single old published rows in every other state.
         self.pg.execute(
-            "INSERT INTO outbox (aggregate_id, event_type, payload, created_at, published_at,"
-            " kafka_partition, kafka_offset)"
-            " SELECT g, 'TicketApplied', '{}'::jsonb, now() - interval '9 days',"
-            "  now() - interval '8 days', 0, g FROM generate_series(1, 2500) g")
+            "INSERT INTO outbox (aggregate_id, event_type, payload, created_at)"
+            " SELECT g, 'TicketApplied', '{}'::jsonb, now() - interval '9 days'"
+            " FROM generate_series(1, 2500) g")
+        eight_days = "now() - interval '8 days'"
+        self.pg.execute(publication_record_sql("true", 0, "o.aggregate_id", eight_days))
         self.pg.execute(
             "INSERT INTO processed_events (event_id, consumer_group, topic, partition, \"offset\")"
-            " SELECT event_id, 'g', 'ticket-applied', 0, kafka_offset FROM outbox")
+            " SELECT event_id, 'g', 'ticket-applied', 0, aggregate_id FROM outbox")
         self.pg.execute(
-            "INSERT INTO outbox (aggregate_id, event_type, payload, created_at, published_at,"
-            " kafka_partition, kafka_offset) SELECT a, 'TicketApplied', '{}'::jsonb,"
-            " now() - interval '9 days', now() - interval '8 days', 1, a"
+            "INSERT INTO outbox (aggregate_id, event_type, payload, created_at)"
+            " SELECT a, 'TicketApplied', '{}'::jsonb, now() - interval '9 days'"
             " FROM unnest('{900003,900004,900005}'::bigint[]) a")
+        self.pg.execute(publication_record_sql("o.aggregate_id > 900000", 1, "o.aggregate_id",
+                                               eight_days))
         ev = {a: self.pg.scalar(f"SELECT event_id FROM outbox WHERE aggregate_id = {a}")
               for a in (900003, 900004, 900005)}
         # 900003 dead-lettered: deletable. 900004 processed, an effect still open: kept.
@@ -338,9 +340,9 @@ class RelayTest(TicketdTestCase):
             "INSERT INTO event_effects (event_id, effect, application_id, done)"
             f" VALUES ('{ev[900004]}', 'email', 900004, false)")
         self.pg.execute(
-            "INSERT INTO outbox (aggregate_id, event_type, payload, created_at, published_at,"
-            " kafka_partition, kafka_offset) VALUES"
-            " (900001, 'TicketApplied', '{}'::jsonb, now() - interval '9 days', now(), 0, 1)")
+            "INSERT INTO outbox (aggregate_id, event_type, payload, created_at) VALUES"
+            " (900001, 'TicketApplied', '{}'::jsonb, now() - interval '9 days')")
+        self.pg.execute(publication_record_sql("o.aggregate_id = 900001", 0, "1"))
         # Old and never published: must survive retention (the relay publishes it instead).
         self.pg.execute(
             "INSERT INTO outbox (aggregate_id, event_type, payload, created_at)"
@@ -354,6 +356,13 @@ class RelayTest(TicketdTestCase):
         self.assertEqual(
             sorted(int(a) for (a,) in self.pg.query("SELECT aggregate_id FROM outbox")),
             [900001, 900002, 900004, 900005])
+        # Old records go once none of their rows is left (the 2,500 rows' one), not before
+        # (the one of 900003-900005: 900004 and 900005 are still there).
+        old = "outbox_publications WHERE published_at < now() - interval '7 days'"
+        wait_until(lambda: self.pg.count(old) == 1, timeout=30,
+                   what="the old record of the deleted rows deleted")
+        self.assertEqual(self.pg.count(old + " AND kafka_partition = 1 AND cardinality(ids) = 3"),
+                         1, "the record of rows still there is kept")
 
     def test_kafka_config_errors_name_the_property_never_the_value(self):
         r = run_ticketd(["serve"], env={

@@ -157,7 +157,7 @@ class ReportTest(h.TicketdTestCase):
                          pg.count(f"applications WHERE event_id = '{SHOW}'"))
         self.assertEqual(self.num(dom, "outbox_rows"), pg.count(f"outbox WHERE {show}"))
         self.assertEqual(self.num(dom, "published"),
-                         pg.count(f"outbox WHERE {show} AND published_at IS NOT NULL"))
+                         pg.count(f"outbox_status WHERE {show} AND published_at IS NOT NULL"))
         self.assertEqual(self.num(dom, "processed_events"), pg.count(
             f"processed_events pe JOIN outbox o USING (event_id) WHERE o.{show}"))
         for effect in ("points", "data_platform", "email"):
@@ -169,7 +169,7 @@ class ReportTest(h.TicketdTestCase):
         # copies at a position no row records (a replay re-sends) and messages whose outbox
         # row is gone (keys in `orphans`) in columns of their own.
         recorded = {(int(p), int(o)) for p, o in pg.query(
-            f"SELECT kafka_partition, kafka_offset FROM outbox WHERE {show} AND published_at IS NOT NULL")}
+            f"SELECT kafka_partition, kafka_offset FROM outbox_status WHERE {show} AND published_at IS NOT NULL")}
         per, copies, lone = {}, {}, {}
         for m in h.kcat_consume(self.kafka.brokers, TOPIC):
             if json.loads(m["value"]).get("event_id") != SHOW:

@@ -299,7 +299,7 @@ class Watch(threading.Thread):
             t = time.monotonic()
             self.relay.append((t, sum(self._active(r) for r in list(self.fleet.replicas) if r)))
             try:
-                row = self.pg.query("SELECT (SELECT count(*) FROM outbox WHERE published_at IS NOT NULL),"
+                row = self.pg.query("SELECT (SELECT count(*) FROM outbox_status WHERE published_at IS NOT NULL),"
                                     " (SELECT count(*) FROM processed_events)")[0]
                 self.pipeline.append((t, int(row[0]), int(row[1])))
             except RuntimeError:
@@ -392,7 +392,7 @@ def verify(pg, kafka, group, event_id, results, timeout=180):
     if without_row:
         problems.append(f"{len(without_row)} applications answered 201 have no row")
     try:
-        harness.wait_until(lambda: pg.count("outbox WHERE published_at IS NULL") == 0,
+        harness.wait_until(lambda: pg.count("outbox_status WHERE published_at IS NULL") == 0,
                            timeout=timeout, what="every outbox row published")
         harness.wait_until(lambda: pg.count("outbox o WHERE NOT EXISTS (SELECT 1 FROM processed_events p "
                                             "WHERE p.event_id = o.event_id)") == 0,

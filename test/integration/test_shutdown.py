@@ -266,7 +266,7 @@ class ShutdownUnderLoad(harness.TicketdTestCase):
         self.check_relay(mock, ok, relay_built)
 
     def check_relay(self, mock, ok, relay_built):
-        published = self.pg.query("SELECT event_id, kafka_partition, kafka_offset FROM outbox "
+        published = self.pg.query("SELECT event_id, kafka_partition, kafka_offset FROM outbox_status "
                                   "WHERE published_at IS NOT NULL")
         if not relay_built and not published:
             print("test_shutdown: no relay built (src/outbox_relay.c) and no row published: "
@@ -286,7 +286,7 @@ class ShutdownUnderLoad(harness.TicketdTestCase):
         # A new process publishes the rest: every 201 reaches the topic.
         t2 = self.track(harness.Ticketd(self.pg, brokers=mock.brokers, role="api,relay",
                                         name="ticketd-2"))
-        harness.wait_until(lambda: self.pg.count("outbox WHERE published_at IS NULL") == 0,
+        harness.wait_until(lambda: self.pg.count("outbox_status WHERE published_at IS NULL") == 0,
                            timeout=90, what="the restarted relay to publish every row")
         events = {int(a): e for a, e in self.pg.query("SELECT aggregate_id, event_id FROM outbox")}
         msgs = harness.kcat_consume(mock.brokers, TOPIC, expect=len(events), timeout=60)

@@ -3,7 +3,7 @@ stage is read back from its own store, never from ticketd:
 
     row        applications (psql)             one row per 201, none for a request never answered
     outbox     outbox (psql)                   one event per application
-    published  outbox.published_at             every row marked
+    published  outbox_status.published_at      every row recorded
     topic      ticket-applied (kcat, by key)   a message for every application, none unknown
     processed  processed_events (psql)         every event handled
     points     points_ledger (psql)            exactly one row per event
@@ -61,7 +61,7 @@ class Checker:
         """What is still on its way; {} when the pipeline is empty."""
         q = self.pg.scalar(
             "SELECT json_build_object("
-            " 'unpublished', (SELECT count(*) FROM outbox WHERE published_at IS NULL),"
+            " 'unpublished', (SELECT count(*) FROM outbox_status WHERE published_at IS NULL),"
             " 'unprocessed', (SELECT count(*) FROM outbox o WHERE NOT EXISTS"
             "   (SELECT 1 FROM processed_events p WHERE p.event_id = o.event_id)),"
             " 'effects_undone', (SELECT count(*) FROM event_effects WHERE NOT done))::text")
@@ -108,13 +108,13 @@ class Checker:
         self.event_app = {}
         for agg, ev, pub, part, off in pg.query(
                 "SELECT aggregate_id, event_id, published_at IS NOT NULL, kafka_partition, "
-                "kafka_offset FROM outbox"):
+                "kafka_offset FROM outbox_status"):
             self.outbox.setdefault(int(agg), []).append((ev, pub == "t", part, off))
             self.event_app[ev] = int(agg)
         self.publish_delay = pg.query(
             "SELECT round(max(extract(epoch FROM published_at - created_at))::numeric, 1), "
             "round((percentile_disc(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM "
-            "published_at - created_at)))::numeric, 1) FROM outbox")[0]
+            "published_at - created_at)))::numeric, 1) FROM outbox_status")[0]
         self.processed = {r[0] for r in pg.query("SELECT event_id FROM processed_events")}
         self.points = {}
         for ev, n in pg.query("SELECT event_id, count(*) FROM points_ledger GROUP BY event_id"):
