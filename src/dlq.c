@@ -20,13 +20,6 @@
 #include "log.h"
 #include "validate.h"
 
-/* A logfmt-quoted copy of s in buf (free-form texts: remote replies, libpq errors). */
-static const char *lq(const char *s, char *buf, size_t n)
-{
-    log_quote(s ? s : "", buf, n);
-    return buf;
-}
-
 const char *const dlq_header_names[DLQ_HEADER_COUNT] = {
     DLQ_H_ORIGINAL_TOPIC, DLQ_H_ORIGINAL_PARTITION, DLQ_H_ORIGINAL_OFFSET,
     DLQ_H_ORIGINAL_TIMESTAMP, DLQ_H_CONSUMER_GROUP, DLQ_H_ATTEMPTS,
@@ -392,7 +385,7 @@ static int mark_replayed(PGconn *db, const struct replay_rec *r)
     if (rc != 0)
         log_error("dlq", "event=mark_replayed_failed dlq_partition=%" PRId32 " dlq_offset=%" PRId64
                   " err=%s", r->dlq_partition, r->dlq_offset,
-                  lq(PQresultErrorMessage(res), qb, sizeof qb));
+                  log_quoted(PQresultErrorMessage(res), qb, sizeof qb));
     PQclear(res);
     return rc;
 }

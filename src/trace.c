@@ -13,6 +13,7 @@
 #include "admin_kafka.h"
 #include "admin_pg.h"
 #include "app_status.h"
+#include "dlq.h"
 #include "effects.h"
 #include "kafka_common.h"
 #include "limits.h"
@@ -166,12 +167,6 @@ static bool value_matches(const struct trace_ctx *t, const rd_kafka_message_t *m
     return true;
 }
 
-static const char *const dlq_headers[] = {
-    "dlq_original_topic", "dlq_original_partition", "dlq_original_offset",
-    "dlq_original_timestamp", "dlq_consumer_group", "dlq_attempts", "dlq_error_class",
-    "dlq_error_message",
-};
-
 struct scan {
     struct trace_ctx *t;
     const char *topic;
@@ -200,9 +195,10 @@ static void scan_message(void *ud, const rd_kafka_message_t *m)
     add_str(o, "key", key);
     add_str(o, "ce_id", ce);
     if (s->dlq) {
-        for (size_t i = 0; i < sizeof dlq_headers / sizeof dlq_headers[0]; i++) {
+        for (size_t i = 0; i < DLQ_HEADER_COUNT; i++) {
             char hv[512];
-            if (admin_header(m, dlq_headers[i], hv, sizeof hv)) add_str(o, dlq_headers[i], hv);
+            if (admin_header(m, dlq_header_names[i], hv, sizeof hv))
+                add_str(o, dlq_header_names[i], hv);
         }
     }
     json_object_object_add(o, "value", value);
@@ -793,9 +789,9 @@ static void render_human(json_object *root, FILE *out)
             fprintf(out, "  %s/%s@%s: timestamp %s, key %s, ce_id %s", g(m, "topic"),
                     g(m, "partition"), g(m, "offset"), or_dash(g(m, "timestamp")),
                     or_dash(g(m, "key")), or_dash(g(m, "ce_id")));
-            if (g(m, "dlq_error_class"))
-                fprintf(out, ", dead-lettered: %s: %s", g(m, "dlq_error_class"),
-                        or_dash(g(m, "dlq_error_message")));
+            if (g(m, DLQ_H_ERROR_CLASS))
+                fprintf(out, ", dead-lettered: %s: %s", g(m, DLQ_H_ERROR_CLASS),
+                        or_dash(g(m, DLQ_H_ERROR_MESSAGE)));
             if (json_object_get_boolean(in))
                 fprintf(out, "; outbox row of application %s%s\n", or_dash(g(m, "application_id")),
                         g(m, "recorded_offset") ? "" : " (not marked published)");
