@@ -28,9 +28,6 @@
 #include "log.h"
 #include "validate.h"
 
-#define AUDIT_FETCH_ROWS "10000"      /* rows per FETCH from the server-side cursor */
-#define AUDIT_DLQ_CHECK_MAX 100000    /* unhandled events checked against the DLQ topic */
-
 /* ------------------------------------------------------------------ small helpers */
 
 static int64_t now_ms(void)
@@ -93,7 +90,7 @@ static int cur_next(struct pgcur *k, char *err, size_t errlen)
     PQclear(k->res);
     k->res = NULL;
     char sql[96];
-    snprintf(sql, sizeof sql, "FETCH " AUDIT_FETCH_ROWS " FROM %s", k->name);
+    snprintf(sql, sizeof sql, "FETCH %d FROM %s", AUDIT_FETCH_ROWS, k->name);
     k->res = admin_pg_exec(k->conn, sql, 0, NULL, err, errlen);
     if (!k->res) return -1;
     k->nrows = PQntuples(k->res);

@@ -33,9 +33,6 @@
 
 #define EVIDENCE_BEGIN "<!-- evidence:begin -->\n"
 #define EVIDENCE_END "\n<!-- evidence:end -->"
-#define ERROR_TEXT_MAX 160              /* bytes of an error message shown */
-#define CLUSTER_ID_TIMEOUT_MS 5000
-#define SVG_MARKERS_MAX 60              /* a short opening: dots on its few points */
 
 static const char *const effect_names[] = {"points", "data_platform", "email"};
 #define NEFFECTS (sizeof effect_names / sizeof effect_names[0])
@@ -434,7 +431,7 @@ static void svg_chart(FILE *f, const char *id, const char *title, const struct s
                 "stroke=\"%s\" stroke-width=\"1.5\" points=\"", s[k].name, total, s[k].color);
         for (int i = 0; i < nb; i++) fprintf(f, "%s%.1f,%.1f", i ? " " : "", X(i), Y(s[k].v[i]));
         fputs("\"/>\n", f);
-        for (int i = 0; i < nb && nb <= SVG_MARKERS_MAX; i++)
+        for (int i = 0; i < nb && nb <= REPORT_SVG_MARKERS_MAX; i++)
             fprintf(f, "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"2.5\" fill=\"%s\"/>\n", X(i),
                     Y(s[k].v[i]), s[k].color);
     }
@@ -594,7 +591,7 @@ static int sec_dead_letters(struct rep *r, const char *const *p1)
         fprintf(f, "</small></td><td>%s@%s</td><td>", PQgetvalue(res, i, 5), PQgetvalue(res, i, 6));
         esc(f, val(res, i, 8));
         fputs("<br><small>", f);
-        esc_cut(f, val(res, i, 9), ERROR_TEXT_MAX);
+        esc_cut(f, val(res, i, 9), REPORT_ERROR_TEXT_MAX);
         fprintf(f, "</small></td><td>%s</td><td>", PQgetvalue(res, i, 7));
         esc(f, val(res, i, 10));
         fputs("</td><td>", f);
@@ -862,7 +859,7 @@ int report_run(const struct cfg *cfg, const char *brokers, const char *event_id,
     /* Which cluster: its id (a reader handle; no group, no subscription). */
     if ((rk = admin_kafka_reader(cfg, brokers, "ticketd-report-reader", "ticketd-report", err,
                                  errlen)))
-        cluster = rd_kafka_clusterid(rk, CLUSTER_ID_TIMEOUT_MS);
+        cluster = rd_kafka_clusterid(rk, REPORT_CLUSTER_ID_TIMEOUT_MS);
 
     FILE *f = open_memstream(&res->html, &res->len);
     if (!f) {

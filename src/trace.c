@@ -196,7 +196,7 @@ static void scan_message(void *ud, const rd_kafka_message_t *m)
     add_str(o, "ce_id", ce);
     if (s->dlq) {
         for (size_t i = 0; i < DLQ_HEADER_COUNT; i++) {
-            char hv[512];
+            char hv[DLQ_HEADER_VALUE_MAX];
             if (admin_header(m, dlq_header_names[i], hv, sizeof hv))
                 add_str(o, dlq_header_names[i], hv);
         }

@@ -338,9 +338,10 @@ class AuditTest(TicketdTestCase):
         self.produce(dead, 3)
         self.produce(dlq_only, 3)
         self.record_offsets()
+        long_error = "HTTP 500: " + "the sink's answer " * 50   # 910 bytes, under the 999 cap
         dlq_headers = {"dlq_original_topic": TOPIC, "dlq_original_partition": "3",
                        "dlq_consumer_group": self.group, "dlq_attempts": "3",
-                       "dlq_error_class": "sink_http", "dlq_error_message": "HTTP 500"}
+                       "dlq_error_class": "sink_http", "dlq_error_message": long_error}
         self.produce(dead, 0, topic=DLQ, extra_headers=dlq_headers)
         self.produce(dlq_only, 0, topic=DLQ, extra_headers=dlq_headers)
         a = self.apps[dead]
@@ -358,6 +359,10 @@ class AuditTest(TicketdTestCase):
         self.assertEqual(app["status"], "dead_lettered")
         self.assertIn("data platform answered HTTP 500", row["story"])
         self.assertEqual(row["dead_letters"][0]["error_class"], "sink_http")
+        # the trace's topic scan shows the DLQ headers whole (it cut them at 511 bytes)
+        _, t = self.trace(a["phone"], "--scan")
+        dead_msgs = [m for m in t["topic_matches"] if m["dlq"] and m["key"] == str(dead)]
+        self.assertEqual([m.get("dlq_error_message") for m in dead_msgs], [long_error], t)
         # Replayed and processed: complete again.
         self.pg.execute(f"UPDATE dead_letters SET replayed_at = now() WHERE application_id = {dead}")
         self.process(dead)
