@@ -951,15 +951,12 @@ static int audit_cli_run(const struct cfg *cfg, const void *opts, FILE *human_ou
 
 int audit_main(struct cfg *loaded, int argc, char **argv)
 {
-    (void)loaded; /* reloaded by admin_cli_run, with the settings flags that follow our own */
+    (void)loaded; /* reloaded by admin_cli_main, with the settings flags that follow our own */
     struct audit_opts opts = {0};
-    struct admin_cli cli;
-    if (admin_cli_init(&cli, "audit", audit_usage, argc)) return 2;
-    for (int i = 0; i < argc && cli.status < 0; i++) {
-        if (admin_cli_flag(&cli, argc, argv, &i, "--event-id", &opts.event_id)) continue;
-        if (admin_cli_flag(&cli, argc, argv, &i, "--since", &opts.since)) continue;
-        admin_cli_other(&cli, argv[i]);
-    }
-    /* exit status 1 when something is missing */
-    return admin_cli_run(&cli, "http://HOST:PORT/admin/audit", audit_cli_run, &opts, 1, 0);
+    const struct admin_cli_flag flags[] = {{.name = "--event-id", .value = &opts.event_id},
+                                           {.name = "--since", .value = &opts.since},
+                                           {.name = NULL}};
+    const struct admin_cli_cmd cmd = {"audit", audit_usage, flags, "http://HOST:PORT/admin/audit",
+                                      audit_cli_run, 1, 0}; /* 1: something is missing */
+    return admin_cli_main(&cmd, &opts, argc, argv);
 }

@@ -501,7 +501,7 @@ int dlq_main(struct cfg *c, int argc, char **argv)
         fprintf(stderr, "ticketd dlq %s: %s\n", sub, err);
         return 1;
     }
-    printf("%s\n", json_object_to_json_string_ext(o, JSON_C_TO_STRING_PRETTY));
+    admin_cli_print_json(o);
     json_object_put(o);
     return 0;
 }

@@ -968,19 +968,14 @@ static int report_cli_run(const struct cfg *cfg, const void *opts, FILE *human_o
 
 int report_main(struct cfg *loaded, int argc, char **argv)
 {
-    (void)loaded; /* reloaded by admin_cli_run, with the settings flags that follow our own */
+    (void)loaded; /* reloaded by admin_cli_main, with the settings flags that follow our own */
     struct report_cli_opts opts = {0};
-    struct admin_cli cli;
-    if (admin_cli_init(&cli, "report", report_usage, argc)) return 2;
-    for (int i = 0; i < argc && cli.status < 0; i++) {
-        if (admin_cli_flag(&cli, argc, argv, &i, "--event-id", &opts.event_id)) continue;
-        if (admin_cli_flag(&cli, argc, argv, &i, "--out", &opts.out)) continue;
-        admin_cli_other(&cli, argv[i]);
-    }
-    if (cli.status < 0 && !opts.event_id) {
-        report_usage(stderr);
-        cli.status = 2;
-    }
-    return admin_cli_run(&cli, "'http://HOST:PORT/admin/report?event_id=E'", report_cli_run,
-                         &opts, 1, 0);
+    const struct admin_cli_flag flags[] = {
+        {.name = "--event-id", .value = &opts.event_id, .required = true},
+        {.name = "--out", .value = &opts.out},
+        {.name = NULL}};
+    const struct admin_cli_cmd cmd = {"report", report_usage, flags,
+                                      "'http://HOST:PORT/admin/report?event_id=E'",
+                                      report_cli_run, 1, 0}; /* 1: something is missing */
+    return admin_cli_main(&cmd, &opts, argc, argv);
 }

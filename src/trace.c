@@ -821,23 +821,15 @@ static int trace_cli_run(const struct cfg *cfg, const void *opts, FILE *human_ou
 
 int trace_main(struct cfg *loaded, int argc, char **argv)
 {
-    (void)loaded; /* reloaded by admin_cli_run, with the settings flags that follow our own */
+    (void)loaded; /* reloaded by admin_cli_main, with the settings flags that follow our own */
     struct trace_opts opts = {0};
-    struct admin_cli cli;
-    if (admin_cli_init(&cli, "trace", trace_usage, argc)) return 2;
-    for (int i = 0; i < argc && cli.status < 0; i++) {
-        if (admin_cli_flag(&cli, argc, argv, &i, "--phone", &opts.phone)) continue;
-        if (admin_cli_flag(&cli, argc, argv, &i, "--event-id", &opts.event_id)) continue;
-        if (strcmp(argv[i], "--scan") == 0)
-            opts.scan = true;
-        else
-            admin_cli_other(&cli, argv[i]);
-    }
-    if (cli.status < 0 && !opts.phone) {
-        trace_usage(stderr);
-        cli.status = 2;
-    }
-    /* exit status 1 when nothing is found anywhere */
-    return admin_cli_run(&cli, "'http://HOST:PORT/admin/trace?phone=...'", trace_cli_run, &opts,
-                         0, 1);
+    const struct admin_cli_flag flags[] = {
+        {.name = "--phone", .value = &opts.phone, .required = true},
+        {.name = "--event-id", .value = &opts.event_id},
+        {.name = "--scan", .set = &opts.scan},
+        {.name = NULL}};
+    const struct admin_cli_cmd cmd = {"trace", trace_usage, flags,
+                                      "'http://HOST:PORT/admin/trace?phone=...'", trace_cli_run,
+                                      0, 1}; /* 1: nothing found anywhere */
+    return admin_cli_main(&cmd, &opts, argc, argv);
 }
