@@ -831,13 +831,7 @@ static void stage3_settle(struct audit_ctx *a)
 int audit_run(const struct cfg *cfg, const char *brokers, const struct audit_opts *opts,
               FILE *human_out, json_object **json_out, char *err, size_t errlen)
 {
-    struct audit_ctx a;
-    memset(&a, 0, sizeof a);
-    a.cfg = cfg;
-    a.opts = opts;
-    a.err = err;
-    a.errlen = errlen;
-    a.since_ms = -1;
+    struct audit_ctx a = {.cfg = cfg, .opts = opts, .err = err, .errlen = errlen, .since_ms = -1};
     for (int c = 0; c < C_COUNT; c++) {
         a.cats[c] = cat_template[c];
         a.cats[c].items = json_object_new_array();

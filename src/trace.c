@@ -610,12 +610,7 @@ static void render_human(json_object *root, FILE *out);
 int trace_run(const struct cfg *cfg, const char *brokers, const struct trace_opts *opts,
               FILE *human_out, json_object **json_out, char *err, size_t errlen)
 {
-    struct trace_ctx t;
-    memset(&t, 0, sizeof t);
-    t.cfg = cfg;
-    t.opts = opts;
-    t.err = err;
-    t.errlen = errlen;
+    struct trace_ctx t = {.cfg = cfg, .opts = opts, .err = err, .errlen = errlen};
     if (!opts->phone || validate_phone(opts->phone, strlen(opts->phone), t.phone) != 0) {
         snprintf(err, errlen, "bad phone: a Korean mobile number such as 010-1234-5678");
         return -2;
