@@ -8,6 +8,7 @@ that `trace` tells that customer's story. A clean run must report 0 missing and 
 """
 import json
 import os
+import re
 import subprocess
 import sys
 import unittest
@@ -15,7 +16,7 @@ import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (ADMIN_TOKEN, KafkaMock, Ticketd, TicketdTestCase, kcat_consume,  # noqa: E402
-                     kcat_produce, phone_for, run_ticketd, unique_group)
+                     kcat_produce, phone_for, run_ticketd, unique_group, wait_until)
 
 TOPIC = "ticket-applied"
 DLQ = "ticket-applied.DLQ"
@@ -557,6 +558,14 @@ class AuditTest(TicketdTestCase):
         self.assertEqual(svc.admin("GET", "/admin/trace?phone=12").status, 400)
         # The service logged no full phone number while tracing.
         self.assertNotIn(self.apps[lost]["phone"], svc.log_text())
+        # A failed report's error is quoted in the log: PostgreSQL echoes a bad since= with
+        # its quotes, which written raw between quotes forged a logfmt key.
+        self.assertNotEqual(svc.admin("GET", "/admin/audit?since=x%22%20event%3Dforged").status, 200)
+        line = wait_until(lambda: next((ln for ln in svc.log_text().splitlines()
+                                        if "audit_failed" in ln), None),
+                          timeout=30, what="the audit_failed log line")
+        keys = re.findall(r'(?:^|\s)([A-Za-z_][\w.]*)=(?:"(?:[^"\\]|\\.)*"|\S*)', line)
+        self.assertEqual(keys.count("event"), 1, line)
 
     def test_one_status_rule_for_public_admin_and_trace(self):
         """Issue 13: an application processed (all effects done) whose event also has a dead
