@@ -246,6 +246,15 @@ class Pg:
     def execute(self, sql, db="ticketd"):
         self.psql(sql, db=db)
 
+    def unfinished_events(self):
+        """Outbox rows whose event is neither dead-lettered nor processed with every effect
+        done (processed_events gets its row with the points, before the other effects)."""
+        return self.count(
+            "outbox o WHERE NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.event_id = o.event_id)"
+            " AND NOT (EXISTS (SELECT 1 FROM processed_events p WHERE p.event_id = o.event_id)"
+            " AND NOT EXISTS (SELECT 1 FROM event_effects e WHERE e.event_id = o.event_id"
+            " AND NOT e.done))")
+
     def application_id(self, body):
         """The internal applications.id behind a 201 body: its "id" where the answer still
         carries one, else looked up by its unguessable "reference" (issue 12)."""
