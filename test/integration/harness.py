@@ -733,6 +733,20 @@ class TicketdTestCase(unittest.TestCase):
             self.pg.execute("TRUNCATE " + ", ".join(tables) + " RESTART IDENTITY")
 
 
+class ApiTestCase(TicketdTestCase):
+    """One ticketd (ROLE=api) shared by the class's tests, on the class's PostgreSQL: cls.td."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.td = Ticketd(cls.pg, role="api")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.td.close()
+        super().tearDownClass()
+
+
 def _watchdog(seconds=540):
     def fire():
         print(f"harness: watchdog: test file still running after {seconds}s, stopping",
