@@ -26,38 +26,57 @@ bool admin_take_flag(int argc, char **argv, int *i, const char *name, const char
     return true;
 }
 
-int admin_cli_init(struct admin_cli *cli, const char *command, void (*usage)(FILE *out),
-                   int argc)
-{
-    memset(cli, 0, sizeof *cli);
-    cli->command = command;
-    cli->usage = usage;
-    cli->status = -1;
-    cli->rest = calloc((size_t)argc + 2, sizeof *cli->rest);
-    if (!cli->rest) return -1;
-    cli->rest[cli->nrest++] = (char *)command;
-    return 0;
-}
+struct admin_cli {
+    const struct admin_cli_cmd *cmd;
+    char **rest;                 /* the command, then the arguments kept for cfg_load */
+    int nrest;
+    bool json;                   /* --json */
+    int status;                  /* -1 while parsing goes on; else the exit status (0 after
+                                    --help, 2 after a usage error, both already printed) */
+};
 
-bool admin_cli_flag(struct admin_cli *cli, int argc, char **argv, int *i, const char *name,
-                    const char **value)
+/* argv[*i]: one of the command's flags, --json, --help/-h (usage on stdout, status 0), or
+ * kept for cfg_load. */
+static void cli_arg(struct admin_cli *cli, int argc, char **argv, int *i)
 {
-    bool bad = false;
-    if (!admin_take_flag(argc, argv, i, name, value, &bad)) return false;
-    if (bad) cli->status = 2;
-    return true;
-}
-
-void admin_cli_other(struct admin_cli *cli, char *arg)
-{
+    char *arg = argv[*i];
+    for (const struct admin_cli_flag *f = cli->cmd->flags; f && f->name; f++) {
+        bool bad = false;
+        if (!f->value) {
+            if (strcmp(arg, f->name) != 0) continue;
+            *f->set = true;
+            return;
+        }
+        if (!admin_take_flag(argc, argv, i, f->name, f->value, &bad)) continue;
+        if (bad) cli->status = 2;
+        return;
+    }
     if (strcmp(arg, "--json") == 0) {
         cli->json = true;
     } else if (strcmp(arg, "--help") == 0 || strcmp(arg, "-h") == 0) {
-        cli->usage(stdout);
+        cli->cmd->usage(stdout);
         cli->status = 0;
     } else {
         cli->rest[cli->nrest++] = arg;
     }
+}
+
+/* Takes the arguments; a required flag missing is a usage error. */
+static void cli_parse(struct admin_cli *cli, int argc, char **argv)
+{
+    for (int i = 0; i < argc && cli->status < 0; i++) cli_arg(cli, argc, argv, &i);
+    for (const struct admin_cli_flag *f = cli->cmd->flags; f && f->name && cli->status < 0; f++)
+        if (f->required && !*f->value) {
+            cli->cmd->usage(stderr);
+            cli->status = 2;
+        }
+}
+
+void admin_cli_print_json(json_object *o)
+{
+    fprintf(stdout, "%s\n",
+            json_object_to_json_string_ext(o, JSON_C_TO_STRING_PRETTY |
+                                                  JSON_C_TO_STRING_NOSLASHESCAPE));
 }
 
 /* Loads cfg from the environment and the kept flags: -1 when the command can run, else the
@@ -70,8 +89,9 @@ static int cli_load(struct admin_cli *cli, struct cfg *cfg, bool *loaded,
     if (r != 0) return r > 0 ? 0 : 2;
     *loaded = true;
     if (argi < cli->nrest) {
-        fprintf(stderr, "ticketd %s: unexpected argument %s\n", cli->command, cli->rest[argi]);
-        cli->usage(stderr);
+        fprintf(stderr, "ticketd %s: unexpected argument %s\n", cli->cmd->command,
+                cli->rest[argi]);
+        cli->cmd->usage(stderr);
         return 2;
     }
     log_set_level(cfg->log_level);
@@ -82,39 +102,39 @@ static int cli_load(struct admin_cli *cli, struct cfg *cfg, bool *loaded,
                 "`ticketd kafka-mock` and point both `ticketd serve` and this command at its\n"
                 "bootstrap address (KAFKA_BROKERS=...), or ask the running service:\n"
                 "  curl -H \"Authorization: Bearer $ADMIN_TOKEN\" %s\n",
-                cli->command, http_example);
+                cli->cmd->command, http_example);
         return 2;
     }
     return -1;
 }
 
-int admin_cli_run(struct admin_cli *cli, const char *http_example, admin_cli_run_fn run,
-                  const void *opts, int if_found, int if_none)
+int admin_cli_main(const struct admin_cli_cmd *cmd, const void *opts, int argc, char **argv)
 {
+    struct admin_cli cli = {.cmd = cmd, .status = -1};
+    if (!(cli.rest = calloc((size_t)argc + 2, sizeof *cli.rest))) return 2;
+    cli.rest[cli.nrest++] = (char *)cmd->command;
+    cli_parse(&cli, argc, argv);
     struct cfg cfg;
     bool loaded = false;
-    int status = cli->status >= 0 ? cli->status : cli_load(cli, &cfg, &loaded, http_example);
+    int status = cli.status >= 0 ? cli.status : cli_load(&cli, &cfg, &loaded, cmd->http_example);
     if (status < 0) {
         json_object *report = NULL;
         char err[512] = "";
-        int r = run(&cfg, opts, cli->json ? NULL : stdout, cli->json ? &report : NULL, err,
-                    sizeof err);
+        int r = cmd->run(&cfg, opts, cli.json ? NULL : stdout, cli.json ? &report : NULL, err,
+                         sizeof err);
         if (r < 0) {
-            fprintf(stderr, "ticketd %s: error: %s\n", cli->command, err);
+            fprintf(stderr, "ticketd %s: error: %s\n", cmd->command, err);
             status = 2;
         } else {
-            if (cli->json) {
-                fprintf(stdout, "%s\n",
-                        json_object_to_json_string_ext(report, JSON_C_TO_STRING_PRETTY |
-                                                                   JSON_C_TO_STRING_NOSLASHESCAPE));
+            if (cli.json) {
+                admin_cli_print_json(report);
                 json_object_put(report);
             }
             fflush(stdout);
-            status = r > 0 ? if_found : if_none;
+            status = r > 0 ? cmd->if_found : cmd->if_none;
         }
     }
     if (loaded) cfg_free(&cfg);
-    free(cli->rest);
-    cli->rest = NULL;
+    free(cli.rest);
     return status;
 }

@@ -174,6 +174,14 @@ static int job_reply(struct admin_job *job, int r, json_object *report, const ch
     return 200;
 }
 
+/* A report's failure in the log, its text quoted: a database's message can echo the request's
+ * own quotes (a bad since=), which raw would forge logfmt keys. */
+static void job_log_failure(const char *module, const char *event, const char *err)
+{
+    char qb[600];
+    log_warn(module, "event=%s error=%s", event, log_quoted(err, qb, sizeof qb));
+}
+
 static void bad_request(struct http_request *req, const char *message)
 {
     api_respond_error(req, 400, "bad_request", message, NULL);
@@ -280,7 +288,7 @@ static int audit_job_run(struct admin_job *base)
     json_object *report = NULL;
     char err[512] = "";
     int r = audit_run(base->cfg, base->brokers, &job->opts, NULL, &report, err, sizeof err);
-    if (r < 0) log_warn("audit", "event=audit_failed error=\"%s\"", err);
+    if (r < 0) job_log_failure("audit", "audit_failed", err);
     return job_reply(base, r, report, "audit_failed", err);
 }
 
@@ -338,7 +346,7 @@ static int trace_job_run(struct admin_job *base)
     json_object *report = NULL;
     char err[512] = "";
     int r = trace_run(base->cfg, base->brokers, &job->opts, NULL, &report, err, sizeof err);
-    if (r < 0) log_warn("trace", "event=trace_failed error=\"%s\"", err);
+    if (r < 0) job_log_failure("trace", "trace_failed", err);
     return job_reply(base, r, report, "trace_failed", err);
 }
 
@@ -384,7 +392,7 @@ static int report_job_run(struct admin_job *base)
     char err[512] = "";
     int r = report_run(base->cfg, base->brokers, job->event_id, &res, err, sizeof err);
     if (r < 0) {
-        log_warn("report", "event=report_failed error=\"%s\"", err);
+        job_log_failure("report", "report_failed", err);
         return job_reply(base, r, NULL, "report_failed", err);
     }
     base->body = res.html;

@@ -8,11 +8,9 @@
 
 #include "admin_common.h"
 #include "kafka_common.h"
+#include "limits.h"
 #include "log.h"
 
-#define KAFKA_TIMEOUT_MS 10000        /* metadata, watermarks, committed */
-#define KAFKA_STALL_MS 20000          /* no message while below the high watermark: error */
-#define KAFKA_WAIT_MS 200             /* one wait for the first message of a batch */
 
 static int64_t mono_ms(void)
 {
@@ -107,7 +105,7 @@ int admin_topic_partitions(rd_kafka_t *rk, const char *topic, char *err, size_t 
         return -1;
     }
     const struct rd_kafka_metadata *md = NULL;
-    rd_kafka_resp_err_t e = rd_kafka_metadata(rk, 0, rkt, &md, KAFKA_TIMEOUT_MS);
+    rd_kafka_resp_err_t e = rd_kafka_metadata(rk, 0, rkt, &md, ADMIN_KAFKA_TIMEOUT_MS);
     rd_kafka_topic_destroy(rkt);
     if (e) {
         admin_set_err(err, errlen, "kafka metadata for %s: %s (brokers reachable?)", topic,
@@ -133,7 +131,7 @@ int admin_watermarks(rd_kafka_t *rk, const char *topic, int32_t partition, int64
                      int64_t *high, char *err, size_t errlen)
 {
     rd_kafka_resp_err_t e =
-        rd_kafka_query_watermark_offsets(rk, topic, partition, low, high, KAFKA_TIMEOUT_MS);
+        rd_kafka_query_watermark_offsets(rk, topic, partition, low, high, ADMIN_KAFKA_TIMEOUT_MS);
     if (e) {
         admin_set_err(err, errlen, "kafka watermarks of %s/%d: %s", topic, (int)partition,
                       rd_kafka_err2str(e));
@@ -148,7 +146,7 @@ int admin_committed(rd_kafka_t *rk, const char *topic, int n, int64_t *out, char
     if (n <= 0) return 0;
     rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(n);
     for (int p = 0; p < n; p++) rd_kafka_topic_partition_list_add(l, topic, p);
-    rd_kafka_resp_err_t e = rd_kafka_committed(rk, l, KAFKA_TIMEOUT_MS);
+    rd_kafka_resp_err_t e = rd_kafka_committed(rk, l, ADMIN_KAFKA_TIMEOUT_MS);
     if (e) {
         admin_set_err(err, errlen, "kafka committed offsets of the group: %s",
                       rd_kafka_err2str(e));
@@ -224,7 +222,7 @@ static int reader_fill(struct admin_reader *r, char *err, size_t errlen)
     const size_t cap = sizeof r->batch / sizeof r->batch[0];
     ssize_t n = rd_kafka_consume_batch_queue(r->queue, 0, r->batch, cap);
     if (n == 0) {
-        rd_kafka_message_t *first = rd_kafka_consume_queue(r->queue, KAFKA_WAIT_MS);
+        rd_kafka_message_t *first = rd_kafka_consume_queue(r->queue, ADMIN_KAFKA_WAIT_MS);
         if (first) {
             r->batch[0] = first;
             n = rd_kafka_consume_batch_queue(r->queue, 0, r->batch + 1, cap - 1);
@@ -267,13 +265,13 @@ int admin_reader_next(struct admin_reader *r, rd_kafka_message_t **msg, char *er
             int got = reader_fill(r, err, errlen);
             if (got < 0) return -1;
             if (got == 0) {
-                idle_ms += KAFKA_WAIT_MS;
-                if (idle_ms >= KAFKA_STALL_MS) {
+                idle_ms += ADMIN_KAFKA_WAIT_MS;
+                if (idle_ms >= ADMIN_KAFKA_STALL_MS) {
                     admin_set_err(err, errlen,
                                   "kafka: no progress reading %s/%d at offset %" PRId64
                                   " (high watermark %" PRId64 ") for %d s",
                                   r->topic, (int)r->partition, r->next, r->high,
-                                  KAFKA_STALL_MS / 1000);
+                                  ADMIN_KAFKA_STALL_MS / 1000);
                     return -1;
                 }
                 continue;

@@ -472,8 +472,9 @@ static void on_query_result(void *ud, const PGresult *res, const char *error)
     struct http_request *req = ctx->req;
 
     if (!res) {
-        log_warn("api", "event=query_failed req=%" PRIu64 " err=\"%s\"", req->id,
-                 error ? error : "unknown");
+        char qb[320];
+        log_warn("api", "event=query_failed req=%" PRIu64 " err=%s", req->id,
+                 log_quoted(error ? error : "unknown", qb, sizeof qb));
         api_respond_error(req, 503, "unavailable", "the database is unavailable, retry shortly",
                           RETRY_AFTER_1);
         return;

@@ -28,9 +28,6 @@
 #include "log.h"
 #include "validate.h"
 
-#define AUDIT_FETCH_ROWS "10000"      /* rows per FETCH from the server-side cursor */
-#define AUDIT_DLQ_CHECK_MAX 100000    /* unhandled events checked against the DLQ topic */
-
 /* ------------------------------------------------------------------ small helpers */
 
 static int64_t now_ms(void)
@@ -93,7 +90,7 @@ static int cur_next(struct pgcur *k, char *err, size_t errlen)
     PQclear(k->res);
     k->res = NULL;
     char sql[96];
-    snprintf(sql, sizeof sql, "FETCH " AUDIT_FETCH_ROWS " FROM %s", k->name);
+    snprintf(sql, sizeof sql, "FETCH %d FROM %s", AUDIT_FETCH_ROWS, k->name);
     k->res = admin_pg_exec(k->conn, sql, 0, NULL, err, errlen);
     if (!k->res) return -1;
     k->nrows = PQntuples(k->res);
@@ -834,13 +831,7 @@ static void stage3_settle(struct audit_ctx *a)
 int audit_run(const struct cfg *cfg, const char *brokers, const struct audit_opts *opts,
               FILE *human_out, json_object **json_out, char *err, size_t errlen)
 {
-    struct audit_ctx a;
-    memset(&a, 0, sizeof a);
-    a.cfg = cfg;
-    a.opts = opts;
-    a.err = err;
-    a.errlen = errlen;
-    a.since_ms = -1;
+    struct audit_ctx a = {.cfg = cfg, .opts = opts, .err = err, .errlen = errlen, .since_ms = -1};
     for (int c = 0; c < C_COUNT; c++) {
         a.cats[c] = cat_template[c];
         a.cats[c].items = json_object_new_array();
@@ -954,15 +945,12 @@ static int audit_cli_run(const struct cfg *cfg, const void *opts, FILE *human_ou
 
 int audit_main(struct cfg *loaded, int argc, char **argv)
 {
-    (void)loaded; /* reloaded by admin_cli_run, with the settings flags that follow our own */
+    (void)loaded; /* reloaded by admin_cli_main, with the settings flags that follow our own */
     struct audit_opts opts = {0};
-    struct admin_cli cli;
-    if (admin_cli_init(&cli, "audit", audit_usage, argc)) return 2;
-    for (int i = 0; i < argc && cli.status < 0; i++) {
-        if (admin_cli_flag(&cli, argc, argv, &i, "--event-id", &opts.event_id)) continue;
-        if (admin_cli_flag(&cli, argc, argv, &i, "--since", &opts.since)) continue;
-        admin_cli_other(&cli, argv[i]);
-    }
-    /* exit status 1 when something is missing */
-    return admin_cli_run(&cli, "http://HOST:PORT/admin/audit", audit_cli_run, &opts, 1, 0);
+    const struct admin_cli_flag flags[] = {{.name = "--event-id", .value = &opts.event_id},
+                                           {.name = "--since", .value = &opts.since},
+                                           {.name = NULL}};
+    const struct admin_cli_cmd cmd = {"audit", audit_usage, flags, "http://HOST:PORT/admin/audit",
+                                      audit_cli_run, 1, 0}; /* 1: something is missing */
+    return admin_cli_main(&cmd, &opts, argc, argv);
 }

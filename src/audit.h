@@ -44,8 +44,7 @@
 #include <stdio.h>
 
 #include "config.h"
-
-#define AUDIT_LIST_MAX 1000          /* ids listed per category (counts stay exact) */
+#include "limits.h"
 
 struct audit_opts {
     const char *event_id;   /* the show (applications.event_id); NULL = all */

@@ -14,8 +14,6 @@
 #include "config.h"
 #include "limits.h"
 
-#define AUDIT_LOOKUP_BATCH 512        /* unmatched messages looked up per query */
-
 /* One kind of finding: an exact count and the first AUDIT_LIST_MAX items. */
 struct cat {
     const char *key;     /* JSON name */
@@ -70,7 +68,6 @@ struct unhandled {
 /* Distinct application ids named missing (one application may fail at two stages: a deleted
  * outbox row also leaves its message without a row). Open addressing; past
  * AUDIT_DISTINCT_MAX ids it stops deduplicating rather than grow further. */
-#define AUDIT_DISTINCT_MAX (1 << 20)
 struct idset {
     int64_t *slots;  /* 0 = empty; ids are stored + 1 so id 0 is representable */
     size_t cap, n;

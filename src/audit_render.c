@@ -6,8 +6,6 @@
 #include "admin_common.h"
 #include "audit_ctx.h"
 
-#define AUDIT_HUMAN_DETAILS 20        /* items printed per category in the human report */
-
 static json_object *cat_json(const struct cat *k)
 {
     json_object *o = json_object_new_object();

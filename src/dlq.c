@@ -20,21 +20,11 @@
 #include "log.h"
 #include "validate.h"
 
-/* A logfmt-quoted copy of s in buf (free-form texts: remote replies, libpq errors). */
-static const char *lq(const char *s, char *buf, size_t n)
-{
-    log_quote(s ? s : "", buf, n);
-    return buf;
-}
-
 const char *const dlq_header_names[DLQ_HEADER_COUNT] = {
     DLQ_H_ORIGINAL_TOPIC, DLQ_H_ORIGINAL_PARTITION, DLQ_H_ORIGINAL_OFFSET,
     DLQ_H_ORIGINAL_TIMESTAMP, DLQ_H_CONSUMER_GROUP, DLQ_H_ATTEMPTS,
     DLQ_H_ERROR_CLASS, DLQ_H_ERROR_MESSAGE,
 };
-
-#define VALUE_SHOWN_MAX 4096
-#define FLUSH_TIMEOUT_MS 30000
 
 /* ---- reading the DLQ topic ---- */
 
@@ -191,7 +181,7 @@ static void list_visit(void *ud, const rd_kafka_message_t *m)
                            r && r->replayed ? json_object_new_string(r->replayed_at) : NULL);
     json_object_object_add(o, "dead_lettered_at",
                            r ? json_object_new_string(r->dead_lettered_at) : NULL);
-    size_t shown = m->len > VALUE_SHOWN_MAX ? VALUE_SHOWN_MAX : m->len;
+    size_t shown = m->len > DLQ_VALUE_SHOWN_MAX ? DLQ_VALUE_SHOWN_MAX : m->len;
     json_object_object_add(o, "value", m->payload ? safe_string(m->payload, shown) : NULL);
     if (shown < m->len) json_object_object_add(o, "value_truncated", json_object_new_boolean(1));
     json_object_array_add(ctx->items, o);
@@ -236,7 +226,7 @@ struct replay_rec {
     char src_topic[256];
     char src_partition[16], src_offset[24], attempts[16];
     char error_class[64];
-    char error_message[1024];
+    char error_message[DLQ_HEADER_VALUE_MAX];
 };
 
 struct replay_ctx {
@@ -379,7 +369,7 @@ static int mark_replayed(PGconn *db, const struct replay_rec *r)
         const char *p[2] = {part, off};
         res = PQexecParams(db, mark_sql, 2, NULL, p, NULL, NULL, 0);
     } else {
-        char msg[1024];
+        char msg[sizeof r->error_message];
         snprintf(msg, sizeof msg, "%s", r->error_message);
         for (char *s = msg; *s; s++)
             if ((unsigned char)*s < 0x20 || (unsigned char)*s > 0x7e) *s = '?';
@@ -392,7 +382,7 @@ static int mark_replayed(PGconn *db, const struct replay_rec *r)
     if (rc != 0)
         log_error("dlq", "event=mark_replayed_failed dlq_partition=%" PRId32 " dlq_offset=%" PRId64
                   " err=%s", r->dlq_partition, r->dlq_offset,
-                  lq(PQresultErrorMessage(res), qb, sizeof qb));
+                  log_quoted(PQresultErrorMessage(res), qb, sizeof qb));
     PQclear(res);
     return rc;
 }
@@ -425,7 +415,7 @@ int dlq_replay(const struct cfg *cfg, const char *brokers, const char *event_id,
         goto out;
     }
     if (read_dlq(cfg, brokers, replay_visit, &ctx, err, errlen) != 0) goto out;
-    rd_kafka_flush(ctx.producer, FLUSH_TIMEOUT_MS);
+    rd_kafka_flush(ctx.producer, DLQ_FLUSH_TIMEOUT_MS);
 
     long replayed = 0;
     for (struct replay_rec *r = ctx.recs; r; r = r->next) {
@@ -511,7 +501,7 @@ int dlq_main(struct cfg *c, int argc, char **argv)
         fprintf(stderr, "ticketd dlq %s: %s\n", sub, err);
         return 1;
     }
-    printf("%s\n", json_object_to_json_string_ext(o, JSON_C_TO_STRING_PRETTY));
+    admin_cli_print_json(o);
     json_object_put(o);
     return 0;
 }

@@ -25,6 +25,7 @@
 #include <stddef.h>
 
 #include "config.h"
+#include "limits.h" /* DLQ_LIST_DEFAULT, DLQ_LIST_MAX, DLQ_READ_TIMEOUT_MS */
 
 /* The headers a dead letter carries besides its original ones: written by dlq_writer.c,
  * read by the list, the replay (which removes them) and the trace. */
@@ -38,10 +39,6 @@
 #define DLQ_H_ERROR_MESSAGE "dlq_error_message"     /* printable ASCII, at most 999 bytes */
 #define DLQ_HEADER_COUNT 8
 extern const char *const dlq_header_names[DLQ_HEADER_COUNT]; /* the eight above */
-
-#define DLQ_LIST_DEFAULT 1000   /* dead letters listed by default */
-#define DLQ_LIST_MAX 10000      /* ... and at most (?limit=) */
-#define DLQ_READ_TIMEOUT_MS 30000 /* reading the topic up to its high watermarks, at most */
 
 /* {"count": N (all dead letters in the topic), "truncated": bool, "dead_letters": [ {
  *   "dlq_partition", "dlq_offset", "timestamp" (ms), "key", "event_id" (ce_id or null),

@@ -7,9 +7,25 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "limits.h"
 #include "log.h"
 
 struct hc_req;
+
+/* The two lists below (requests, sockets) are intrusive and doubly linked through prev/next:
+ * one push and one unlink for both. */
+#define LIST_PUSH(head, node)                                                                  \
+    do {                                                                                       \
+        (node)->next = (head);                                                                 \
+        if (head) (head)->prev = (node);                                                       \
+        (head) = (node);                                                                       \
+    } while (0)
+#define LIST_UNLINK(head, node)                                                                \
+    do {                                                                                       \
+        if ((node)->prev) (node)->prev->next = (node)->next;                                   \
+        else (head) = (node)->next;                                                            \
+        if ((node)->next) (node)->next->prev = (node)->prev;                                   \
+    } while (0)
 
 struct hc {
     uv_loop_t *loop;
@@ -78,9 +94,7 @@ static void timer_on_close(uv_handle_t *handle)
 static void req_unlink(struct hc_req *r)
 {
     struct hc *h = r->h;
-    if (r->prev) r->prev->next = r->next;
-    else h->reqs = r->next;
-    if (r->next) r->next->prev = r->prev;
+    LIST_UNLINK(h->reqs, r);
     h->inflight--;
 }
 
@@ -157,9 +171,7 @@ static void timer_on_fire(uv_timer_t *t)
 static void sock_release(struct hc_sock *s)
 {
     struct hc *h = s->h;
-    if (s->prev) s->prev->next = s->next;
-    else h->socks = s->next;
-    if (s->next) s->next->prev = s->prev;
+    LIST_UNLINK(h->socks, s);
     uv_poll_stop(&s->poll);
     uv_close((uv_handle_t *)&s->poll, sock_on_close);
 }
@@ -187,9 +199,7 @@ static int on_socket(CURL *easy, curl_socket_t fd, int what, void *userp, void *
         }
         s->poll.data = s;
         h->open_handles++;
-        s->next = h->socks;
-        if (h->socks) h->socks->prev = s;
-        h->socks = s;
+        LIST_PUSH(h->socks, s);
         curl_multi_assign(h->multi, fd, s);
     }
     int events = 0;
@@ -278,8 +288,9 @@ static struct hc_req *req_new(struct hc *h, const char *url, int64_t timeout_ms,
     curl_easy_setopt(e, CURLOPT_PRIVATE, r);
     curl_easy_setopt(e, CURLOPT_ERRORBUFFER, r->errbuf);
     curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
-    curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, (long)(timeout_ms > 0 ? timeout_ms : 5000));
-    curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long)(timeout_ms > 0 ? timeout_ms : 5000));
+    long ms = timeout_ms > 0 ? (long)timeout_ms : HC_TIMEOUT_DEFAULT_MS;
+    curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, ms);
+    curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, ms);
     curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, on_write);
     curl_easy_setopt(e, CURLOPT_WRITEDATA, r);
     return r;
@@ -293,9 +304,7 @@ static int req_start(struct hc_req *r)
         req_free(r);
         return -EIO;
     }
-    r->next = h->reqs;
-    if (h->reqs) h->reqs->prev = r;
-    h->reqs = r;
+    LIST_PUSH(h->reqs, r);
     h->inflight++;
     return 0;
 }

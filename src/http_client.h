@@ -26,8 +26,6 @@ struct hc_result {
 /* The result (and everything it points to) is valid only during the call. */
 typedef void (*hc_done_fn)(void *ud, const struct hc_result *res);
 
-#define HC_BODY_MAX 4096
-
 /* Returns 0 or -errno. */
 int hc_create(struct hc **out, uv_loop_t *loop);
 

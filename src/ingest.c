@@ -104,14 +104,14 @@ static const char ingest_lookup_sql[] =
     " UNION ALL"
     " SELECT 'k', " ROW_COLUMNS("i") " FROM input i" BY_KEY("i");
 
-/* Walks applications in id order from a cursor, up to 1000 rows, stopping before the first
+/* Walks applications in id order from a cursor, up to INGEST_PRUNE_BATCH rows, stopping before the first
  * row younger than the TTL, and clears the keys of the keyed ones: bounded work per
  * statement whatever the table size, and no index beyond the primary key. Rows back: the new
  * cursor, rows walked, keys cleared. */
 const char *const ingest_prune_sql =
     "WITH r AS (SELECT id, created_at < now() - $2::bigint * interval '1 millisecond' AS old,"
     "  idempotency_key IS NOT NULL AS keyed FROM applications WHERE id > $1::bigint"
-    "  ORDER BY id LIMIT 1000"
+    "  ORDER BY id LIMIT " LIMITS_STR(INGEST_PRUNE_BATCH)
     "), upto AS (SELECT COALESCE(min(id) FILTER (WHERE NOT old) - 1, max(id), $1::bigint) AS v,"
     "  count(*) AS n FROM r"
     "), u AS (UPDATE applications a SET idempotency_key = NULL, idempotency_fingerprint = NULL"
@@ -122,7 +122,7 @@ const char *const ingest_prune_sql =
  * once per process), or near the end when there is none. */
 static const char ingest_prune_start_sql[] =
     "SELECT COALESCE((SELECT min(id) - 1 FROM applications WHERE idempotency_key IS NOT NULL),"
-    " (SELECT greatest(max(id) - 100000, 0) FROM applications), 0)";
+    " (SELECT greatest(max(id) - " LIMITS_STR(INGEST_PRUNE_START_BACK) ", 0) FROM applications), 0)";
 
 static const double batch_size_bounds[] = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048};
 
@@ -658,7 +658,9 @@ static void on_prune_timer(uv_timer_t *t);
 static uint64_t prune_interval_ms(const struct ingest *ing)
 {
     int64_t ms = ing->key_ttl_ms / 4;
-    return (uint64_t)(ms < 100 ? 100 : ms > 60000 ? 60000 : ms);
+    return (uint64_t)(ms < INGEST_PRUNE_EVERY_MIN_MS   ? INGEST_PRUNE_EVERY_MIN_MS
+                      : ms > INGEST_PRUNE_EVERY_MAX_MS ? INGEST_PRUNE_EVERY_MAX_MS
+                                                       : ms);
 }
 
 static void on_prune_result(void *ud, const PGresult *res, const char *error)
@@ -682,7 +684,7 @@ static void on_prune_result(void *ud, const PGresult *res, const char *error)
             log_debug("ingest", "event=keys_pruned count=%ld upto=%lld", cleared, (long long)cursor);
         }
         /* a full range that moved on: more may be due, go on after the loop had a turn */
-        if (walked >= 1000 && cursor > ing->prune_cursor) next = 10;
+        if (walked >= INGEST_PRUNE_BATCH && cursor > ing->prune_cursor) next = 10;
         ing->prune_cursor = cursor;
     }
     if (ing->closing) maybe_free(ing);

@@ -1,8 +1,11 @@
 /* limits: every fixed cap in one place (curl's DYN_* habit): sizes, counts and the longest
- * waits. Caps that operators tune are settings in config.c; these are the fixed ones. (The
- * DLQ's and the admin tools' caps join here as those modules are split.) */
+ * waits. Caps that operators tune are settings in config.c; these are the fixed ones. */
 #ifndef TICKETD_LIMITS_H
 #define TICKETD_LIMITS_H
+
+/* A cap as text, for a statement: "LIMIT " LIMITS_STR(INGEST_PRUNE_BATCH). */
+#define LIMITS_STR_(x) #x
+#define LIMITS_STR(x) LIMITS_STR_(x)
 
 #define EVENT_ID_MAX_CHARS 64        /* [A-Za-z0-9._-]{1,64} */
 #define NAME_MAX_CHARS 100           /* UTF-8 code points */
@@ -25,7 +28,8 @@
 #define DBP_ADDR_MAX 64               /* one numeric address */
 #define DBP_ADDRS_PER_HOST 4          /* addresses of one name tried, in the resolver's order */
 
-/* HTTP (http_parse.c, http_server.c) */
+/* HTTP (http_parse.c, http_server.c, http_client.c) */
+#define HTTP_MAX_PIPELINED 64         /* requests queued per connection: a client's burst, not a flood */
 #define HTTP_REQ_INLINE_BYTES 2048    /* request bytes kept inline before the arena */
 #define HTTP_ARENA_BLOCK_BYTES 4096
 #define HTTP_REQ_CACHE_MAX 256        /* freed requests kept for reuse */
@@ -35,6 +39,8 @@
 #define HTTP_LINGER_MS 2000           /* draining a refused body before close, at most */
 #define HTTP_MAX_REJECTING 64         /* connections being refused at once */
 #define HTTP_WRITE_CACHE_MAX 64       /* freed write requests kept for reuse */
+#define HC_BODY_MAX 4096              /* a sink's answer kept for the log and the DLQ: its head says why */
+#define HC_TIMEOUT_DEFAULT_MS 5000    /* an outgoing call given no timeout (connect and whole call) */
 
 /* outbox relay (outbox_relay.c, relay_lease.c) */
 #define RELAY_LEASE_POLL_MAX_MS 1000  /* a standby tries to claim at least this often */
@@ -74,6 +80,46 @@
 #define MARKS_BATCH_CUT 2048          /* done marks per statement */
 #define STATEMENTS_INFLIGHT 2         /* points (and, separately, marks) statements in flight */
 #define ORPHAN_MARK_TRIES 3           /* a released or detached run's done marks: statements tried */
+
+/* start-up and shutdown (main.c) */
+#define MIGRATE_TIMEOUT_MS 30000      /* waiting for another process's migration lock, at most */
+#define SHUTDOWN_WATCHDOG_EXTRA_MS 10000 /* after SHUTDOWN_GRACE, give up on a stuck close */
+#define LOG_FLUSH_EXIT_MS 2000        /* writing serve's buffered lines at exit, unless stderr is stuck */
+
+/* idempotency-key expiry (ingest.c) */
+#define INGEST_PRUNE_BATCH 1000       /* applications walked per statement: a short lock-free scan */
+#define INGEST_PRUNE_START_BACK 100000 /* first cursor: this many ids below the newest (older keys are long expired) */
+#define INGEST_PRUNE_EVERY_MIN_MS 100   /* a quarter of the TTL, but not more often (a tiny test TTL) */
+#define INGEST_PRUNE_EVERY_MAX_MS 60000 /* ... nor less often than a minute (a long TTL) */
+
+/* admin tools: Kafka reader (admin_kafka.c) */
+#define ADMIN_KAFKA_TIMEOUT_MS 10000  /* metadata, watermarks, committed offsets: one round trip, a loaded broker */
+#define ADMIN_KAFKA_STALL_MS 20000    /* no message while below the high watermark: an error, not a hang */
+#define ADMIN_KAFKA_WAIT_MS 200       /* one wait for the first message of a batch: short, so the stall clock runs */
+
+/* admin tools: audit (audit.c, audit_render.c) */
+#define AUDIT_LIST_MAX 1000           /* ids listed per category (counts stay exact): a readable report */
+#define AUDIT_FETCH_ROWS 10000        /* rows per FETCH from a server-side cursor: memory flat on a big show */
+#define AUDIT_LOOKUP_BATCH 512        /* unmatched messages looked up per query: one statement, bounded parameters */
+#define AUDIT_DLQ_CHECK_MAX 100000    /* unhandled events checked against the DLQ topic; past it the audit says so */
+#define AUDIT_DISTINCT_MAX (1 << 20)  /* missing ids deduplicated (16 MiB of slots at most); past it counts may repeat */
+#define AUDIT_HUMAN_DETAILS 20        /* items printed per category in the human report: one screen */
+
+/* admin tools: dead letters (dlq.c) and trace (trace.c) */
+#define DLQ_LIST_DEFAULT 1000         /* dead letters listed by default */
+#define DLQ_LIST_MAX 10000            /* ... and at most (?limit=, --limit): one answer in memory */
+#define DLQ_READ_TIMEOUT_MS 30000     /* reading the DLQ topic up to its high watermarks, at most */
+#define DLQ_FLUSH_TIMEOUT_MS 30000    /* a replay waiting for the broker's acknowledgements, at most */
+#define DLQ_VALUE_SHOWN_MAX 4096      /* bytes of a dead letter's value listed: an event is far smaller */
+#define DLQ_HEADER_VALUE_MAX 1024     /* a dlq_* header read back: dlq_error_message is at most 999 bytes */
+#define TRACE_ROWS_MAX 100            /* applications, outbox rows and topic matches shown: one phone's story */
+
+/* admin tools: post-event report (report.c) */
+#define REPORT_LIST_MAX 1000          /* dead letters / applications listed (counts stay exact) */
+#define REPORT_BUCKETS_MAX 600        /* timeline buckets: 1 s each, wider for a long opening */
+#define REPORT_ERROR_TEXT_MAX 160     /* bytes of an error message shown: one table cell */
+#define REPORT_CLUSTER_ID_TIMEOUT_MS 5000 /* asking the brokers for the cluster id; the report says unknown past it */
+#define REPORT_SVG_MARKERS_MAX 60     /* a short opening: dots on its few points, a line only past this */
 
 /* logging and validation */
 #define LOG_LINE_MAX 4096             /* one log line, longer ones are cut */

@@ -22,6 +22,7 @@
 #include "db_pool.h"
 #include "http_server.h"
 #include "ingest.h"
+#include "limits.h"
 #include "kafka_mock_cmd.h"
 #include "outbox_relay.h"
 #include "report.h"
@@ -31,10 +32,7 @@
 #include "migrate.h"
 #include "pooler_check.h"
 
-#define MIGRATE_TIMEOUT_MS 30000
-#define MAX_PIPELINED 64
 #define DRAIN_POLL_MS 10
-#define SHUTDOWN_WATCHDOG_EXTRA_MS 10000 /* after SHUTDOWN_GRACE, give up on a stuck close */
 
 /* ------------------------------------------------------------------------------------- */
 /* serve                                                                                 */
@@ -366,7 +364,7 @@ static int cmd_serve(struct cfg *c, int argc, char **argv)
         .max_header_bytes = s->cfg.max_header_bytes,
         .max_headers = s->cfg.max_headers,
         .max_body_bytes = s->cfg.max_body_bytes,
-        .max_pipelined = MAX_PIPELINED,
+        .max_pipelined = HTTP_MAX_PIPELINED,
         .idle_timeout_ms = (uint64_t)s->cfg.idle_timeout_ms,
         .header_timeout_ms = (uint64_t)s->cfg.header_timeout_ms,
         .request_timeout_ms = (uint64_t)s->cfg.request_timeout_ms,
@@ -497,6 +495,6 @@ int main(int argc, char **argv)
 
     rc = cmd->fn(&c, argc - argi, argv + argi);
     cfg_free(&c);
-    log_flush(2000); /* serve's buffered lines, unless stderr is stuck */
+    log_flush(LOG_FLUSH_EXIT_MS); /* serve's buffered lines, unless stderr is stuck */
     return rc;
 }

@@ -33,9 +33,6 @@
 
 #define EVIDENCE_BEGIN "<!-- evidence:begin -->\n"
 #define EVIDENCE_END "\n<!-- evidence:end -->"
-#define ERROR_TEXT_MAX 160              /* bytes of an error message shown */
-#define CLUSTER_ID_TIMEOUT_MS 5000
-#define SVG_MARKERS_MAX 60              /* a short opening: dots on its few points */
 
 static const char *const effect_names[] = {"points", "data_platform", "email"};
 #define NEFFECTS (sizeof effect_names / sizeof effect_names[0])
@@ -434,7 +431,7 @@ static void svg_chart(FILE *f, const char *id, const char *title, const struct s
                 "stroke=\"%s\" stroke-width=\"1.5\" points=\"", s[k].name, total, s[k].color);
         for (int i = 0; i < nb; i++) fprintf(f, "%s%.1f,%.1f", i ? " " : "", X(i), Y(s[k].v[i]));
         fputs("\"/>\n", f);
-        for (int i = 0; i < nb && nb <= SVG_MARKERS_MAX; i++)
+        for (int i = 0; i < nb && nb <= REPORT_SVG_MARKERS_MAX; i++)
             fprintf(f, "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"2.5\" fill=\"%s\"/>\n", X(i),
                     Y(s[k].v[i]), s[k].color);
     }
@@ -594,7 +591,7 @@ static int sec_dead_letters(struct rep *r, const char *const *p1)
         fprintf(f, "</small></td><td>%s@%s</td><td>", PQgetvalue(res, i, 5), PQgetvalue(res, i, 6));
         esc(f, val(res, i, 8));
         fputs("<br><small>", f);
-        esc_cut(f, val(res, i, 9), ERROR_TEXT_MAX);
+        esc_cut(f, val(res, i, 9), REPORT_ERROR_TEXT_MAX);
         fprintf(f, "</small></td><td>%s</td><td>", PQgetvalue(res, i, 7));
         esc(f, val(res, i, 10));
         fputs("</td><td>", f);
@@ -862,7 +859,7 @@ int report_run(const struct cfg *cfg, const char *brokers, const char *event_id,
     /* Which cluster: its id (a reader handle; no group, no subscription). */
     if ((rk = admin_kafka_reader(cfg, brokers, "ticketd-report-reader", "ticketd-report", err,
                                  errlen)))
-        cluster = rd_kafka_clusterid(rk, CLUSTER_ID_TIMEOUT_MS);
+        cluster = rd_kafka_clusterid(rk, REPORT_CLUSTER_ID_TIMEOUT_MS);
 
     FILE *f = open_memstream(&res->html, &res->len);
     if (!f) {
@@ -971,19 +968,14 @@ static int report_cli_run(const struct cfg *cfg, const void *opts, FILE *human_o
 
 int report_main(struct cfg *loaded, int argc, char **argv)
 {
-    (void)loaded; /* reloaded by admin_cli_run, with the settings flags that follow our own */
+    (void)loaded; /* reloaded by admin_cli_main, with the settings flags that follow our own */
     struct report_cli_opts opts = {0};
-    struct admin_cli cli;
-    if (admin_cli_init(&cli, "report", report_usage, argc)) return 2;
-    for (int i = 0; i < argc && cli.status < 0; i++) {
-        if (admin_cli_flag(&cli, argc, argv, &i, "--event-id", &opts.event_id)) continue;
-        if (admin_cli_flag(&cli, argc, argv, &i, "--out", &opts.out)) continue;
-        admin_cli_other(&cli, argv[i]);
-    }
-    if (cli.status < 0 && !opts.event_id) {
-        report_usage(stderr);
-        cli.status = 2;
-    }
-    return admin_cli_run(&cli, "'http://HOST:PORT/admin/report?event_id=E'", report_cli_run,
-                         &opts, 1, 0);
+    const struct admin_cli_flag flags[] = {
+        {.name = "--event-id", .value = &opts.event_id, .required = true},
+        {.name = "--out", .value = &opts.out},
+        {.name = NULL}};
+    const struct admin_cli_cmd cmd = {"report", report_usage, flags,
+                                      "'http://HOST:PORT/admin/report?event_id=E'",
+                                      report_cli_run, 1, 0}; /* 1: something is missing */
+    return admin_cli_main(&cmd, &opts, argc, argv);
 }

@@ -29,9 +29,7 @@
 #include <stddef.h>
 
 #include "config.h"
-
-#define REPORT_LIST_MAX 1000      /* dead letters / applications listed (counts stay exact) */
-#define REPORT_BUCKETS_MAX 600    /* timeline buckets: 1 s each, wider for a long opening */
+#include "limits.h" /* REPORT_LIST_MAX, REPORT_BUCKETS_MAX */
 
 struct report_result {
     char *html;           /* malloc'd, NUL-terminated; the caller frees it */

@@ -13,6 +13,7 @@
 #include "admin_kafka.h"
 #include "admin_pg.h"
 #include "app_status.h"
+#include "dlq.h"
 #include "effects.h"
 #include "kafka_common.h"
 #include "limits.h"
@@ -166,12 +167,6 @@ static bool value_matches(const struct trace_ctx *t, const rd_kafka_message_t *m
     return true;
 }
 
-static const char *const dlq_headers[] = {
-    "dlq_original_topic", "dlq_original_partition", "dlq_original_offset",
-    "dlq_original_timestamp", "dlq_consumer_group", "dlq_attempts", "dlq_error_class",
-    "dlq_error_message",
-};
-
 struct scan {
     struct trace_ctx *t;
     const char *topic;
@@ -200,9 +195,10 @@ static void scan_message(void *ud, const rd_kafka_message_t *m)
     add_str(o, "key", key);
     add_str(o, "ce_id", ce);
     if (s->dlq) {
-        for (size_t i = 0; i < sizeof dlq_headers / sizeof dlq_headers[0]; i++) {
-            char hv[512];
-            if (admin_header(m, dlq_headers[i], hv, sizeof hv)) add_str(o, dlq_headers[i], hv);
+        for (size_t i = 0; i < DLQ_HEADER_COUNT; i++) {
+            char hv[DLQ_HEADER_VALUE_MAX];
+            if (admin_header(m, dlq_header_names[i], hv, sizeof hv))
+                add_str(o, dlq_header_names[i], hv);
         }
     }
     json_object_object_add(o, "value", value);
@@ -614,12 +610,7 @@ static void render_human(json_object *root, FILE *out);
 int trace_run(const struct cfg *cfg, const char *brokers, const struct trace_opts *opts,
               FILE *human_out, json_object **json_out, char *err, size_t errlen)
 {
-    struct trace_ctx t;
-    memset(&t, 0, sizeof t);
-    t.cfg = cfg;
-    t.opts = opts;
-    t.err = err;
-    t.errlen = errlen;
+    struct trace_ctx t = {.cfg = cfg, .opts = opts, .err = err, .errlen = errlen};
     if (!opts->phone || validate_phone(opts->phone, strlen(opts->phone), t.phone) != 0) {
         snprintf(err, errlen, "bad phone: a Korean mobile number such as 010-1234-5678");
         return -2;
@@ -793,9 +784,9 @@ static void render_human(json_object *root, FILE *out)
             fprintf(out, "  %s/%s@%s: timestamp %s, key %s, ce_id %s", g(m, "topic"),
                     g(m, "partition"), g(m, "offset"), or_dash(g(m, "timestamp")),
                     or_dash(g(m, "key")), or_dash(g(m, "ce_id")));
-            if (g(m, "dlq_error_class"))
-                fprintf(out, ", dead-lettered: %s: %s", g(m, "dlq_error_class"),
-                        or_dash(g(m, "dlq_error_message")));
+            if (g(m, DLQ_H_ERROR_CLASS))
+                fprintf(out, ", dead-lettered: %s: %s", g(m, DLQ_H_ERROR_CLASS),
+                        or_dash(g(m, DLQ_H_ERROR_MESSAGE)));
             if (json_object_get_boolean(in))
                 fprintf(out, "; outbox row of application %s%s\n", or_dash(g(m, "application_id")),
                         g(m, "recorded_offset") ? "" : " (not marked published)");
@@ -825,23 +816,15 @@ static int trace_cli_run(const struct cfg *cfg, const void *opts, FILE *human_ou
 
 int trace_main(struct cfg *loaded, int argc, char **argv)
 {
-    (void)loaded; /* reloaded by admin_cli_run, with the settings flags that follow our own */
+    (void)loaded; /* reloaded by admin_cli_main, with the settings flags that follow our own */
     struct trace_opts opts = {0};
-    struct admin_cli cli;
-    if (admin_cli_init(&cli, "trace", trace_usage, argc)) return 2;
-    for (int i = 0; i < argc && cli.status < 0; i++) {
-        if (admin_cli_flag(&cli, argc, argv, &i, "--phone", &opts.phone)) continue;
-        if (admin_cli_flag(&cli, argc, argv, &i, "--event-id", &opts.event_id)) continue;
-        if (strcmp(argv[i], "--scan") == 0)
-            opts.scan = true;
-        else
-            admin_cli_other(&cli, argv[i]);
-    }
-    if (cli.status < 0 && !opts.phone) {
-        trace_usage(stderr);
-        cli.status = 2;
-    }
-    /* exit status 1 when nothing is found anywhere */
-    return admin_cli_run(&cli, "'http://HOST:PORT/admin/trace?phone=...'", trace_cli_run, &opts,
-                         0, 1);
+    const struct admin_cli_flag flags[] = {
+        {.name = "--phone", .value = &opts.phone, .required = true},
+        {.name = "--event-id", .value = &opts.event_id},
+        {.name = "--scan", .set = &opts.scan},
+        {.name = NULL}};
+    const struct admin_cli_cmd cmd = {"trace", trace_usage, flags,
+                                      "'http://HOST:PORT/admin/trace?phone=...'", trace_cli_run,
+                                      0, 1}; /* 1: nothing found anywhere */
+    return admin_cli_main(&cmd, &opts, argc, argv);
 }

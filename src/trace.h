@@ -27,8 +27,7 @@
 #include <stdio.h>
 
 #include "config.h"
-
-#define TRACE_ROWS_MAX 100      /* applications, outbox rows and topic matches shown */
+#include "limits.h" /* TRACE_ROWS_MAX */
 
 struct trace_opts {
     const char *phone;      /* as typed: "010-1234-5678" or digits */

@@ -246,6 +246,15 @@ class Pg:
     def execute(self, sql, db="ticketd"):
         self.psql(sql, db=db)
 
+    def unfinished_events(self):
+        """Outbox rows whose event is neither dead-lettered nor processed with every effect
+        done (processed_events gets its row with the points, before the other effects)."""
+        return self.count(
+            "outbox o WHERE NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.event_id = o.event_id)"
+            " AND NOT (EXISTS (SELECT 1 FROM processed_events p WHERE p.event_id = o.event_id)"
+            " AND NOT EXISTS (SELECT 1 FROM event_effects e WHERE e.event_id = o.event_id"
+            " AND NOT e.done))")
+
     def application_id(self, body):
         """The internal applications.id behind a 201 body: its "id" where the answer still
         carries one, else looked up by its unguessable "reference" (issue 12)."""
@@ -733,6 +742,20 @@ class TicketdTestCase(unittest.TestCase):
             "SELECT tablename FROM pg_tables WHERE schemaname='public' AND tablename <> 'schema_migrations'")]
         if tables:
             self.pg.execute("TRUNCATE " + ", ".join(tables) + " RESTART IDENTITY")
+
+
+class ApiTestCase(TicketdTestCase):
+    """One ticketd (ROLE=api) shared by the class's tests, on the class's PostgreSQL: cls.td."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.td = Ticketd(cls.pg, role="api")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.td.close()
+        super().tearDownClass()
 
 
 def _watchdog(seconds=540):

@@ -8,6 +8,7 @@ that `trace` tells that customer's story. A clean run must report 0 missing and 
 """
 import json
 import os
+import re
 import subprocess
 import sys
 import unittest
@@ -16,7 +17,7 @@ import uuid
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (ADMIN_TOKEN, KafkaMock, Ticketd, TicketdTestCase, kcat_consume,  # noqa: E402
                      kcat_produce, phone_for, publication_record_sql as record_sql,
-                     run_ticketd, unique_group)
+                     run_ticketd, unique_group, wait_until)
 
 TOPIC = "ticket-applied"
 DLQ = "ticket-applied.DLQ"
@@ -339,9 +340,10 @@ class AuditTest(TicketdTestCase):
         self.produce(dead, 3)
         self.produce(dlq_only, 3)
         self.record_offsets()
+        long_error = "HTTP 500: " + "the sink's answer " * 50   # 910 bytes, under the 999 cap
         dlq_headers = {"dlq_original_topic": TOPIC, "dlq_original_partition": "3",
                        "dlq_consumer_group": self.group, "dlq_attempts": "3",
-                       "dlq_error_class": "sink_http", "dlq_error_message": "HTTP 500"}
+                       "dlq_error_class": "sink_http", "dlq_error_message": long_error}
         self.produce(dead, 0, topic=DLQ, extra_headers=dlq_headers)
         self.produce(dlq_only, 0, topic=DLQ, extra_headers=dlq_headers)
         a = self.apps[dead]
@@ -359,6 +361,10 @@ class AuditTest(TicketdTestCase):
         self.assertEqual(app["status"], "dead_lettered")
         self.assertIn("data platform answered HTTP 500", row["story"])
         self.assertEqual(row["dead_letters"][0]["error_class"], "sink_http")
+        # the trace's topic scan shows the DLQ headers whole (it cut them at 511 bytes)
+        _, t = self.trace(a["phone"], "--scan")
+        dead_msgs = [m for m in t["topic_matches"] if m["dlq"] and m["key"] == str(dead)]
+        self.assertEqual([m.get("dlq_error_message") for m in dead_msgs], [long_error], t)
         # Replayed and processed: complete again.
         self.pg.execute(f"UPDATE dead_letters SET replayed_at = now() WHERE application_id = {dead}")
         self.process(dead)
@@ -552,6 +558,14 @@ class AuditTest(TicketdTestCase):
         self.assertEqual(svc.admin("GET", "/admin/trace?phone=12").status, 400)
         # The service logged no full phone number while tracing.
         self.assertNotIn(self.apps[lost]["phone"], svc.log_text())
+        # A failed report's error is quoted in the log: PostgreSQL echoes a bad since= with
+        # its quotes, which written raw between quotes forged a logfmt key.
+        self.assertNotEqual(svc.admin("GET", "/admin/audit?since=x%22%20event%3Dforged").status, 200)
+        line = wait_until(lambda: next((ln for ln in svc.log_text().splitlines()
+                                        if "audit_failed" in ln), None),
+                          timeout=30, what="the audit_failed log line")
+        keys = re.findall(r'(?:^|\s)([A-Za-z_][\w.]*)=(?:"(?:[^"\\]|\\.)*"|\S*)', line)
+        self.assertEqual(keys.count("event"), 1, line)
 
     def test_one_status_rule_for_public_admin_and_trace(self):
         """Issue 13: an application processed (all effects done) whose event also has a dead

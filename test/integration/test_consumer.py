@@ -15,46 +15,19 @@ import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
-from fake_sink import FakeSink  # noqa: E402
+from consumer_case import SHORT_SESSION, ConsumerTestCase  # noqa: E402
 from fake_smtp import FakeSmtp  # noqa: E402
 
 TOPIC = "ticket-applied"
 DLQ = "ticket-applied.DLQ"
-PARTITIONS = 4
+PARTITIONS = ConsumerTestCase.PARTITIONS
 
 
-class ConsumerTest(h.TicketdTestCase):
-
-    def setUp(self):
-        self.reset_db()
-        self.kafka = self.track(h.KafkaMock(PARTITIONS))
-        self.sink = FakeSink()
-        self.addCleanup(self.sink.close)
-        self.group = h.unique_group("consumer")
+class ConsumerTest(ConsumerTestCase):
+    GROUP_PREFIX = "consumer"
+    START_ENV = SHORT_SESSION
 
     # ---------------------------------------------------------------- helpers
-
-    def start(self, name="ticketd", role=None, smtp=None, env=None):
-        e = {"DATA_PLATFORM_URL": self.sink.url, "CONSUMER_GROUP": self.group,
-             "RETRY_BACKOFF": "200ms", "RETRY_MAX_ATTEMPTS": "3", "SINK_TIMEOUT": "10s",
-             "RELAY_INTERVAL": "200ms", "SHUTDOWN_GRACE": "5s",
-             # the mock ignores LeaveGroup: a replacement member waits one session timeout
-             "KAFKA_CONFIG": "session.timeout.ms=6000,heartbeat.interval.ms=500"}
-        if smtp is not None:
-            e["SMTP_URL"] = smtp.url
-            e["SMTP_ALLOW_CLEARTEXT"] = "true"  # the fake SMTP server has no TLS
-        e.update(env or {})
-        td = self.track(h.Ticketd(self.pg, self.kafka.brokers, env=e, role=role, name=name))
-        return td
-
-    def wait_assigned(self, td, timeout=40):
-        h.wait_until(lambda: "event=assigned" in td.log_text(), timeout=timeout,
-                     what=f"{td.name} joined its consumer group")
-
-    def apply(self, td, i, email=None):
-        r = td.apply(phone=h.phone_for(i), name=f"Applicant {i}", email=email)
-        self.assertEqual(r.status, 201, r)
-        return self.pg.application_id(r.json())
 
     def event(self, app_id):
         """The outbox row of an application once published: event_id, partition, offset, payload."""

@@ -13,45 +13,18 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
-from fake_sink import FakeSink  # noqa: E402
+from consumer_case import ConsumerTestCase  # noqa: E402
 from fake_smtp import FakeSmtp  # noqa: E402
 
 TOPIC = "ticket-applied"
 DLQ = "ticket-applied.DLQ"
-PARTITIONS = 4
 # a session of a read-only database starts read-only: this transaction says otherwise
 WRITABLE_AGAIN = ("BEGIN READ WRITE; ALTER DATABASE ticketd SET default_transaction_read_only = off;"
                   " COMMIT")
 
 
-class ConsumerFaultsTest(h.TicketdTestCase):
-
-    def setUp(self):
-        self.reset_db()
-        self.kafka = self.track(h.KafkaMock(PARTITIONS))
-        self.sink = FakeSink()
-        self.addCleanup(self.sink.close)
-        self.group = h.unique_group("faults")
-
-    def start(self, name="ticketd", role=None, smtp=None, env=None, ready=True):
-        e = {"DATA_PLATFORM_URL": self.sink.url, "CONSUMER_GROUP": self.group,
-             "RETRY_BACKOFF": "200ms", "RETRY_MAX_ATTEMPTS": "3", "SINK_TIMEOUT": "10s",
-             "RELAY_INTERVAL": "200ms", "SHUTDOWN_GRACE": "5s"}
-        if smtp is not None:
-            e["SMTP_URL"] = smtp.url
-            e["SMTP_ALLOW_CLEARTEXT"] = "true"
-        e.update(env or {})
-        return self.track(h.Ticketd(self.pg, self.kafka.brokers, env=e, role=role, name=name,
-                                    ready=ready))
-
-    def wait_assigned(self, td, timeout=60):
-        h.wait_until(lambda: "event=assigned" in td.log_text(), timeout=timeout,
-                     what=f"{td.name} joined its consumer group")
-
-    def apply(self, td, i, email=None):
-        r = td.apply(phone=h.phone_for(i), name=f"Applicant {i}", email=email)
-        self.assertEqual(r.status, 201, r)
-        return self.pg.application_id(r.json())
+class ConsumerFaultsTest(ConsumerTestCase):
+    GROUP_PREFIX = "faults"
 
     def wait_published(self, n):
         h.wait_until(lambda: self.pg.count("outbox_status WHERE published_at IS NOT NULL") == n,

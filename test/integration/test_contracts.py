@@ -187,6 +187,10 @@ class StaticContractTest(unittest.TestCase):
         names = [t.strip('"') if t.startswith('"') else macros.get(t, t)
                  for t in re.findall(r'"dlq_\w+"|\b[A-Z_][A-Z0-9_]*\b', body)]
         self.assertEqual(sorted(names), sorted(EVENTS["$defs"]["dlq_headers"]["required"]))
+        # and spelled nowhere else: every other file uses dlq.h's DLQ_H_* or dlq_header_names
+        spelled = [n for n in sorted(os.listdir(SRC)) if n.endswith((".c", ".h")) and n != "dlq.h"
+                   and re.search(r'"dlq_(original_|consumer_|attempts"|error_)', read_src(n))]
+        self.assertEqual(spelled, [], "dlq_* header names spelled outside dlq.h")
 
 
 class LiveContractTest(h.TicketdTestCase):

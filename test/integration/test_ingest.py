@@ -17,8 +17,8 @@ import unittest
 import urllib.parse
 import uuid
 
-from harness import (Pg, Ticketd, TicketdTestCase, parallel, phone_for, read_response,
-                     run_ticketd, wait_until)
+from harness import (ApiTestCase, Pg, Ticketd, TicketdTestCase, parallel, phone_for,
+                     read_response, run_ticketd, wait_until)
 
 # Sizes of the concurrent runs; small enough to keep the file well under a minute.
 DISTINCT_N = int(os.environ.get("TEST_INGEST_DISTINCT", "2000"))
@@ -181,18 +181,8 @@ class IngestCase(TicketdTestCase):
         return the_id
 
 
-class IngestTest(IngestCase):
+class IngestTest(IngestCase, ApiTestCase):
     """Tests that share one ticketd (ROLE=api) on the class's PostgreSQL."""
-
-    @classmethod
-    def setUpClass(cls):
-        super().setUpClass()
-        cls.td = Ticketd(cls.pg, role="api")
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.td.close()
-        super().tearDownClass()
 
     def test_concurrent_distinct_applications_each_have_their_rows(self):
         self.run_distinct(self.td, self.pg, DISTINCT_N)

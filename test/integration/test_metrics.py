@@ -362,14 +362,8 @@ class MetricsEndpoint(harness.TicketdTestCase):
             harness.wait_until(lambda: self.pg.count("outbox_status WHERE published_at IS NULL") == 0,
                                timeout=60, what="every outbox row published")
         if consumer and self.consumer_built:
-            # processed_events gets its row with the points, before the other effects: an
-            # event is finished when dead-lettered, or processed with every effect done.
-            harness.wait_until(lambda: self.pg.count(
-                "outbox o WHERE NOT EXISTS (SELECT 1 FROM dead_letters d "
-                "WHERE d.event_id = o.event_id) AND NOT (EXISTS (SELECT 1 FROM processed_events p "
-                "WHERE p.event_id = o.event_id) AND NOT EXISTS (SELECT 1 FROM event_effects e "
-                "WHERE e.event_id = o.event_id AND NOT e.done))") == 0,
-                timeout=60, what="every event processed or dead-lettered")
+            harness.wait_until(lambda: self.pg.unfinished_events() == 0, timeout=60,
+                               what="every event processed or dead-lettered")
 
     def some_traffic(self):
         self.apply_all(OK_EVENT, self.phones(3))

@@ -11,7 +11,7 @@ import urllib.parse
 import uuid
 
 import harness
-from harness import Ticketd, TicketdTestCase
+from harness import ApiTestCase, Ticketd
 
 EVENT = "privacy-2026"
 PEOPLE = [
@@ -32,22 +32,16 @@ def secrets_of(person):
     return out
 
 
-class PrivacyTest(TicketdTestCase):
+class PrivacyTest(ApiTestCase):
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        cls.td = Ticketd(cls.pg, role="api")
         cls.created = []
         for p in PEOPLE:
             r = cls.td.apply(event_id=EVENT, phone=p["phone"], name=p["name"], email=p["email"])
             assert r.status == 201, r
             cls.created.append(r.json())
         cls.secrets = set().union(*(secrets_of(p) for p in PEOPLE))
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.td.close()
-        super().tearDownClass()
 
     def assert_no_pii(self, what, r):
         text = r.body.decode("utf-8", "replace") if isinstance(r.body, bytes) else str(r.body)

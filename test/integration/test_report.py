@@ -22,10 +22,10 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
-from fake_sink import FakeSink  # noqa: E402
+from consumer_case import SHORT_SESSION, ConsumerTestCase  # noqa: E402
 
 TOPIC = "ticket-applied"
-PARTS = 4
+PARTS = ConsumerTestCase.PARTITIONS
 SHOW = "spring-gala-2026"
 OTHER = "other-show"
 CHROMIUM = "/usr/bin/chromium"
@@ -60,7 +60,9 @@ def evidence_sha(html_text):
     return hashlib.sha256(body.encode("utf-8")).hexdigest()
 
 
-class ReportTest(h.TicketdTestCase):
+class ReportTest(ConsumerTestCase):
+    GROUP_PREFIX = "report"
+    START_ENV = SHORT_SESSION
 
     @classmethod
     def setUpClass(cls):
@@ -70,22 +72,13 @@ class ReportTest(h.TicketdTestCase):
             raise RuntimeError(f"migrate failed: {r.stderr}")
 
     def setUp(self):
-        self.reset_db()
-        self.kafka = self.track(h.KafkaMock(PARTS))
-        self.sink = FakeSink()
-        self.addCleanup(self.sink.close)
-        self.group = h.unique_group("report")
+        super().setUp()
         self.tmp = tempfile.mkdtemp(prefix="ticketd-report-")
         self.addCleanup(shutil.rmtree, self.tmp, True)
         self.env = {"DATABASE_URL": self.pg.url, "KAFKA_BROKERS": self.kafka.brokers,
                     "CONSUMER_GROUP": self.group, "LOG_LEVEL": "warn", "AUDIT_GRACE": "2s"}
-        self.td = self.track(h.Ticketd(self.pg, self.kafka.brokers, env={
-            "DATA_PLATFORM_URL": self.sink.url, "CONSUMER_GROUP": self.group,
-            "RETRY_BACKOFF": "200ms", "RETRY_MAX_ATTEMPTS": "3", "SINK_TIMEOUT": "10s",
-            "RELAY_INTERVAL": "200ms", "SHUTDOWN_GRACE": "5s", "AUDIT_GRACE": "2s",
-            "KAFKA_CONFIG": "session.timeout.ms=6000,heartbeat.interval.ms=500"}))
-        h.wait_until(lambda: "event=assigned" in self.td.log_text(), timeout=40,
-                     what="the consumer joined its group")
+        self.td = self.start(env={"AUDIT_GRACE": "2s"})
+        self.wait_assigned(self.td)
         self.phones = {}   # application id -> phone as applied
 
     # ------------------------------------------------------------------ helpers

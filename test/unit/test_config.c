@@ -317,6 +317,5 @@ int main(void)
     test_durations_roles_sizes();
     test_redaction();
     test_printers();
-    printf("%d passed, %d failed\n", passed, failed);
-    return failed ? 1 : 0;
+    return CHECK_SUMMARY();
 }

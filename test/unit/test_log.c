@@ -116,6 +116,5 @@ int main(void)
     test_mask();
     test_quote();
     test_levels_and_format();
-    printf("%d passed, %d failed\n", passed, failed);
-    return failed ? 1 : 0;
+    return CHECK_SUMMARY();
 }

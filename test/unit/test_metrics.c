@@ -131,6 +131,5 @@ int main(void)
     test_counters_gauges();
     test_histograms();
     test_collectors_and_reset();
-    printf("%d passed, %d failed\n", passed, failed);
-    return failed ? 1 : 0;
+    return CHECK_SUMMARY();
 }

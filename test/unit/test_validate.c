@@ -341,6 +341,5 @@ int main(void)
     test_phone();
     test_event_id_and_utf8();
     test_fingerprint();
-    printf("%d passed, %d failed\n", passed, failed);
-    return failed ? 1 : 0;
+    return CHECK_SUMMARY();
 }
