@@ -24,9 +24,7 @@
 #include "trace.h"
 #include "validate.h"
 
-#define JSON_TYPE "application/json"
 #define HTML_TYPE "text/html; charset=utf-8"
-#define RETRY_AFTER_1 "Retry-After: 1\r\n"
 
 /* ---- authorization ---- */
 
@@ -86,7 +84,7 @@ struct admin_job {
 static void *job_alloc(struct http_request *req, size_t size)
 {
     void *job = calloc(1, size);
-    if (!job) api_respond_error(req, 503, "unavailable", "out of memory", RETRY_AFTER_1);
+    if (!job) api_respond_error(req, 503, "unavailable", "out of memory", API_RETRY_AFTER_1);
     return job;
 }
 
@@ -108,14 +106,14 @@ static void job_after(uv_work_t *w, int status)
     struct admin_job *job = w->data;
     struct http_request *req = job->req;
     if (status == UV_ECANCELED) {
-        api_respond_error(req, 503, "unavailable", "shutting down", RETRY_AFTER_1);
+        api_respond_error(req, 503, "unavailable", "shutting down", API_RETRY_AFTER_1);
     } else if (job->status < 100 || job->status > 599 || !job->body) {
         log_error("admin", "event=job_failed req=%" PRIu64 " status=%d", req->id, job->status);
         api_respond_error(req, 500, "internal", NULL, NULL);
     } else {
         /* A 503 of a report is the database or Kafka being unreachable: say when to retry. */
-        api_respond(req, job->status, job->content_type ? job->content_type : JSON_TYPE,
-                    job->body, strlen(job->body), job->status == 503 ? RETRY_AFTER_1 : NULL);
+        api_respond(req, job->status, job->content_type ? job->content_type : API_JSON_TYPE,
+                    job->body, strlen(job->body), job->status == 503 ? API_RETRY_AFTER_1 : NULL);
     }
     job_free(job);
 }
@@ -127,7 +125,7 @@ static void job_start(struct app *app, struct http_request *req, struct admin_jo
                       int (*run)(struct admin_job *job))
 {
     if (!app->kafka_brokers || !*app->kafka_brokers) {
-        api_respond_error(req, 503, "unavailable", "no Kafka brokers known yet", RETRY_AFTER_1);
+        api_respond_error(req, 503, "unavailable", "no Kafka brokers known yet", API_RETRY_AFTER_1);
         free(job);
         return;
     }
@@ -137,7 +135,7 @@ static void job_start(struct app *app, struct http_request *req, struct admin_jo
     job->run = run;
     job->brokers = strdup(app->kafka_brokers);
     if (!job->brokers) {
-        api_respond_error(req, 503, "unavailable", "out of memory", RETRY_AFTER_1);
+        api_respond_error(req, 503, "unavailable", "out of memory", API_RETRY_AFTER_1);
         job_free(job);
         return;
     }
@@ -145,7 +143,7 @@ static void job_start(struct app *app, struct http_request *req, struct admin_jo
     if (rc < 0) {
         log_error("admin", "event=queue_work_failed err=%s", uv_strerror(rc));
         job_free(job);
-        api_respond_error(req, 503, "unavailable", NULL, RETRY_AFTER_1);
+        api_respond_error(req, 503, "unavailable", NULL, API_RETRY_AFTER_1);
     }
 }
 
@@ -485,7 +483,7 @@ static bool parse_replay_body(struct http_request *req, bool *has_event, char *e
     }
     json_tokener *tok = json_tokener_new();
     if (!tok) {
-        api_respond_error(req, 503, "unavailable", NULL, RETRY_AFTER_1);
+        api_respond_error(req, 503, "unavailable", NULL, API_RETRY_AFTER_1);
         return false;
     }
     json_tokener_set_flags(tok, JSON_TOKENER_STRICT);

@@ -41,8 +41,6 @@
 #include "outbox_relay.h"
 #include "validate.h"
 
-#define JSON_TYPE "application/json"
-#define RETRY_AFTER_1 "Retry-After: 1\r\n"
 
 static void handle_apply(struct app *app, struct http_request *req);
 static void handle_get_status(struct app *app, struct http_request *req);
@@ -158,7 +156,7 @@ void api_respond_json(struct http_request *req, int status, json_object *obj,
         len = strlen(text);
         status = 500;
     }
-    api_respond(req, status, JSON_TYPE, text, len, extra_headers);
+    api_respond(req, status, API_JSON_TYPE, text, len, extra_headers);
     json_object_put(obj);
 }
 
@@ -205,7 +203,7 @@ static void respond_canned(struct http_request *req)
     static const char canned[] = "{\"reference\":\"00000000-0000-4000-8000-000000000000\","
                                  "\"event_id\":\"canned\",\"status\":\"applied\","
                                  "\"created_at\":\"2026-01-01T00:00:00.000000Z\"}";
-    http_respond(req, 201, JSON_TYPE, canned, sizeof canned - 1, NULL);
+    http_respond(req, 201, API_JSON_TYPE, canned, sizeof canned - 1, NULL);
 }
 #endif
 
@@ -385,7 +383,7 @@ static void on_applied(void *ud, const struct ingest_result *res)
          * needed. Built by hand (the hot path; snprintf cost more than the rest of this
          * function). */
         n = format_created(body, sizeof body, res->reference, ctx->event_id, res->created_at);
-        api_respond(req, 201, JSON_TYPE, body, (size_t)n,
+        api_respond(req, 201, API_JSON_TYPE, body, (size_t)n,
                  res->status == INGEST_REPLAYED ? "Idempotent-Replayed: true\r\n" : NULL);
         return;
     case INGEST_DUPLICATE:
@@ -395,7 +393,7 @@ static void on_applied(void *ud, const struct ingest_result *res)
     case INGEST_KEY_IN_FLIGHT:
         api_respond_error(req, 409, "idempotency_key_in_flight",
                           "a request with this Idempotency-Key is still being processed; retry "
-                          "shortly for its answer", RETRY_AFTER_1);
+                          "shortly for its answer", API_RETRY_AFTER_1);
         return;
     case INGEST_KEY_MISMATCH:
         api_respond_error(req, 422, "idempotency_key_reused",
@@ -418,7 +416,7 @@ static void on_applied(void *ud, const struct ingest_result *res)
     log_debug("api", "event=apply_unavailable req=%" PRIu64 " err=%s", req->id,
               res->error ? res->error : "-");
     api_respond_error(req, 503, "unavailable", "the database is unavailable, retry shortly",
-                      RETRY_AFTER_1);
+                      API_RETRY_AFTER_1);
 }
 
 static void handle_apply(struct app *app, struct http_request *req)
@@ -476,7 +474,7 @@ static void on_query_result(void *ud, const PGresult *res, const char *error)
         log_warn("api", "event=query_failed req=%" PRIu64 " err=%s", req->id,
                  log_quoted(error ? error : "unknown", qb, sizeof qb));
         api_respond_error(req, 503, "unavailable", "the database is unavailable, retry shortly",
-                          RETRY_AFTER_1);
+                          API_RETRY_AFTER_1);
         return;
     }
     if (PQresultStatus(res) != PGRES_TUPLES_OK) {
@@ -490,7 +488,7 @@ static void on_query_result(void *ud, const PGresult *res, const char *error)
         api_respond_error(req, 404, "not_found", NULL, NULL);
         return;
     }
-    api_respond(req, 200, JSON_TYPE, PQgetvalue(res, 0, 0), (size_t)PQgetlength(res, 0, 0), NULL);
+    api_respond(req, 200, API_JSON_TYPE, PQgetvalue(res, 0, 0), (size_t)PQgetlength(res, 0, 0), NULL);
 }
 
 void api_run_query(struct app *app, struct http_request *req, const char *sql, int nparams,
@@ -503,7 +501,7 @@ void api_run_query(struct app *app, struct http_request *req, const char *sql, i
         api_respond_error(req, 503, "unavailable",
                           rc == -EAGAIN ? "too many reads queued, retry shortly"
                                         : "the database is unavailable, retry shortly",
-                          RETRY_AFTER_1);
+                          API_RETRY_AFTER_1);
     }
 }
 
@@ -536,7 +534,7 @@ static void handle_get_status(struct app *app, struct http_request *req)
 static void handle_healthz(struct app *app, struct http_request *req)
 {
     static const char ok[] = "{\"status\":\"ok\"}";
-    api_respond(req, 200, JSON_TYPE, ok, sizeof ok - 1, NULL);
+    api_respond(req, 200, API_JSON_TYPE, ok, sizeof ok - 1, NULL);
 }
 
 static void handle_readyz(struct app *app, struct http_request *req)
@@ -557,7 +555,7 @@ static void handle_readyz(struct app *app, struct http_request *req)
         return;
     }
     static const char ready[] = "{\"status\":\"ready\"}";
-    api_respond(req, 200, JSON_TYPE, ready, sizeof ready - 1, NULL);
+    api_respond(req, 200, API_JSON_TYPE, ready, sizeof ready - 1, NULL);
 }
 
 static void handle_metrics(struct app *app, struct http_request *req)

@@ -33,6 +33,10 @@ void api_dispatch(struct app *app, struct http_request *req, const struct api_ro
 const char *api_route_label(const struct api_route *routes, size_t n,
                             const struct http_request *req);
 
+/* Shared by the public and the admin routes. */
+#define API_JSON_TYPE "application/json"
+#define API_RETRY_AFTER_1 "Retry-After: 1\r\n" /* an extra_headers line */
+
 /* The one exit of every response (counted in the HTTP metrics); req is gone afterwards. */
 void api_respond(struct http_request *req, int status, const char *content_type,
                  const char *body, size_t len, const char *extra_headers);
