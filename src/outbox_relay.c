@@ -33,15 +33,13 @@
 #include "limits.h"
 #include "log.h"
 #include "pg_array.h"
+#include "relay_int.h"
 #include "relay_lease.h"
 #include "relay_rows.h"
 #include "relay_upkeep.h"
 #include "metrics.h"
 
 #define RELAY_RETENTION_EVERY_MS 60000
-#define RELAY_CLOSE_CHECK_MS 50
-
-#define RELAY_CONTAINER_OF(ptr, type, member) ((type *)((char *)(ptr)-offsetof(type, member)))
 
 /* The horizon: a transaction below the snapshot's xmin has ended, so the rows read here
  * are all that will ever exist up to the last one returned (the index outbox_xid_idx).
@@ -82,100 +80,6 @@ static const char *const fail_sql =
     "FROM unnest($1::bigint[], $2::text[]) AS u(id, e) WHERE o.id = u.id";
 
 /* A place in the claim order. */
-struct relay_key {
-    uint64_t xid;
-    int64_t id;
-};
-
-static const struct relay_key KEY_MAX = {UINT64_MAX, INT64_MAX};
-
-static int key_cmp(struct relay_key a, struct relay_key b)
-{
-    if (a.xid != b.xid) return a.xid < b.xid ? -1 : 1;
-    return a.id < b.id ? -1 : a.id > b.id;
-}
-
-/* The key just below a row's: a cursor there reads the row again. */
-static struct relay_key key_below(uint64_t xid, int64_t id)
-{
-    return (struct relay_key){xid, id - 1};
-}
-
-struct ack {
-    int64_t id;
-    int32_t partition;
-    int64_t offset;
-};
-
-struct failure {
-    int64_t id;
-    char error[RELAY_ERR_MAX];
-};
-
-struct marked {
-    int64_t id;
-    uint64_t claim_seq; /* claims sent up to this one may not have seen the mark */
-};
-
-/* Delivery reports collected during one rd_kafka_poll drain. */
-struct dr {
-    int64_t id;
-    rd_kafka_resp_err_t err;
-    int32_t partition;
-    int64_t offset;
-};
-
-struct relay {
-    uv_loop_t *loop;
-    const struct cfg *cfg;
-    char *brokers; /* bootstrap, kept to recreate the producer after a fatal error */
-    rd_kafka_t *rk;
-    rd_kafka_resp_err_t last_produce_err; /* of the last failed produce call, for the log */
-    rd_kafka_topic_t *rkt;  /* held so the topic's metadata and leaders are fetched early */
-    rd_kafka_queue_t *mainq;
-    struct kafka_bridge *bridge;
-    struct dbp *session; /* LISTEN, lease, claims, backlog: short queries only */
-    struct dbp *marker;  /* mark published / record failures / retention (may be slow) */
-    uv_timer_t tick_timer, retry_timer, retention_timer, close_timer, lease_timer;
-
-    struct relay_lease lease;
-    int64_t claim_epoch;
-
-    bool fatal, closing, teardown;
-    bool kafka_up;   /* a broker is up now (statistics, delivery reports, errors) */
-    bool kafka_seen; /* kafka_up was true at least once since start: readiness */
-    uint64_t session_gen;     /* bumps on every (dis)connect: stale answers are ignored */
-    bool claim_inflight, claim_again;
-    struct relay_upkeep upkeep; /* retention, backlog gauges */
-    uint64_t claim_gen;
-
-    struct relay_key cursor;  /* claims read (xid, id) > cursor */
-    struct relay_key rewind_to; /* pending rewind, applied when the next claim is sent */
-    struct relay_key stored;  /* the durable cursor last stored (or read at acquisition) */
-    bool cursor_inflight;
-    uint64_t claim_seq_sent;  /* sequence number of the last claim sent */
-    uint64_t claim_seq_inflight;
-
-    struct relay_rows rows;
-    int inflight;             /* rows in state INFLIGHT */
-
-    struct ack *acks;         /* acknowledged, waiting for the mark UPDATE */
-    size_t nacks, acks_cap, acks_sending;
-    struct failure *fails;    /* failed deliveries, waiting for their UPDATE */
-    size_t nfails, fails_cap, fails_sending;
-    struct marked *marked;    /* FIFO of MARKED ids in claim_seq order */
-    size_t nmarked, marked_cap;
-
-    struct dr *drs;           /* scratch for one drain */
-    size_t ndrs, drs_cap;
-
-    uint64_t close_deadline;
-    int closing_parts;        /* pools and handles still closing */
-    void (*done)(void *ud);
-    void *done_ud;
-    uv_work_t destroy_work;
-};
-
 /* --- small helpers ------------------------------------------------------------------- */
 
 /* Why a query failed, quoted for a log value (the loop is single-threaded). */
@@ -208,7 +112,7 @@ static void set_kafka_up(struct relay *r, bool up, const char *why)
 }
 
 /* The lease changed hands (relay_lease calls the hooks only on a change). */
-static void note_active(struct relay *r, bool active, const char *why)
+void relay_note_active(struct relay *r, bool active, const char *why)
 {
     metrics_gauge_set("ticketd_relay_active", NULL, active ? 1 : 0);
     if (active) log_info("relay", "event=became_active why=%s", why);
@@ -216,14 +120,10 @@ static void note_active(struct relay *r, bool active, const char *why)
 }
 
 static void maybe_claim(struct relay *r);
-static void flush_marks(struct relay *r);
-static void flush_fails(struct relay *r);
-static void close_check(struct relay *r);
 static bool lease_held(struct relay *r);
 static void on_retry_timer(uv_timer_t *t);
 static void on_retention_timer(uv_timer_t *t);
 static void rewind_cursor(struct relay *r, struct relay_key to);
-static void store_cursor(struct relay *r);
 
 /* --- marking ------------------------------------------------------------------------- */
 
@@ -237,7 +137,7 @@ static void on_mark_done(void *ud, const PGresult *res, const char *error)
         /* Keep them: marked again on the next tick. Rows stay owned meanwhile. */
         log_warn("relay", "event=mark_failed rows=%zu err=%s", n,
                  db_error(error, res));
-        if (r->closing) close_check(r);
+        if (r->closing) relay_close_check(r);
         return;
     }
     for (size_t i = 0; i < n; i++) {
@@ -261,12 +161,12 @@ static void on_mark_done(void *ud, const PGresult *res, const char *error)
         log_info("relay", "event=mark_skipped rows=%zu marked=%ld "
                  "note=\"the lease was lost\"", n, marked);
     log_debug("relay", "event=marked rows=%zu", n);
-    flush_marks(r);
-    if (r->closing) close_check(r);
+    relay_flush_marks(r);
+    if (r->closing) relay_close_check(r);
     else maybe_claim(r);
 }
 
-static void flush_marks(struct relay *r)
+void relay_flush_marks(struct relay *r)
 {
     if (r->acks_sending || !r->nacks || r->teardown || !lease_held(r)) return;
     size_t n = r->nacks < RELAY_MARK_BATCH_MAX ? r->nacks : RELAY_MARK_BATCH_MAX;
@@ -298,16 +198,16 @@ static void on_fail_done(void *ud, const PGresult *res, const char *error)
     if (!res || PQresultStatus(res) != PGRES_COMMAND_OK) {
         log_warn("relay", "event=record_failure_failed rows=%zu err=%s", n,
                  db_error(error, res));
-        if (r->closing) close_check(r);
+        if (r->closing) relay_close_check(r);
         return;
     }
     if (n) memmove(r->fails, r->fails + n, (r->nfails - n) * sizeof *r->fails);
     r->nfails -= n;
-    flush_fails(r);
-    if (r->closing) close_check(r);
+    relay_flush_fails(r);
+    if (r->closing) relay_close_check(r);
 }
 
-static void flush_fails(struct relay *r)
+void relay_flush_fails(struct relay *r)
 {
     if (r->fails_sending || !r->nfails || r->teardown) return;
     size_t n = r->nfails < RELAY_MARK_BATCH_MAX ? r->nfails : RELAY_MARK_BATCH_MAX;
@@ -410,8 +310,8 @@ static void process_drs(struct relay *r)
         log_warn("relay", "event=delivery_failed rows=%zu first_id=%" PRId64 " err=\"%s\"",
                  failed, first_failed,
                  first_err ? rd_kafka_err2str(first_err) : "acknowledged without an offset");
-    flush_marks(r);
-    flush_fails(r);
+    relay_flush_marks(r);
+    relay_flush_fails(r);
 }
 
 /* Statistics (every second) tell whether any broker learned from metadata is up. */
@@ -506,7 +406,7 @@ static void producer_recreate_done(uv_work_t *w, int status)
     (void)status;
     r->closing_parts--;
     if (r->closing) {
-        close_check(r);
+        relay_close_check(r);
         return;
     }
     if (producer_create(r, r->brokers) == 0 && producer_bridge(r) == 0) {
@@ -525,7 +425,7 @@ static void producer_recreate_done(uv_work_t *w, int status)
     }
 }
 
-static void producer_retire(struct relay *r, uv_after_work_cb after)
+void relay_producer_retire(struct relay *r, uv_after_work_cb after)
 {
     if (r->bridge) kafka_bridge_close(r->bridge);
     r->bridge = NULL;
@@ -551,9 +451,9 @@ static void drain_kafka(void *ud)
     }
     process_drs(r);
     if (r->fatal && r->inflight == 0 && !r->closing && !r->teardown)
-        producer_retire(r, producer_recreate_done);
+        relay_producer_retire(r, producer_recreate_done);
     else if (r->closing)
-        close_check(r);
+        relay_close_check(r);
     else
         maybe_claim(r);
 }
@@ -618,7 +518,7 @@ static void on_claim(void *ud, const PGresult *res, const char *error)
     if (r->claim_gen != r->session_gen || r->claim_epoch != r->lease.epoch || !lease_held(r) ||
         r->closing || r->fatal || !r->rk) {
         drop_marked_upto(r, r->claim_seq_inflight);
-        if (r->closing) close_check(r);
+        if (r->closing) relay_close_check(r);
         return;
     }
     if (!res || PQresultStatus(res) != PGRES_TUPLES_OK) {
@@ -756,7 +656,7 @@ static void on_lease_acquired(void *ud)
     /* Continue from the durable cursor the lease row carried (relay_lease.h). */
     r->cursor = r->stored = (struct relay_key){r->lease.cursor_xid, r->lease.cursor_id};
     r->rewind_to = KEY_MAX;
-    note_active(r, true, "lease_acquired");
+    relay_note_active(r, true, "lease_acquired");
     maybe_claim(r);
     on_retention_timer(&r->retention_timer); /* then every minute */
 }
@@ -764,13 +664,13 @@ static void on_lease_acquired(void *ud)
 static void on_lease_lost(void *ud, const char *why)
 {
     struct relay *r = ud;
-    note_active(r, false, why);
+    relay_note_active(r, false, why);
     drop_rows(r);
 }
 
 static void on_lease_released(void *ud)
 {
-    close_check(ud);
+    relay_close_check(ud);
 }
 
 static const struct relay_lease_hooks lease_hooks = {on_lease_acquired, on_lease_lost,
@@ -847,11 +747,11 @@ static void on_cursor_stored(void *ud, const PGresult *res, const char *error)
     if (!res || PQresultStatus(res) != PGRES_COMMAND_OK)
         log_warn("relay", "event=cursor_store_failed err=%s note=\"a new leader re-sends more\"",
                  db_error(error, res));
-    if (r->closing) close_check(r);
+    if (r->closing) relay_close_check(r);
 }
 
 /* Once a tick: a new leader re-sends only what lies above it (same ce_id). */
-static void store_cursor(struct relay *r)
+void relay_store_cursor(struct relay *r)
 {
     if (r->cursor_inflight || r->teardown || !lease_held(r)) return;
     struct relay_key k = safe_cursor(r);
@@ -876,11 +776,11 @@ static void on_tick(uv_timer_t *t)
         /* a failed recreate: try again */
         if (producer_create(r, r->brokers) != 0 || producer_bridge(r) != 0) return;
     }
-    flush_marks(r);
-    flush_fails(r);
+    relay_flush_marks(r);
+    relay_flush_fails(r);
     if (!lease_held(r)) return;
     maybe_claim(r);
-    store_cursor(r);
+    relay_store_cursor(r);
     relay_upkeep_backlog(&r->upkeep, r->session);
 }
 
@@ -898,7 +798,7 @@ static void on_retention_timer(uv_timer_t *t)
 
 /* --- lifecycle ----------------------------------------------------------------------- */
 
-static void free_relay(struct relay *r)
+void relay_free(struct relay *r)
 {
     free(r->rows.slots);
     free(r->acks);
@@ -987,7 +887,7 @@ fail_bridge:
 fail:
     if (r->rkt) rd_kafka_topic_destroy(r->rkt);
     if (r->rk) rd_kafka_destroy(r->rk); /* start-up: blocking is allowed */
-    free_relay(r);
+    relay_free(r);
     return rc < 0 ? rc : -1;
 }
 
@@ -1001,100 +901,3 @@ bool relay_is_active(const struct relay *r)
     return r && r->lease.held;
 }
 
-static void part_closed(struct relay *r)
-{
-    if (--r->closing_parts > 0) return;
-    void (*done)(void *) = r->done;
-    void *ud = r->done_ud;
-    log_info("relay", "event=closed");
-    free_relay(r);
-    if (done) done(ud);
-}
-
-static void on_pool_closed(void *ud)
-{
-    part_closed(ud);
-}
-
-static void on_timer_closed(uv_handle_t *h)
-{
-    part_closed(h->data);
-}
-
-static void on_final_destroy(uv_work_t *w, int status)
-{
-    struct relay *r = RELAY_CONTAINER_OF(w, struct relay, destroy_work);
-    (void)status;
-    part_closed(r);
-}
-
-/* Runs while closing, whenever something finished: tears down once nothing is pending
- * or the deadline passed. */
-static void close_check(struct relay *r)
-{
-    if (r->teardown) return;
-    if (r->closing_parts > 0) return; /* a producer is being destroyed: its work holds r */
-    bool idle = r->inflight == 0 && r->nacks == 0 && r->nfails == 0 && !r->acks_sending &&
-                !r->fails_sending && !r->claim_inflight && !r->cursor_inflight;
-    bool late = uv_now(r->loop) >= r->close_deadline;
-    if (!idle && !late) return;
-    if (!late && r->lease.held && !r->lease.released) {
-        store_cursor(r); /* the successor starts exactly where this one stopped */
-        if (r->cursor_inflight) return;
-        /* Hand the lease back so that a standby need not wait for the TTL. */
-        if (!r->lease.release_inflight) relay_lease_release(&r->lease, r->session);
-        if (r->lease.release_inflight) return;
-    }
-    if (!idle)
-        log_warn("relay", "event=close_deadline inflight=%d unmarked=%zu action=abandon "
-                 "note=\"rows stay unpublished and are sent again\"",
-                 r->inflight, r->nacks);
-    r->teardown = true;
-    r->lease.stopped = true;
-    if (r->lease.held) {
-        r->lease.held = false;
-        note_active(r, false, "shutdown");
-    }
-
-    r->closing_parts = 1; /* held until every part below is started */
-    if (r->rk) {
-        rd_kafka_purge(r->rk, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
-        producer_retire(r, on_final_destroy);
-    }
-    uv_timer_t *timers[] = {&r->tick_timer, &r->retry_timer, &r->retention_timer, &r->close_timer,
-                            &r->lease_timer};
-    for (size_t i = 0; i < sizeof timers / sizeof timers[0]; i++) {
-        r->closing_parts++;
-        uv_close((uv_handle_t *)timers[i], on_timer_closed);
-    }
-    r->closing_parts += 2;
-    dbp_close(r->session, on_pool_closed, r); /* closing the session releases the lock */
-    dbp_close(r->marker, on_pool_closed, r);
-    part_closed(r);
-}
-
-static void on_close_timer(uv_timer_t *t)
-{
-    close_check(t->data);
-}
-
-void relay_close(struct relay *r, void (*done)(void *ud), void *ud)
-{
-    if (!r || r->closing) return;
-    r->closing = true;
-    r->lease.closing = true;
-    r->done = done;
-    r->done_ud = ud;
-    uv_timer_stop(&r->tick_timer);
-    uv_timer_stop(&r->retry_timer);
-    uv_timer_stop(&r->retention_timer);
-    int64_t wait = r->cfg->shutdown_grace_ms;
-    if (wait > RELAY_CLOSE_WAIT_MAX_MS || wait <= 0) wait = RELAY_CLOSE_WAIT_MAX_MS;
-    r->close_deadline = uv_now(r->loop) + (uint64_t)wait;
-    log_info("relay", "event=closing inflight=%d unmarked=%zu wait_ms=%" PRId64, r->inflight,
-             r->nacks, wait);
-    uv_timer_start(&r->close_timer, on_close_timer, RELAY_CLOSE_CHECK_MS, RELAY_CLOSE_CHECK_MS);
-    /* Nothing new is claimed; acks already collected are marked now. */
-    flush_marks(r);
-    flush_fails(r);
-}
