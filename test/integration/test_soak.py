@@ -2,7 +2,7 @@
 a rush of applications and a seeded random schedule of overlapping faults for about two
 minutes, then the independent check and `ticketd audit`. The seed is printed; SOAK_SEED
 replays a run, SOAK_DURATION changes its length, SOAK_DRAIN_BOUND the seconds allowed to
-drain after the last fault (60; 120 under the sanitizers). Needs root (network namespaces, nft): a
+drain after the last fault (90; 120 under the sanitizers). Needs root (network namespaces, nft): a
 machine or chroot without them fails here with the reason, it does not skip.
 """
 import os
@@ -27,7 +27,7 @@ class SoakTest(unittest.TestCase):
         duration = float(os.environ.get("SOAK_DURATION", "120"))
         # The sanitizer build (test/run's second stage) runs ticketd 2-3 times slower.
         sanitized = "ASAN_OPTIONS" in os.environ
-        drain = os.environ.get("SOAK_DRAIN_BOUND") or ("120" if sanitized else "60")
+        drain = os.environ.get("SOAK_DRAIN_BOUND") or ("120" if sanitized else "90")
         # 80/s (40/s sanitized): below what the effects stage (sink + SMTP per event, one
         # event at a time per partition) sustains on a busy 2-core machine while the sink
         # is slow or SMTP refuses, so the drain bound measures recovery from faults, not a
